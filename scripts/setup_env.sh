@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Installs the package with its test and demo dependencies into the active Python.
+# torch is pinned to the CPU build that lies on these machines (2.13.0); elsewhere pip
+# takes whatever torch>=2.4 you already have.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -m pip install -q --upgrade pip
+if ! python -c "import torch" 2>/dev/null; then
+  python -m pip install -q "torch==2.13.0"
+fi
+python -m pip install -q -e ".[test,demo]"

@@ -1,0 +1,388 @@
+"""Walk a model, find the candidate weight matrices, group them by type, scan their SNR.
+
+The analyzer batches same-shape matrices into one solver call, bounds the memory of
+the fp32/fp64 copies it makes (``chunk_mb``), skips matrices whose weights did not
+change since the last scan, and splits the work across ranks when
+``torch.distributed`` is initialised (every rank ends with the same mapping; each
+entry is computed by exactly one rank).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import re
+import time
+import warnings
+from collections import OrderedDict
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .snr import as_matrix, singular_values, snr_from_singular_values_batched
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SpectrumAnalyzer", "module_type", "find_candidates", "check_model_supported"]
+
+
+def module_type(name: str) -> Optional[str]:
+    """The module path after the layer index (the first all-digit component).
+
+    ``model.layers.3.self_attn.q_proj`` -> ``self_attn.q_proj``; ``None`` when the name
+    has no layer index.  Same rule as the original tool, so MoE experts give
+    ``block_sparse_moe.experts.3.w1``.
+    """
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            rest = parts[i + 1 :]
+            return ".".join(rest) if rest else None
+    return None
+
+
+def _layer_index(name: str) -> Optional[int]:
+    for part in name.split("."):
+        if part.isdigit():
+            return int(part)
+    return None
+
+
+def _linear_types() -> tuple:
+    types: List[type] = [nn.Linear]
+    try:
+        from transformers.pytorch_utils import Conv1D
+
+        types.append(Conv1D)
+    except Exception:  # pragma: no cover - transformers is a hard dependency
+        pass
+    return tuple(types)
+
+
+def _compile(patterns: Optional[Iterable[str]], arg: str) -> List[re.Pattern]:
+    if patterns is None:
+        return []
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    out = []
+    for p in patterns:
+        try:
+            out.append(re.compile(p))
+        except re.error as exc:
+            raise ValueError(f"{arg}: {p!r} is not a valid regular expression ({exc}); fix the pattern") from exc
+    return out
+
+
+def check_model_supported(model: nn.Module) -> None:
+    """Refuse models whose weights cannot be trained in place (quantized, PEFT-wrapped)."""
+    if getattr(model, "hf_quantizer", None) is not None or getattr(model, "is_quantized", False):
+        method = getattr(getattr(model, "hf_quantizer", None), "quantization_config", None)
+        method = getattr(method, "quant_method", "quantized")
+        raise ValueError(
+            f"the model's weights are {method} (hf_quantizer is set): Spectrum trains the base weights "
+            "themselves, which quantized weights cannot be. Load the model in bf16/fp32 "
+            "(for a GGUF file, rebuild a plain model from its dequantized state dict), or use LoRA/QLoRA instead"
+        )
+    if hasattr(model, "peft_config") and hasattr(model, "base_model"):
+        raise ValueError(
+            "the model is wrapped by PEFT: Spectrum selects which base weight matrices to train and does not "
+            "combine with adapters. Pass the base model (model.get_base_model() after merging, or a model "
+            "loaded without PEFT), or use PEFT alone"
+        )
+
+
+def find_candidates(
+    model: nn.Module,
+    include: Optional[Sequence[str]] = None,
+    exclude: Optional[Sequence[str]] = None,
+) -> "OrderedDict[str, nn.Module]":
+    """Candidate modules, in model order.
+
+    Default: every ``nn.Linear`` / ``Conv1D`` with a 2-D weight inside the repeated
+    blocks (its name has a layer index).  ``include``: regexes (``re.search`` on the
+    module name); any module with a 2-D ``weight`` that matches one becomes a
+    candidate.  ``exclude``: regexes removed afterwards.
+    """
+    inc = _compile(include, "include")
+    exc = _compile(exclude, "exclude")
+    linear = _linear_types()
+    out: "OrderedDict[str, nn.Module]" = OrderedDict()
+    seen = set()
+    for name, mod in model.named_modules():
+        w = getattr(mod, "weight", None)
+        if not isinstance(w, torch.Tensor) or id(w) in seen:
+            continue
+        if inc:
+            ok = any(p.search(name) for p in inc) and _weight_ndim(w) == 2
+        else:
+            ok = isinstance(mod, linear) and _weight_ndim(w) == 2 and module_type(name) is not None
+        if ok and exc and any(p.search(name) for p in exc):
+            ok = False
+        if ok:
+            if module_type(name) is None:
+                raise ValueError(
+                    f"include pattern matched {name!r}, which has no layer index to group it by; "
+                    "Spectrum compares matrices of one type across layers: narrow the pattern to the repeated blocks"
+                )
+            out[name] = mod
+            seen.add(id(w))
+    return out
+
+
+def _weight_ndim(w: torch.Tensor) -> int:
+    # DeepSpeed ZeRO-3 keeps the full shape in ds_shape while .data is a 0-size placeholder.
+    shape = getattr(w, "ds_shape", None)
+    return len(shape) if shape is not None else w.ndim
+
+
+def _fused_expert_params(model: nn.Module) -> List[str]:
+    names = []
+    for name, p in model.named_parameters():
+        if p.ndim == 3 and module_type(name) is not None and "expert" in name:
+            names.append(name)
+    return names
+
+
+class SpectrumAnalyzer:
+    """Finds, groups and scans the candidate matrices of ``model``.
+
+    Args:
+        model: the model (unwrapped).
+        include / exclude: regexes on module names (see :func:`find_candidates`).
+        method: ``"svd"`` (``torch.linalg.svdvals``, the original tool's route),
+            ``"gram"`` (eigenvalues of the smaller Gram matrix) or ``"auto"`` (gram in
+            float64 on CUDA, svd in float32 on CPU).
+        dtype: computation dtype (float32 or float64); ``None`` follows ``method``.
+        chunk_mb: upper bound, in MiB, on the copies one solver call holds at once.
+        device: where to compute (default: each weight's own device).
+        skip_unchanged: reuse the SNR of matrices that cannot have changed since the
+            last scan.  The trainer side marks what may change (:meth:`mark_dirty`, the
+            callback marks every matrix it makes trainable); storage pointer, shape and
+            dtype are checked as well.  Optimizers update weights in place with foreach
+            or fused kernels that do not bump the tensor version counter, so the version
+            counter alone cannot tell.
+        progress: show a tqdm bar.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        include: Optional[Sequence[str]] = None,
+        exclude: Optional[Sequence[str]] = None,
+        method: str = "auto",
+        dtype: Optional[torch.dtype] = None,
+        chunk_mb: float = 512,
+        device: Optional[torch.device | str] = None,
+        skip_unchanged: bool = True,
+        progress: bool = True,
+    ):
+        if method not in ("auto", "svd", "gram"):
+            raise ValueError(f"method={method!r} is not supported; use 'auto', 'svd' or 'gram'")
+        if dtype not in (None, torch.float32, torch.float64):
+            raise ValueError(f"dtype={dtype} is not supported; use torch.float32 or torch.float64")
+        if chunk_mb <= 0:
+            raise ValueError(f"chunk_mb={chunk_mb} must be > 0 (MiB of matrix copies per solver call)")
+        check_model_supported(model)
+        self.model = model
+        self.method = method
+        self.dtype = dtype
+        self.chunk_bytes = int(chunk_mb * 2**20)
+        self.device = torch.device(device) if device is not None else None
+        self.skip_unchanged = skip_unchanged
+        self.progress = progress
+        self.modules = find_candidates(model, include, exclude)
+        if not self.modules:
+            fused = _fused_expert_params(model)
+            hint = ""
+            if fused:
+                hint = (
+                    f" The model stores its MoE experts as fused 3-D tensors (e.g. {fused[0]}): "
+                    "Spectrum selects 2-D matrices and does not split fused experts; pass include=[...] "
+                    "for the attention projections, or load a checkpoint with per-expert Linear modules."
+                )
+            raise ValueError(
+                "no candidate weight matrices found: the model has no nn.Linear/Conv1D with a 2-D weight "
+                "inside numbered layers (or include/exclude filtered them all out). Pass include=[regex, ...] "
+                "naming the modules to scan." + hint
+            )
+        fused = _fused_expert_params(model)
+        if fused:
+            warnings.warn(
+                f"{len(fused)} fused 3-D MoE expert tensors (e.g. {fused[0]}) are not scanned and stay frozen: "
+                "Spectrum's unit of selection is a 2-D matrix",
+                UserWarning,
+                stacklevel=2,
+            )
+        self.types: Dict[str, str] = {n: module_type(n) for n in self.modules}  # type: ignore[misc]
+        self._cache: Dict[str, tuple] = {}
+        self._dirty: set = set()
+        # Context factory that makes a module's weight whole on this rank (DeepSpeed ZeRO-3 sets it).
+        self.gather: Callable[[List[nn.Module]], contextlib.AbstractContextManager] = lambda mods: contextlib.nullcontext()
+        self.last_scan_stats: Dict[str, float] = {}
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def names(self) -> List[str]:
+        return list(self.modules)
+
+    def params_of(self, name: str) -> List[nn.Parameter]:
+        """The direct parameters (weight and bias) of a candidate module."""
+        return list(self.modules[name].parameters(recurse=False))
+
+    def _resolve(self, w: torch.Tensor):
+        dev = self.device or w.device
+        method = self.method
+        dtype = self.dtype
+        if method == "auto":
+            method = "gram" if dev.type == "cuda" else "svd"
+        if dtype is None:
+            dtype = torch.float64 if method == "gram" else torch.float32
+        return dev, method, dtype
+
+    def _key(self, w: torch.Tensor):
+        base = getattr(w, "ds_tensor", None)
+        t = base if base is not None else w
+        return (t.data_ptr(), tuple(t.shape), t.dtype)
+
+    # ------------------------------------------------------------------ scan
+    def scan(self, names: Optional[Sequence[str]] = None) -> "OrderedDict[str, dict]":
+        """SNR of every candidate (or of ``names``): ``{name: {"snr": float, "type": str}}``.
+
+        Under ``torch.distributed`` all ranks must call this together; every rank
+        returns the same mapping.
+        """
+        t0 = time.perf_counter()
+        names = list(self.modules) if names is None else list(names)
+        unknown = [n for n in names if n not in self.modules]
+        if unknown:
+            raise ValueError(f"not candidate modules: {unknown[:5]}; see analyzer.names")
+        rank, world = _dist_info()
+        todo = [n for n in names if not self._is_cached(n)]
+        if world > 1:
+            # Ranks may disagree on what is cached; scan the union so every entry has an owner.
+            lists: List[Optional[List[str]]] = [None] * world
+            torch.distributed.all_gather_object(lists, todo)
+            union = set().union(*[set(x or []) for x in lists])
+            todo = [n for n in names if n in union]
+        mine = _split_by_cost(todo, {n: self._cost(n) for n in todo}, world)[rank] if world > 1 else todo
+        results: Dict[str, float] = {}
+        self._scan_local(todo, set(mine), results)
+        if world > 1:
+            gathered: List[Optional[Dict[str, float]]] = [None] * world
+            torch.distributed.all_gather_object(gathered, results)
+            results = {}
+            for part in gathered:
+                results.update(part or {})
+        for n in todo:
+            w = self.modules[n].weight
+            self._cache[n] = (self._key(w), results[n])
+            self._dirty.discard(n)
+        out: "OrderedDict[str, dict]" = OrderedDict()
+        for n in names:
+            out[n] = {"snr": float(self._cache[n][1]), "type": self.types[n]}
+        self.last_scan_stats = {
+            "scan_seconds": time.perf_counter() - t0,
+            "scanned": float(len(todo)),
+            "reused": float(len(names) - len(todo)),
+        }
+        return out
+
+    def mark_dirty(self, names: Iterable[str]) -> None:
+        """Matrices that may change before the next scan (trainable ones) get re-scanned."""
+        self._dirty.update(names)
+
+    def invalidate(self) -> None:
+        """Forget every cached SNR (the next scan recomputes all)."""
+        self._cache.clear()
+        self._dirty.clear()
+
+    def _is_cached(self, name: str) -> bool:
+        if not self.skip_unchanged or name not in self._cache or name in self._dirty:
+            return False
+        return self._cache[name][0] == self._key(self.modules[name].weight)
+
+    def _cost(self, name: str) -> float:
+        shape = _full_shape(self.modules[name].weight)
+        k, big = min(shape), max(shape)
+        return float(k) ** 3 + float(k) ** 2 * big
+
+    def _scan_local(self, todo: List[str], mine: set, results: Dict[str, float]) -> None:
+        """Compute SNR for ``mine``; gather (collectively) every module in ``todo``.
+
+        Matrices are grouped by shape and batched in chunks bounded by ``chunk_bytes``.
+        All ranks walk ``todo`` in the same order so that collective gathers line up.
+        """
+        from tqdm.auto import tqdm
+
+        groups: "OrderedDict[tuple, List[str]]" = OrderedDict()
+        for n in todo:
+            groups.setdefault(tuple(_full_shape(self.modules[n].weight)), []).append(n)
+        rank, _ = _dist_info()
+        bar = tqdm(
+            total=len(todo),
+            desc="Spectrum SNR scan",
+            unit="matrix",
+            disable=not self.progress or rank != 0 or not todo,
+            leave=False,
+        )
+        try:
+            for shape, members in groups.items():
+                w0 = self.modules[members[0]].weight
+                dev, method, dtype = self._resolve(w0)
+                item = torch.finfo(dtype).bits // 8
+                n, m = (shape[0], shape[1]) if len(shape) == 2 else (1, shape[0])
+                k = min(n, m)
+                per = (n * m + k * k + k) * item * (2 if method == "gram" else 3)
+                per_chunk = max(1, self.chunk_bytes // max(per, 1))
+                for i in range(0, len(members), per_chunk):
+                    chunk = members[i : i + per_chunk]
+                    mods = [self.modules[c] for c in chunk]
+                    with torch.no_grad(), self.gather(mods):
+                        local = [c for c in chunk if c in mine]
+                        if local:
+                            mats = []
+                            finite = []
+                            for c in local:
+                                w = as_matrix(self.modules[c].weight).to(dev)
+                                ok = bool(torch.isfinite(w).all())
+                                finite.append(ok)
+                                mats.append(w.to(dtype) if ok else torch.zeros(w.shape, dtype=dtype, device=dev))
+                            s = singular_values(torch.stack(mats), method=method, dtype=dtype)
+                            snrs = snr_from_singular_values_batched(s, n, m)
+                            for c, ok, v in zip(local, finite, snrs.tolist()):
+                                if not ok:
+                                    warnings.warn(
+                                        f"weight of {c} contains NaN or Inf values: its SNR is NaN and it will "
+                                        "never be selected; check the checkpoint or the training run that produced it",
+                                        RuntimeWarning,
+                                        stacklevel=3,
+                                    )
+                                    v = math.nan
+                                results[c] = v
+                            del mats, s
+                    bar.update(len(chunk))
+        finally:
+            bar.close()
+
+
+def _full_shape(w: torch.Tensor):
+    shape = getattr(w, "ds_shape", None)
+    return tuple(shape) if shape is not None else tuple(w.shape)
+
+
+def _dist_info():
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _split_by_cost(names: List[str], cost: Dict[str, float], world: int) -> List[List[str]]:
+    """Greedy longest-processing-time split; deterministic for identical inputs."""
+    loads = [0.0] * world
+    parts: List[List[str]] = [[] for _ in range(world)]
+    for n in sorted(names, key=lambda x: (-cost[x], x)):
+        r = min(range(world), key=lambda i: (loads[i], i))
+        parts[r].append(n)
+        loads[r] += cost[n]
+    return parts

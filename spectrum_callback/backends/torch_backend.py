@@ -1,0 +1,108 @@
+"""Plain torch optimizers (single process and DDP).
+
+* A frozen parameter gets ``requires_grad=False`` and ``grad=None``; torch's Adam/AdamW
+  (for-loop, foreach and fused) skip parameters without a gradient, so weight decay
+  and momentum never touch it: its bits stay as they are.
+* A parameter that leaves the selection loses its optimizer state (``state.pop``), so
+  its moments are freed; one that joins starts with fresh state, created lazily by
+  the optimizer at its next step.
+* Every candidate must be in a param group (dynamic mode needs them all from the
+  start); the Trainer builds its optimizer from ``requires_grad=True`` parameters, so
+  a candidate missing there is added to the param group that matches its decay class.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Dict, List, Sequence
+
+import torch
+from torch import nn
+
+from .base import OptimizerBackend
+
+logger = logging.getLogger(__name__)
+
+
+def unwrap_optimizer(optimizer):
+    """Look through accelerate's ``AcceleratedOptimizer`` (and similar wrappers)."""
+    seen = 0
+    while hasattr(optimizer, "optimizer") and seen < 4 and type(optimizer).__name__ in (
+        "AcceleratedOptimizer",
+        "LayerWiseDummyOptimizer",
+    ):
+        optimizer = optimizer.optimizer
+        seen += 1
+    return optimizer
+
+
+class TorchBackend(OptimizerBackend):
+    name = "torch"
+
+    def __init__(self, optimizer, model: nn.Module, trainer=None):
+        super().__init__(optimizer, model, trainer)
+        if optimizer is None:
+            raise ValueError(
+                "SpectrumCallback got no optimizer at on_train_begin; use it with transformers.Trainer "
+                "(trainer.add_callback(...)) or call spectrum_freeze(model, ...) before building your own optimizer"
+            )
+        self.opt = unwrap_optimizer(optimizer)
+        if not isinstance(self.opt, torch.optim.Optimizer):
+            raise ValueError(
+                f"unsupported optimizer type {type(self.opt).__name__}: SpectrumCallback needs a torch.optim.Optimizer "
+                "(or DeepSpeed ZeRO); for others, freeze before training with spectrum_freeze(model, ...)"
+            )
+
+    def _members(self) -> Dict[int, int]:
+        return {id(p): gi for gi, g in enumerate(self.opt.param_groups) for p in g["params"]}
+
+    def prepare(self, candidates: Dict[str, List[nn.Parameter]], dynamic: bool) -> None:
+        members = self._members()
+        missing = [(n, p) for n, ps in candidates.items() for p in ps if id(p) not in members]
+        if not missing:
+            return
+        if not dynamic:
+            # Static: a candidate outside the optimizer could never be trained; say so.
+            names = sorted({n for n, _ in missing})
+            raise ValueError(
+                f"{len(names)} candidate modules (e.g. {names[0]}) have parameters the optimizer does not hold, "
+                "because they were frozen before the Trainer built it. Unfreeze the model before Trainer(...) "
+                "(SpectrumCallback freezes at on_train_begin), or pass exclude=[...] for those modules"
+            )
+        decay_group, no_decay_group = self._decay_groups()
+        for name, p in missing:
+            group = decay_group if p.ndim >= 2 else no_decay_group
+            self.opt.param_groups[group]["params"].append(p)
+        logger.info(
+            "Spectrum: added %d parameters that were frozen when the optimizer was built to its param groups",
+            len(missing),
+        )
+
+    def _decay_groups(self):
+        groups = self.opt.param_groups
+        wds = [g.get("weight_decay", 0.0) for g in groups]
+        decay = max(range(len(groups)), key=lambda i: (wds[i], -i))
+        zero = [i for i, w in enumerate(wds) if w == 0.0]
+        return decay, (zero[0] if zero else decay)
+
+    def switch(self, leaving: Sequence[nn.Parameter], joining: Sequence[nn.Parameter]) -> None:
+        for p in leaving:
+            p.grad = None
+            self.opt.state.pop(p, None)
+        for p in joining:
+            # Fresh state: whatever the optimizer held (e.g. restored from an old checkpoint) goes.
+            self.opt.state.pop(p, None)
+
+    def drop_state_except(self, trainable: Sequence[nn.Parameter]) -> int:
+        keep = {id(p) for p in trainable}
+        dropped = [p for p in list(self.opt.state.keys()) if id(p) not in keep]
+        for p in dropped:
+            self.opt.state.pop(p, None)
+        return len(dropped)
+
+    def state_numel(self) -> int:
+        total = 0
+        for st in self.opt.state.values():
+            for v in st.values():
+                if torch.is_tensor(v) and v.ndim > 0:
+                    total += v.numel()
+        return total

@@ -1,0 +1,431 @@
+"""``SpectrumCallback``: Spectrum for the Hugging Face Trainer, static or dynamic."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import statistics
+import time
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+
+from ._trainer_access import find_trainer
+from .analyzer import SpectrumAnalyzer
+from .backends import make_backend
+from .selection import load_snr_json, parse_snr_mapping, select_top, validate_top_pct
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "spectrum_state.json"
+STATE_FORMAT = "spectrum_callback.state"
+STATE_VERSION = 1
+
+__all__ = ["SpectrumCallback", "spectrum_freeze", "apply_selection", "STATE_FILE"]
+
+
+def _compile_list(patterns, arg):
+    import re
+
+    if patterns is None:
+        return []
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    out = []
+    for p in patterns:
+        try:
+            out.append(re.compile(p))
+        except re.error as exc:
+            raise ValueError(f"{arg}: {p!r} is not a valid regular expression ({exc})") from exc
+    return out
+
+
+def apply_selection(
+    model: nn.Module,
+    analyzer: SpectrumAnalyzer,
+    selected: Sequence[str],
+    always_train: Sequence[str] = (),
+) -> List[nn.Parameter]:
+    """Set ``requires_grad``: parameters of selected modules and ``always_train`` matches
+    train, everything else freezes.  Returns the trainable parameters."""
+    always = _compile_list(always_train, "always_train")
+    keep = {id(p) for n in selected for p in analyzer.params_of(n)}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if any(r.search(name) for r in always):
+            keep.add(id(p))
+    trainable = []
+    seen = set()
+    for _, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        on = id(p) in keep
+        p.requires_grad_(on)
+        if on:
+            trainable.append(p)
+        else:
+            p.grad = None
+    return trainable
+
+
+def spectrum_freeze(
+    model: nn.Module,
+    top_pct: float = 0.25,
+    *,
+    include=None,
+    exclude=None,
+    always_train: Sequence[str] = (),
+    never_train: Sequence[str] = (),
+    min_per_type: int = 1,
+    snr_json: Optional[str] = None,
+    method: str = "auto",
+) -> List[str]:
+    """Scan and freeze ``model`` before any optimizer or Trainer exists (static Spectrum).
+
+    Use this when you build the optimizer yourself or want DDP/DeepSpeed to never see
+    the frozen weights.  Returns the selected module names.
+    """
+    validate_top_pct(top_pct)
+    analyzer = SpectrumAnalyzer(model, include=include, exclude=exclude, method=method)
+    snr = _snr_from_json(snr_json, analyzer) if snr_json else analyzer.scan()
+    selected = select_top(snr, top_pct, min_per_type=min_per_type, never=never_train)
+    apply_selection(model, analyzer, selected, always_train)
+    return selected
+
+
+def _snr_from_json(snr_json, analyzer: SpectrumAnalyzer):
+    data = load_snr_json(snr_json) if isinstance(snr_json, (str, os.PathLike)) else parse_snr_mapping(snr_json)
+    known = set(analyzer.names)
+    snr = {n: info for n, info in data.items() if n in known}
+    missing = [n for n in analyzer.names if n not in data]
+    if not snr:
+        raise ValueError(
+            f"snr_json: none of its {len(data)} module names (e.g. {next(iter(data))}) is a candidate of this model "
+            f"(e.g. {analyzer.names[0]}); was it made for another model?"
+        )
+    if missing:
+        raise ValueError(
+            f"snr_json lacks {len(missing)} candidate modules of this model (e.g. {missing[0]}); rescan the model or "
+            "pass exclude=[...] for them"
+        )
+    return {n: snr[n] for n in analyzer.names}
+
+
+class SpectrumCallback(TrainerCallback):
+    """Spectrum as a Trainer callback.
+
+    Args:
+        top_pct: fraction of each matrix type kept trainable, in (0, 1].
+        update_every: ``None`` for static Spectrum (one scan at ``on_train_begin``); an
+            integer N re-scans every N optimizer steps at ``on_step_begin`` and moves the
+            optimizer state with the selection.
+        include / exclude: regexes on module names defining the candidate matrices.
+        always_train: regexes on parameter names kept trainable and never scanned, e.g.
+            ``[r"^lm_head\\.weight$", r"^model\\.embed_tokens\\.weight$"]`` (what the
+            original tool's YAML unfreezes); off by default.
+        never_train: regexes on candidate module names that are scanned but never selected.
+        min_per_type: at least this many matrices per type (1; 0 = original truncation).
+        snr_json: an SNR file (either original format) or mapping to use for the first
+            selection instead of a scan.
+        method / dtype / chunk_mb: analyzer settings (see :class:`SpectrumAnalyzer`).
+        plot_dir: write the SNR heatmap and selection-over-time PNGs there at train end.
+        verbose: log the selection table at every scan.
+    """
+
+    def __init__(
+        self,
+        top_pct: float = 0.25,
+        update_every: Optional[int] = None,
+        include: Optional[Sequence[str]] = None,
+        exclude: Optional[Sequence[str]] = None,
+        always_train: Sequence[str] = (),
+        never_train: Sequence[str] = (),
+        min_per_type: int = 1,
+        snr_json=None,
+        method: str = "auto",
+        dtype: Optional[torch.dtype] = None,
+        chunk_mb: float = 512,
+        plot_dir: Optional[str] = None,
+        verbose: bool = True,
+    ):
+        self.top_pct = validate_top_pct(top_pct)
+        if update_every is not None:
+            if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
+                raise ValueError(
+                    f"update_every={update_every!r} must be None (static Spectrum) or an integer >= 1 "
+                    "(re-scan every that many optimizer steps)"
+                )
+        if not isinstance(min_per_type, int) or min_per_type < 0:
+            raise ValueError(f"min_per_type={min_per_type!r} must be an integer >= 0")
+        _compile_list(include, "include")
+        _compile_list(exclude, "exclude")
+        _compile_list(always_train, "always_train")
+        _compile_list(never_train, "never_train")
+        self.update_every = update_every
+        self.include = include
+        self.exclude = exclude
+        self.always_train = list(always_train or [])
+        self.never_train = list(never_train or [])
+        self.min_per_type = min_per_type
+        self.snr_json = snr_json
+        self.method = method
+        self.dtype = dtype
+        self.chunk_mb = chunk_mb
+        self.plot_dir = plot_dir
+        self.verbose = verbose
+
+        self.selected: List[str] = []
+        self.history: List[dict] = []
+        self.last_scan_step: Optional[int] = None
+        self.analyzer: Optional[SpectrumAnalyzer] = None
+        self.backend = None
+        self.trainer = None
+        self._pending_logs: Dict[str, float] = {}
+        self._model: Optional[nn.Module] = None
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def dynamic(self) -> bool:
+        return self.update_every is not None
+
+    def _validate_patterns(self, model: nn.Module) -> None:
+        names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+        for p in _compile_list(self.always_train, "always_train"):
+            if not any(p.search(n) for n in names):
+                raise ValueError(
+                    f"always_train pattern {p.pattern!r} matches no parameter of the model "
+                    f"(parameter names look like {names[0]!r}); fix or drop it"
+                )
+        for p in _compile_list(self.never_train, "never_train"):
+            if not any(p.search(n) for n in self.analyzer.names):
+                raise ValueError(
+                    f"never_train pattern {p.pattern!r} matches no candidate module "
+                    f"(candidates look like {self.analyzer.names[0]!r}); fix or drop it"
+                )
+        for arg, pats in (("include", self.include),):
+            for p in _compile_list(pats, arg):
+                if not any(p.search(n) for n, _ in model.named_modules()):
+                    raise ValueError(f"{arg} pattern {p.pattern!r} matches no module of the model; fix or drop it")
+
+    def _candidate_params(self) -> Dict[str, List[nn.Parameter]]:
+        return {n: self.analyzer.params_of(n) for n in self.analyzer.names}
+
+    # ------------------------------------------------------------------ events
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if model is None:
+            raise ValueError("SpectrumCallback needs the model at on_train_begin; use it with transformers.Trainer")
+        self.trainer, resume_dir = find_trainer(self)
+        self._model = model
+        self.analyzer = SpectrumAnalyzer(
+            model, include=self.include, exclude=self.exclude, method=self.method, dtype=self.dtype,
+            chunk_mb=self.chunk_mb, progress=True,
+        )
+        self._validate_patterns(model)
+        self.backend = make_backend(optimizer, model, self.trainer)
+        self.backend.prepare(self._candidate_params(), dynamic=self.dynamic)
+        self._gradient_checkpointing_inputs(model, args)
+
+        restored = False
+        if state.global_step > 0:
+            restored = self._restore(args, state, resume_dir)
+        if not restored:
+            if self.snr_json is not None and not self.history:
+                snr = _snr_from_json(self.snr_json, self.analyzer)
+                self._apply(state.global_step, snr, source="snr_json")
+            else:
+                self._scan_and_apply(state.global_step)
+        return control
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if not self.dynamic or self.analyzer is None:
+            return control
+        step = state.global_step
+        if step > 0 and step % self.update_every == 0 and step != self.last_scan_step:
+            self._scan_and_apply(step)
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        # Only used when the Trainer could not be found: metrics ride on the next log entry.
+        if self._pending_logs and logs is not None:
+            logs.update(self._pending_logs)
+            self._pending_logs = {}
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return control
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if os.path.isdir(folder):
+            self.save_state(os.path.join(folder, STATE_FILE), state.global_step)
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.plot_dir and state.is_world_process_zero and self.history:
+            from .plotting import plot_selection_history, plot_snr_heatmap
+
+            os.makedirs(self.plot_dir, exist_ok=True)
+            plot_snr_heatmap(self.history[-1]["snr"], self.selected, os.path.join(self.plot_dir, "spectrum_snr.png"))
+            plot_selection_history(self.history, os.path.join(self.plot_dir, "spectrum_selection.png"))
+        return control
+
+    # ------------------------------------------------------------------ core
+    def _gradient_checkpointing_inputs(self, model, args) -> None:
+        """Reentrant checkpointing gives no gradients when the block inputs don't require
+        grad (frozen embeddings); make the inputs require grad, as PEFT does."""
+        if not getattr(model, "is_gradient_checkpointing", False):
+            return
+        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        if emb is None:
+            return
+        emb_trainable = any(
+            any(r.search(n) for r in _compile_list(self.always_train, "always_train"))
+            for n, _ in model.named_parameters(remove_duplicate=False)
+            if "embed" in n
+        )
+        if not emb_trainable and hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+            logger.info("Spectrum: gradient checkpointing with frozen embeddings -> enable_input_require_grads()")
+
+    def _scan_and_apply(self, step: int) -> None:
+        snr = self.analyzer.scan()
+        self._apply(step, snr, source="scan")
+
+    def _apply(self, step: int, snr, source: str) -> None:
+        selected = select_top(snr, self.top_pct, min_per_type=self.min_per_type, never=self.never_train)
+        if not selected:
+            raise ValueError(
+                "Spectrum selected no module (every SNR is NaN or excluded by never_train); "
+                "check the weights for NaN/Inf and the never_train patterns"
+            )
+        selected, snr = self.backend.sync_selection((selected, dict(snr)))
+        old = set(self.selected)
+        new = set(selected)
+        leaving = [p for n in sorted(old - new) for p in self.analyzer.params_of(n)]
+        joining = [p for n in sorted(new - old) for p in self.analyzer.params_of(n)]
+        first = not self.history
+        trainable = apply_selection(self._model, self.analyzer, selected, self.always_train)
+        if first:
+            # Static start or resume: nothing outside the selection may keep optimizer state.
+            self.backend.switch([p for p in self._model.parameters() if not p.requires_grad], joining=[])
+        else:
+            self.backend.switch(leaving, joining)
+        self.selected = sorted(selected)
+        self.analyzer.mark_dirty(self.selected)
+        self.last_scan_step = step
+        changes = len(old ^ new) // 2 if not first else 0
+        entry = {
+            "step": int(step),
+            "selected": list(self.selected),
+            "snr": {n: float(i["snr"]) for n, i in snr.items()},
+            "types": {n: str(i["type"]) for n, i in snr.items()},
+            "joined": sorted(new - old) if not first else [],
+            "left": sorted(old - new) if not first else [],
+            "source": source,
+        }
+        self.history.append(entry)
+        n_train = sum(p.numel() for p in trainable)
+        n_total = sum(p.numel() for p in {id(p): p for p in self._model.parameters()}.values())
+        metrics = {
+            "spectrum/selected_modules": float(len(self.selected)),
+            "spectrum/changes": float(changes),
+            "spectrum/trainable_params": float(n_train),
+            "spectrum/trainable_fraction": n_train / max(n_total, 1),
+            "spectrum/optimizer_state_numel": float(self.backend.state_numel()),
+        }
+        metrics.update({f"spectrum/{k}": float(v) for k, v in self.analyzer.last_scan_stats.items()} if source == "scan" else {})
+        for typ, vals in _snr_by_type(snr).items():
+            finite = [v for v in vals if math.isfinite(v)]
+            if finite:
+                metrics[f"spectrum/snr_mean/{typ}"] = statistics.fmean(finite)
+        self._emit(metrics)
+        if self.verbose and _is_main():
+            logger.warning(
+                "Spectrum %s at step %d: %d/%d modules trainable (%d params, %.1f%% of the model), %d changed",
+                source, step, len(self.selected), len(snr), n_train, 100 * n_train / max(n_total, 1), changes,
+            )
+
+    def _emit(self, metrics: Dict[str, float]) -> None:
+        if self.trainer is not None:
+            self.trainer.log(dict(metrics))
+        else:
+            self._pending_logs.update(metrics)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return {
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            "top_pct": self.top_pct,
+            "update_every": self.update_every,
+            "min_per_type": self.min_per_type,
+            "last_scan_step": self.last_scan_step,
+            "selected": list(self.selected),
+            "history": self.history,
+        }
+
+    def save_state(self, path: str, global_step: Optional[int] = None) -> str:
+        data = self.state_dict()
+        data["global_step"] = global_step
+        tmp = path + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump(data, fh)
+        os.replace(tmp, path)
+        return path
+
+    def _restore(self, args, state, resume_dir: Optional[str]) -> bool:
+        candidates = []
+        if resume_dir:
+            candidates.append(resume_dir)
+        if isinstance(getattr(args, "resume_from_checkpoint", None), str):
+            candidates.append(args.resume_from_checkpoint)
+        candidates.append(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+        path = next((os.path.join(c, STATE_FILE) for c in candidates if os.path.isfile(os.path.join(c, STATE_FILE))), None)
+        if path is None:
+            logger.warning(
+                "Spectrum: resuming at step %d but the checkpoint has no %s (trained without Spectrum?); "
+                "scanning afresh", state.global_step, STATE_FILE,
+            )
+            return False
+        with open(path) as fh:
+            data = json.load(fh)
+        if data.get("format") != STATE_FORMAT or not isinstance(data.get("version"), int):
+            raise ValueError(f"{path} is not a spectrum_callback state file; remove it or resume from another checkpoint")
+        if data["version"] > STATE_VERSION:
+            raise ValueError(
+                f"{path} has state version {data['version']}, newer than this spectrum_callback "
+                f"understands ({STATE_VERSION}); upgrade spectrum_callback"
+            )
+        unknown = [n for n in data["selected"] if n not in self.analyzer.modules]
+        if unknown:
+            raise ValueError(
+                f"{path} selects modules this model does not have as candidates (e.g. {unknown[0]}); "
+                "the checkpoint belongs to another model or other include/exclude settings"
+            )
+        self.history = list(data.get("history", []))
+        self.last_scan_step = data.get("last_scan_step")
+        selected = list(data["selected"])
+        self.selected = []
+        trainable = apply_selection(self._model, self.analyzer, selected, self.always_train)
+        keep = {id(p) for p in trainable}
+        self.backend.switch([p for p in self._model.parameters() if id(p) not in keep], joining=[])
+        self.selected = sorted(selected)
+        self.analyzer.mark_dirty(self.selected)
+        if _is_main():
+            logger.warning("Spectrum: restored selection of %d modules from %s", len(self.selected), path)
+        return True
+
+
+def _snr_by_type(snr) -> Dict[str, List[float]]:
+    out: Dict[str, List[float]] = {}
+    for _, info in snr.items():
+        out.setdefault(str(info["type"]), []).append(float(info["snr"]))
+    return out
+
+
+def _is_main() -> bool:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return True

@@ -1,0 +1,170 @@
+"""Per-type top-k selection, and import/export in the original Spectrum formats."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections import OrderedDict
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence
+
+__all__ = [
+    "select_top",
+    "group_by_type",
+    "load_snr_json",
+    "save_snr_json",
+    "sorted_snr",
+    "unfrozen_parameters_yaml",
+    "write_unfrozen_parameters_yaml",
+    "model_slug",
+    "validate_top_pct",
+]
+
+SnrMap = Mapping[str, Mapping[str, object]]
+
+
+def validate_top_pct(top_pct: float, arg: str = "top_pct") -> float:
+    try:
+        value = float(top_pct)
+    except (TypeError, ValueError):
+        raise ValueError(f"{arg}={top_pct!r} must be a number in (0, 1], e.g. 0.25 for the top 25 %") from None
+    if not (0.0 < value <= 1.0) or math.isnan(value):
+        hint = f"; did you mean {value / 100:g}?" if 1.0 < value <= 100.0 else ""
+        raise ValueError(f"{arg}={top_pct!r} must be a fraction in (0, 1], e.g. 0.25 for the top 25 %{hint}")
+    return value
+
+
+def group_by_type(snr: SnrMap) -> "OrderedDict[str, List[tuple]]":
+    """``{type: [(name, snr), ...]}`` in order of first appearance (as the original tool)."""
+    groups: "OrderedDict[str, List[tuple]]" = OrderedDict()
+    for name, info in snr.items():
+        groups.setdefault(str(info["type"]), []).append((name, float(info["snr"])))
+    return groups
+
+
+def _keep_count(group_len: int, top_pct: float) -> int:
+    # The original computes int(len * P / 100) with an integer percentage P; rounding the
+    # percentage first keeps e.g. top_pct=0.29 from becoming 28.999... %.
+    percent = round(top_pct * 100.0, 9)
+    return int(group_len * percent / 100)
+
+
+def select_top(
+    snr: SnrMap,
+    top_pct: float,
+    min_per_type: int = 1,
+    never: Optional[Sequence[str]] = None,
+) -> List[str]:
+    """Names kept trainable: per type, highest SNR first, ``int(len(group) * top_pct)``.
+
+    ``min_per_type``: at least this many per type (1 by default; 0 reproduces the
+    original tool exactly, where a group of 1 keeps nothing).  NaN entries and names
+    matching a ``never`` regex are never selected (they still count in the group size).
+    Ties keep the input order (stable sort, as the original).  Returns sorted names.
+    """
+    top_pct = validate_top_pct(top_pct)
+    if min_per_type < 0:
+        raise ValueError(f"min_per_type={min_per_type} must be >= 0")
+    never_re = [re.compile(p) for p in (never or [])]
+    selected: List[str] = []
+    for _, members in group_by_type(snr).items():
+        k = max(_keep_count(len(members), top_pct), min_per_type)
+        eligible = [
+            (n, v) for n, v in members if not math.isnan(v) and not any(p.search(n) for p in never_re)
+        ]
+        eligible.sort(key=lambda x: x[1], reverse=True)
+        selected.extend(n for n, _ in eligible[:k])
+    return sorted(selected)
+
+
+def load_snr_json(path: str | os.PathLike) -> "OrderedDict[str, dict]":
+    """Read an SNR file written by the original tool, in either of its two formats.
+
+    ``{name: {"snr": x, "type": t}}`` or the sorted ``{type: {name: x}}``.
+    """
+    with open(path) as fh:
+        data = json.load(fh)
+    return parse_snr_mapping(data, source=str(path))
+
+
+def parse_snr_mapping(data: object, source: str = "SNR data") -> "OrderedDict[str, dict]":
+    if not isinstance(data, dict) or not data:
+        raise ValueError(f"{source}: expected a non-empty JSON object of SNR results")
+    out: "OrderedDict[str, dict]" = OrderedDict()
+    first = next(iter(data.values()))
+    if isinstance(first, dict) and "snr" in first:
+        for name, info in data.items():
+            if not isinstance(info, dict) or "snr" not in info or "type" not in info:
+                raise ValueError(f"{source}: entry {name!r} lacks 'snr'/'type'; not an original Spectrum SNR file")
+            out[name] = {"snr": float(info["snr"]), "type": str(info["type"])}
+    elif isinstance(first, dict):
+        for typ, members in data.items():
+            if not isinstance(members, dict):
+                raise ValueError(f"{source}: type {typ!r} maps to {type(members).__name__}, expected {{name: snr}}")
+            for name, value in members.items():
+                out[name] = {"snr": float(value), "type": str(typ)}
+    else:
+        raise ValueError(f"{source}: unrecognised layout; expected {{name: {{snr, type}}}} or {{type: {{name: snr}}}}")
+    return out
+
+
+def save_snr_json(snr: SnrMap, path: str | os.PathLike) -> str:
+    """Write ``{name: {"snr", "type"}}`` like the original (indent 4, NaN/Infinity literals)."""
+    data = {n: {"snr": float(i["snr"]), "type": str(i["type"])} for n, i in snr.items()}
+    with open(path, "w") as fh:
+        json.dump(data, fh, indent=4)
+    return str(path)
+
+
+def sorted_snr(snr: SnrMap) -> "OrderedDict[str, Dict[str, float]]":
+    """The original's second format: ``{type: {name: snr}}``, highest SNR first."""
+    out: "OrderedDict[str, Dict[str, float]]" = OrderedDict()
+    for typ, members in group_by_type(snr).items():
+        out[typ] = {n: v for n, v in sorted(members, key=lambda x: x[1], reverse=True)}
+    return out
+
+
+def unfrozen_parameters_yaml(
+    snr: SnrMap,
+    top_percent: int | float,
+    always: Iterable[str] = ("^lm_head.weight$", "^model.embed_tokens.weight$"),
+) -> str:
+    """The axolotl ``unfrozen_parameters`` YAML the original tool writes for ``top_percent`` %.
+
+    Same rule as the original (truncation, no minimum per type), same lines: the two
+    regexes first, then per type a ``# <type> layers`` comment and the kept names,
+    highest SNR first.
+    """
+    pct = float(top_percent)
+    if not (0 < pct <= 100):
+        raise ValueError(f"top_percent={top_percent!r} must be in (0, 100]")
+    lines = ["unfrozen_parameters:"]
+    lines += [f"- {a}" for a in always]
+    for typ, members in group_by_type(snr).items():
+        k = _keep_count(len(members), pct / 100.0)
+        ranked = [(n, v) for n, v in sorted(members, key=lambda x: x[1], reverse=True) if not math.isnan(v)]
+        lines.append(f"# {typ} layers")
+        lines += [f"- {n}" for n, _ in ranked[:k]]
+    return "\n".join(lines) + "\n"
+
+
+def _percent_label(top_percent: int | float) -> str:
+    p = float(top_percent)
+    return str(int(p)) if p.is_integer() else f"{p:g}"
+
+
+def write_unfrozen_parameters_yaml(
+    snr: SnrMap, top_percent: int | float, json_path: str | os.PathLike, output_dir: Optional[str] = None
+) -> str:
+    """Write ``<json base>_unfrozenparameters_<P>percent.yaml`` (the original's file name)."""
+    base = os.path.splitext(os.path.basename(str(json_path)))[0]
+    out_dir = output_dir if output_dir is not None else os.path.dirname(str(json_path)) or "."
+    path = os.path.join(out_dir, f"{base}_unfrozenparameters_{_percent_label(top_percent)}percent.yaml")
+    with open(path, "w") as fh:
+        fh.write(unfrozen_parameters_yaml(snr, top_percent))
+    return path
+
+
+def model_slug(name_or_path: str) -> str:
+    """The original's file slug: ``meta-llama/Meta-Llama-3-8B`` -> ``meta-llama-Meta-Llama-3-8B``."""
+    return name_or_path.rstrip("/").replace("/", "-").replace("_", "-")

@@ -1,0 +1,81 @@
+"""Tiny random models and data for the tests (importable from subprocess scripts too)."""
+from __future__ import annotations
+
+import torch
+import transformers
+from torch.utils.data import Dataset
+
+VOCAB = 96
+
+
+def tiny_config(arch: str = "llama", layers: int = 4, **kw):
+    common = dict(vocab_size=VOCAB, num_hidden_layers=layers)
+    if arch == "llama":
+        return transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                        num_key_value_heads=2, **common, **kw)
+    if arch == "mistral":
+        return transformers.MistralConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                          num_key_value_heads=2, **common, **kw)
+    if arch == "qwen2":
+        return transformers.Qwen2Config(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                        num_key_value_heads=2, **common, **kw)
+    if arch == "phi3":
+        return transformers.Phi3Config(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                       num_key_value_heads=4, pad_token_id=0, **common, **kw)
+    if arch == "gpt2":
+        return transformers.GPT2Config(n_embd=64, n_layer=layers, n_head=4, vocab_size=VOCAB, n_positions=64, **kw)
+    if arch == "mixtral":
+        return transformers.MixtralConfig(hidden_size=64, intermediate_size=64, num_attention_heads=4,
+                                          num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                                          **common, **kw)
+    raise ValueError(arch)
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, **kw):
+    torch.manual_seed(seed)
+    cfg = tiny_config(arch, **kw)
+    return transformers.AutoModelForCausalLM.from_config(cfg)
+
+
+class RandomTokens(Dataset):
+    def __init__(self, n: int = 64, length: int = 16, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        # A learnable pattern: next token = (token * 3 + 1) % VOCAB with some noise.
+        start = torch.randint(0, VOCAB, (n, 1), generator=g)
+        seq = [start]
+        for _ in range(length - 1):
+            seq.append((seq[-1] * 3 + 1) % VOCAB)
+        self.data = torch.cat(seq, dim=1)
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        x = self.data[i]
+        return {"input_ids": x, "labels": x.clone(), "attention_mask": torch.ones_like(x)}
+
+
+def training_args(output_dir, **kw):
+    base = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=4,
+        learning_rate=5e-3,
+        weight_decay=0.1,
+        max_steps=6,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        dataloader_num_workers=0,
+    )
+    base.update(kw)
+    return transformers.TrainingArguments(**base)
+
+
+def snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
