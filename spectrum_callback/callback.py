@@ -225,6 +225,7 @@ class SpectrumCallback(TrainerCallback):
         )
         self._validate_patterns(model)
         self.backend = make_backend(optimizer, model, self.trainer)
+        self.backend.attach_analyzer(self.analyzer)
         self.backend.prepare(self._candidate_params(), dynamic=self.dynamic)
         self._gradient_checkpointing_inputs(model, args)
 

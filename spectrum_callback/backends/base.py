@@ -21,6 +21,9 @@ class OptimizerBackend:
         self.model = model
         self.trainer = trainer
 
+    def attach_analyzer(self, analyzer) -> None:
+        """Give the engine a say in how the analyzer reads weights (ZeRO-3 gathers shards)."""
+
     def prepare(self, candidates: Dict[str, List[nn.Parameter]], dynamic: bool) -> None:
         raise NotImplementedError
 
