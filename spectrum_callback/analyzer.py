@@ -109,6 +109,13 @@ def find_candidates(
     linear = _linear_types()
     out: "OrderedDict[str, nn.Module]" = OrderedDict()
     seen = set()
+    all_names = [n for n, _ in model.named_modules()]
+    for p in inc:
+        if not any(p.search(n) for n in all_names):
+            raise ValueError(
+                f"include pattern {p.pattern!r} matches no module of the model "
+                f"(module names look like {all_names[-1]!r}); fix or drop it"
+            )
     for name, mod in model.named_modules():
         w = getattr(mod, "weight", None)
         if not isinstance(w, torch.Tensor) or id(w) in seen:

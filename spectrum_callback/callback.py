@@ -205,10 +205,6 @@ class SpectrumCallback(TrainerCallback):
                     f"never_train pattern {p.pattern!r} matches no candidate module "
                     f"(candidates look like {self.analyzer.names[0]!r}); fix or drop it"
                 )
-        for arg, pats in (("include", self.include),):
-            for p in _compile_list(pats, arg):
-                if not any(p.search(n) for n, _ in model.named_modules()):
-                    raise ValueError(f"{arg} pattern {p.pattern!r} matches no module of the model; fix or drop it")
 
     def _candidate_params(self) -> Dict[str, List[nn.Parameter]]:
         return {n: self.analyzer.params_of(n) for n in self.analyzer.names}
@@ -268,7 +264,9 @@ class SpectrumCallback(TrainerCallback):
             from .plotting import plot_selection_history, plot_snr_heatmap
 
             os.makedirs(self.plot_dir, exist_ok=True)
-            plot_snr_heatmap(self.history[-1]["snr"], self.selected, os.path.join(self.plot_dir, "spectrum_snr.png"))
+            last = self.history[-1]
+            snr = {n: {"snr": v, "type": last["types"][n]} for n, v in last["snr"].items()}
+            plot_snr_heatmap(snr, self.selected, os.path.join(self.plot_dir, "spectrum_snr.png"))
             plot_selection_history(self.history, os.path.join(self.plot_dir, "spectrum_selection.png"))
         return control
 
@@ -276,7 +274,7 @@ class SpectrumCallback(TrainerCallback):
     def _gradient_checkpointing_inputs(self, model, args) -> None:
         """Reentrant checkpointing gives no gradients when the block inputs don't require
         grad (frozen embeddings); make the inputs require grad, as PEFT does."""
-        if not getattr(model, "is_gradient_checkpointing", False):
+        if not (getattr(model, "is_activation_checkpointing", None) if hasattr(type(model), "is_activation_checkpointing") else getattr(model, "is_gradient_checkpointing", False)):
             return
         emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         if emb is None:

@@ -82,7 +82,7 @@ def plot_selection_history(history: Sequence[Mapping], path: str) -> str:
     step = max(1, len(names) // 40)
     ax.set_yticks(range(0, len(names), step), names[::step], fontsize=5)
     ax.set_xlabel("scan at optimizer step")
-    ax.set_title("Spectrum selection over time (black = trainable)")
+    ax.set_title("Selection over time (black = trainable)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

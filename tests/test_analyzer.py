@@ -1,0 +1,147 @@
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from spectrum_callback import SpectrumAnalyzer, compute_snr, find_candidates, module_type, spectrum_freeze
+from tiny import tiny_model
+
+EXPECTED_TYPES = {
+    "llama": {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"},
+    "mistral": {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"},
+    "qwen2": {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"},
+    "phi3": {"self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"},
+    "gpt2": {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"},
+}
+
+
+def test_module_type():
+    assert module_type("model.layers.12.self_attn.q_proj") == "self_attn.q_proj"
+    assert module_type("transformer.h.0.mlp.c_fc") == "mlp.c_fc"
+    assert module_type("model.layers.3.block_sparse_moe.experts.7.w1") == "block_sparse_moe.experts.7.w1"
+    assert module_type("lm_head") is None
+
+
+@pytest.mark.parametrize("arch", sorted(EXPECTED_TYPES))
+def test_scan_each_architecture_matches_reference(arch):
+    model = tiny_model(arch, layers=3)
+    an = SpectrumAnalyzer(model, method="svd", progress=False)
+    snr = an.scan()
+    assert {i["type"] for i in snr.values()} == EXPECTED_TYPES[arch]
+    assert len(snr) == 3 * len(EXPECTED_TYPES[arch])
+    for name, info in snr.items():
+        w = model.get_submodule(name).weight
+        assert info["snr"] == pytest.approx(compute_snr(w), rel=1e-5), name
+
+
+def test_gram_method_gives_same_selection_and_close_snr():
+    from spectrum_callback import select_top
+
+    model = tiny_model("llama", layers=8)
+    a = SpectrumAnalyzer(model, method="svd", dtype=torch.float64, progress=False).scan()
+    b = SpectrumAnalyzer(model, method="gram", dtype=torch.float64, progress=False).scan()
+    for n in a:
+        assert b[n]["snr"] == pytest.approx(a[n]["snr"], rel=1e-6)
+    assert select_top(a, 0.25) == select_top(b, 0.25)
+
+
+def test_chunking_does_not_change_results():
+    model = tiny_model("llama", layers=4)
+    big = SpectrumAnalyzer(model, progress=False).scan()
+    small = SpectrumAnalyzer(model, chunk_mb=0.01, progress=False).scan()  # one matrix per solver call
+    assert {n: v["snr"] for n, v in big.items()} == pytest.approx({n: v["snr"] for n, v in small.items()}, rel=1e-6)
+
+
+def test_skip_unchanged_rescans_only_dirty():
+    model = tiny_model("llama", layers=2)
+    an = SpectrumAnalyzer(model, progress=False)
+    first = an.scan()
+    assert an.last_scan_stats["scanned"] == len(first)
+    an.scan()
+    assert an.last_scan_stats["scanned"] == 0
+    name = an.names[0]
+    with torch.no_grad():
+        model.get_submodule(name).weight.mul_(0).add_(torch.eye(*model.get_submodule(name).weight.shape))
+    an.mark_dirty([name])
+    third = an.scan()
+    assert an.last_scan_stats["scanned"] == 1
+    assert third[name]["snr"] != first[name]["snr"]
+    # A replaced tensor (new storage) is noticed without being marked
+    other = an.names[1]
+    mod = model.get_submodule(other)
+    mod.weight = nn.Parameter(torch.eye(*mod.weight.shape))
+    fourth = an.scan()
+    assert an.last_scan_stats["scanned"] == 1 and fourth[other]["snr"] == math.inf
+
+
+def test_include_exclude():
+    model = tiny_model("llama", layers=2)
+    c = find_candidates(model, exclude=[r"mlp\."])
+    assert c and all("mlp" not in n for n in c)
+    c = find_candidates(model, include=[r"self_attn\.q_proj$"])
+    assert list(c) == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+    with pytest.raises(ValueError, match="no layer index"):
+        find_candidates(model, include=[r"lm_head"])
+    with pytest.raises(ValueError, match="not a valid regular expression"):
+        find_candidates(model, include=["("])
+
+
+def test_model_without_candidates_is_refused():
+    with pytest.raises(ValueError, match="no candidate weight matrices"):
+        SpectrumAnalyzer(nn.Sequential(nn.Linear(4, 4)), progress=False)
+    with pytest.raises(ValueError, match="no candidate"):
+        SpectrumAnalyzer(tiny_model("llama", layers=1), exclude=[".*"], progress=False)
+
+
+def test_fused_moe_experts_warn_and_are_not_selected():
+    model = tiny_model("mixtral", layers=2)
+    with pytest.warns(UserWarning, match="fused 3-D MoE expert tensors"):
+        an = SpectrumAnalyzer(model, progress=False)
+    assert all("experts" not in n for n in an.names)
+    with pytest.raises(ValueError, match="fused 3-D"):
+        SpectrumAnalyzer(model, exclude=["self_attn"], progress=False)
+
+
+def test_nan_weights_are_reported_and_never_selected():
+    model = tiny_model("llama", layers=4)
+    bad = "model.layers.2.self_attn.q_proj"
+    with torch.no_grad():
+        model.get_submodule(bad).weight[0, 0] = float("nan")
+        model.get_submodule(bad).weight.mul_(100)  # would otherwise rank high
+    with pytest.warns(RuntimeWarning, match=bad.replace(".", r"\.")):
+        sel = spectrum_freeze(model, 0.25)
+    assert bad not in sel
+    assert len([n for n in sel if n.endswith("q_proj")]) == 1
+
+
+def test_quantized_and_peft_models_are_refused():
+    model = tiny_model("llama", layers=1)
+
+    class Q:
+        class quantization_config:
+            quant_method = "bitsandbytes"
+
+    model.hf_quantizer = Q()
+    with pytest.raises(ValueError, match="bitsandbytes.*LoRA"):
+        SpectrumAnalyzer(model)
+    peft = pytest.importorskip("peft")
+    model = tiny_model("llama", layers=1)
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="wrapped by PEFT"):
+        SpectrumAnalyzer(pm)
+
+
+def test_spectrum_freeze_sets_requires_grad_and_tied_embeddings():
+    model = tiny_model("llama", layers=4, tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    sel = spectrum_freeze(model, 0.25, always_train=[r"^lm_head\.weight$"])
+    assert len(sel) == 7
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "model.embed_tokens.weight" in trainable  # tied to lm_head: one tensor
+    mods = {n.rsplit(".", 1)[0] for n in trainable} - {"model.embed_tokens"}
+    assert mods == set(sel)

@@ -1,0 +1,287 @@
+import json
+import logging
+import math
+import os
+from collections import OrderedDict
+
+import pytest
+import torch
+import transformers
+from transformers import TrainerCallback
+
+from spectrum_callback import SpectrumAnalyzer, SpectrumCallback
+from spectrum_callback.backends import unwrap_optimizer
+from spectrum_callback.callback import STATE_FILE
+from tiny import RandomTokens, snapshot, tiny_model, training_args
+
+
+def make_trainer(tmp_path, model=None, callbacks=(), **kw):
+    model = model if model is not None else tiny_model("llama", layers=4)
+    args = training_args(tmp_path / "out", **kw)
+    tr = transformers.Trainer(model=model, args=args, train_dataset=RandomTokens(n=64))
+    for cb in callbacks:
+        tr.add_callback(cb)
+    return tr
+
+
+def rotating_scan(monkeypatch):
+    """Make every scan move the best layer of each type by one: each scan swaps the selection."""
+    calls = {"n": 0}
+
+    def fake_scan(self, names=None):
+        i = calls["n"]
+        calls["n"] += 1
+        layers = sorted({int(n.split(".")[2]) for n in self.names})
+        out = OrderedDict()
+        for n in self.names:
+            layer = int(n.split(".")[2])
+            out[n] = {"snr": float((layer - i) % len(layers)), "type": self.types[n]}
+        self.last_scan_stats = {"scan_seconds": 0.0, "scanned": float(len(out)), "reused": 0.0}
+        return out
+
+    monkeypatch.setattr(SpectrumAnalyzer, "scan", fake_scan)
+    return calls
+
+
+class Recorder(TrainerCallback):
+    """Checks, around every optimizer step, what the Spectrum callback promises."""
+
+    def __init__(self, spectrum):
+        self.spectrum = spectrum
+        self.steps = []
+        self.frozen_violations = []
+        self.state_violations = []
+        self.fresh_steps = []
+        self.prev_trainable = None
+
+    def on_step_begin(self, args, state, control, model=None, optimizer=None, **kw):
+        self.before = snapshot(model)
+        self.trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        self.joined = self.trainable - (self.prev_trainable or self.trainable)
+        self.prev_trainable = set(self.trainable)
+
+    def on_substep_end(self, args, state, control, model=None, **kw):
+        # Nothing may switch inside a gradient-accumulation cycle.
+        now = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert now == self.trainable
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kw):
+        opt = unwrap_optimizer(optimizer)
+        by_id = {id(p): n for n, p in model.named_parameters()}
+        after = dict(model.named_parameters())
+        for n, old in self.before.items():
+            if n not in self.trainable and not torch.equal(old, after[n].detach()):
+                self.frozen_violations.append((state.global_step, n))
+        with_state = {by_id[id(p)] for p in opt.state}
+        if with_state != self.trainable:
+            self.state_violations.append((state.global_step, sorted(with_state ^ self.trainable)[:3]))
+        for p, st in opt.state.items():
+            if by_id[id(p)] in self.joined:
+                self.fresh_steps.append(float(st["step"]))
+        self.steps.append(state.global_step)
+
+
+def test_static_freezes_bitwise_with_weight_decay(tmp_path):
+    model = tiny_model("llama", layers=4)
+    before = snapshot(model)
+    cb = SpectrumCallback(top_pct=0.25)
+    rec = Recorder(cb)
+    tr = make_trainer(tmp_path, model, [cb, rec], weight_decay=0.1, max_steps=5)
+    tr.train()
+    after = snapshot(model)
+    changed = {n.rsplit(".", 1)[0] for n in before if not torch.equal(before[n], after[n])}
+    assert len(cb.selected) == 7  # 4 layers x 7 types x 25 % -> 1 per type
+    assert changed == set(cb.selected)
+    assert rec.frozen_violations == [] and rec.state_violations == []
+    opt = unwrap_optimizer(tr.optimizer)
+    sel_params = [p for n in cb.selected for p in model.get_submodule(n).parameters()]
+    assert cb.backend.state_numel() == 2 * sum(p.numel() for p in sel_params)
+    assert len(opt.state) == len(sel_params)
+    logged = [h for h in tr.state.log_history if "spectrum/selected_modules" in h]
+    assert logged and logged[0]["spectrum/selected_modules"] == 7
+    assert any(k.startswith("spectrum/snr_mean/") for k in logged[0])
+    assert len(cb.history) == 1 and cb.history[0]["step"] == 0
+
+
+def test_dynamic_moves_optimizer_state_with_selection(tmp_path, monkeypatch):
+    calls = rotating_scan(monkeypatch)
+    cb = SpectrumCallback(top_pct=0.25, update_every=2)
+    rec = Recorder(cb)
+    tr = make_trainer(tmp_path, None, [cb, rec], max_steps=8, weight_decay=0.1)
+    tr.train()
+    assert calls["n"] == 4  # steps 0, 2, 4, 6
+    assert [h["step"] for h in cb.history] == [0, 2, 4, 6]
+    for prev, cur in zip(cb.history, cb.history[1:]):
+        assert set(prev["selected"]) != set(cur["selected"])
+        assert len(cur["joined"]) == 7 and len(cur["left"]) == 7
+    assert rec.frozen_violations == []
+    assert rec.state_violations == []
+    # joiners start from fresh state: their Adam step counter is 1 after their first step
+    assert rec.fresh_steps and set(rec.fresh_steps) == {1.0}
+    # optimizer memory follows the (constant-size) selection: never more than one set of moments
+    numels = [h["spectrum/optimizer_state_numel"] for h in tr.state.log_history if "spectrum/optimizer_state_numel" in h]
+    assert len(numels) == 4 and max(numels[1:]) == numels[1]
+    # the lr schedule is untouched by switches
+    lrs = [h["learning_rate"] for h in tr.state.log_history if "learning_rate" in h]
+    assert lrs == pytest.approx([5e-3 * (1 - i / 8) for i in range(8)])
+
+
+def test_stayers_keep_state(tmp_path, monkeypatch):
+    # Scans that always give the same ranking: the state must survive (no reset at rescans).
+    cb = SpectrumCallback(top_pct=0.25, update_every=2)
+
+    class StepProbe(TrainerCallback):
+        steps = []
+
+        def on_step_end(self, args, state, control, optimizer=None, **kw):
+            opt = unwrap_optimizer(optimizer)
+            self.steps.append(max(float(s["step"]) for s in opt.state.values()))
+
+    probe = StepProbe()
+    tr = make_trainer(tmp_path, None, [cb, probe], max_steps=6, learning_rate=1e-5)
+    tr.train()
+    assert all(h["selected"] == cb.history[0]["selected"] for h in cb.history)
+    assert probe.steps == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+
+
+def test_gradient_accumulation_switches_between_steps_only(tmp_path, monkeypatch):
+    calls = rotating_scan(monkeypatch)
+    cb = SpectrumCallback(top_pct=0.25, update_every=3)
+    rec = Recorder(cb)
+    tr = make_trainer(tmp_path, None, [cb, rec], max_steps=7, gradient_accumulation_steps=3,
+                      per_device_train_batch_size=2)
+    tr.train()
+    assert [h["step"] for h in cb.history] == [0, 3, 6]
+    assert rec.frozen_violations == [] and rec.state_violations == []
+
+
+def test_real_dynamic_rescan_only_rescans_trained(tmp_path):
+    cb = SpectrumCallback(top_pct=0.25, update_every=2)
+    tr = make_trainer(tmp_path, None, [cb], max_steps=5, learning_rate=2e-2)
+    tr.train()
+    scans = [h for h in tr.state.log_history if "spectrum/scanned" in h]
+    assert [s["spectrum/scanned"] for s in scans] == [28.0, 7.0, 7.0]
+
+
+def test_resume_restores_selection_history_and_losses(tmp_path, monkeypatch):
+    rotating_scan(monkeypatch)
+    full_cb = SpectrumCallback(top_pct=0.25, update_every=2)
+    tr = make_trainer(tmp_path / "a", tiny_model("llama", layers=4), [full_cb], max_steps=8,
+                      save_strategy="steps", save_steps=3)
+    tr.train()
+    full_losses = [h["loss"] for h in tr.state.log_history if "loss" in h]
+    ckpt = tmp_path / "a" / "out" / "checkpoint-3"
+    saved = json.loads((ckpt / STATE_FILE).read_text())
+    assert saved["format"] == "spectrum_callback.state" and saved["version"] == 1
+    assert saved["global_step"] == 3 and [h["step"] for h in saved["history"]] == [0, 2]
+
+    rotating_scan(monkeypatch)["n"] = 2  # the fake scanner continues where the run was
+    cb = SpectrumCallback(top_pct=0.25, update_every=2)
+    tr2 = make_trainer(tmp_path / "a", tiny_model("llama", layers=4, seed=1), [cb], max_steps=8,
+                       save_strategy="steps", save_steps=3)
+    tr2.train(resume_from_checkpoint=str(ckpt))
+    assert [h["step"] for h in cb.history] == [h["step"] for h in full_cb.history]
+    assert cb.history[1]["selected"] == full_cb.history[1]["selected"]
+    assert cb.selected == full_cb.selected
+    losses = [h["loss"] for h in tr2.state.log_history if "loss" in h and h["step"] > 3]
+    assert len(losses) == 5 and len(full_losses) == 8
+    assert losses == pytest.approx(full_losses[3:], rel=1e-5)
+
+
+def test_resume_without_state_file_scans_afresh(tmp_path, caplog):
+    tr = make_trainer(tmp_path, None, [], max_steps=2, save_strategy="steps", save_steps=2)
+    tr.train()
+    ckpt = tmp_path / "out" / "checkpoint-2"
+    assert not (ckpt / STATE_FILE).exists()
+    cb = SpectrumCallback(top_pct=0.25)
+    tr2 = make_trainer(tmp_path, None, [cb], max_steps=3)
+    with caplog.at_level(logging.WARNING):
+        tr2.train(resume_from_checkpoint=str(ckpt))
+    assert "has no spectrum_state.json" in caplog.text
+    assert [h["step"] for h in cb.history] == [2] and len(cb.selected) == 7
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(top_pct=0), "top_pct"),
+        (dict(top_pct=1.5), "top_pct"),
+        (dict(top_pct=25), "did you mean 0.25"),
+        (dict(update_every=0), "update_every"),
+        (dict(update_every="5"), "update_every"),
+        (dict(update_every=2.5), "update_every"),
+        (dict(include=["("]), "include"),
+        (dict(min_per_type=-1), "min_per_type"),
+    ],
+)
+def test_bad_arguments_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SpectrumCallback(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(always_train=[r"^nothing_like_this$"]), "always_train pattern"),
+        (dict(never_train=[r"no_such_module"]), "never_train pattern"),
+        (dict(include=[r"no_such_module"]), "include pattern"),
+        (dict(exclude=[r".*"]), "no candidate weight matrices"),
+    ],
+)
+def test_bad_patterns_at_train_begin(tmp_path, kwargs, match):
+    tr = make_trainer(tmp_path, None, [SpectrumCallback(**kwargs)], max_steps=1)
+    with pytest.raises(ValueError, match=match):
+        tr.train()
+
+
+def test_always_train_and_never_train(tmp_path):
+    model = tiny_model("llama", layers=4)
+    before = snapshot(model)
+    cb = SpectrumCallback(top_pct=0.25, always_train=[r"^lm_head\.weight$"], never_train=[r"layers\.0\."])
+    tr = make_trainer(tmp_path, model, [cb], max_steps=2)
+    tr.train()
+    assert not any(".layers.0." in n for n in cb.selected)
+    assert not torch.equal(before["lm_head.weight"], model.lm_head.weight)
+    assert torch.equal(before["model.embed_tokens.weight"], model.model.embed_tokens.weight)
+
+
+def test_snr_json_import(tmp_path):
+    from spectrum_callback import save_snr_json
+
+    model = tiny_model("llama", layers=4)
+    snr = SpectrumAnalyzer(model, progress=False).scan()
+    # invert the ranking: the file decides, not a fresh scan
+    for v in snr.values():
+        v["snr"] = -v["snr"]
+    path = save_snr_json(snr, tmp_path / "snr.json")
+    cb = SpectrumCallback(top_pct=0.25, snr_json=str(path))
+    make_trainer(tmp_path, model, [cb], max_steps=1).train()
+    from spectrum_callback import select_top
+
+    assert cb.selected == select_top(snr, 0.25)
+    bad = {"other.layers.0.x": {"snr": 1.0, "type": "x"}}
+    tr = make_trainer(tmp_path, tiny_model("llama", layers=4), [SpectrumCallback(snr_json=bad)], max_steps=1)
+    with pytest.raises(ValueError, match="another model"):
+        tr.train()
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_gradient_checkpointing_with_frozen_embeddings(tmp_path, reentrant):
+    model = tiny_model("llama", layers=4)
+    before = snapshot(model)
+    cb = SpectrumCallback(top_pct=0.25)
+    tr = make_trainer(tmp_path, model, [cb], max_steps=2, gradient_checkpointing=True,
+                      gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    tr.train()
+    after = snapshot(model)
+    changed = {n.rsplit(".", 1)[0] for n in before if not torch.equal(before[n], after[n])}
+    assert changed == set(cb.selected)
+
+
+def test_plots_written(tmp_path, monkeypatch):
+    rotating_scan(monkeypatch)
+    cb = SpectrumCallback(top_pct=0.25, update_every=1, plot_dir=str(tmp_path / "plots"))
+    make_trainer(tmp_path, None, [cb], max_steps=3).train()
+    for f in ("spectrum_snr.png", "spectrum_selection.png"):
+        p = tmp_path / "plots" / f
+        assert p.exists() and p.stat().st_size > 5000
