@@ -1,0 +1,818 @@
+"""Does Spectrum pay off?  Fine-tune one model on one dataset with several methods and the
+same budget, and compare held-out loss (training domain) against forgetting (loss on a
+second domain).
+
+    python -m spectrum_callback.compare --quick
+    spectrum-compare --model HF_ID_OR_PATH --dataset DATA --other-dataset DATA2 --out runs/compare
+
+Methods (each over a learning-rate grid, all with ``transformers.Trainer``):
+
+* ``full``              every parameter trains
+* ``spectrum``          ``SpectrumCallback(top_pct)``: top 25 % by SNR per matrix type, static
+* ``spectrum-dynamic``  ``SpectrumCallback(top_pct, update_every=N)``
+* ``random``            25 % per type chosen at random (one configuration per seed), via
+                        ``SpectrumCallback(snr_json=<random values>)``
+* ``bottom``            the lowest 25 % by SNR per type (``snr_json=<negated SNR>``)
+* ``lora``              PEFT LoRA, r=16, all linear layers (its own lr grid, ``--lora-lrs``)
+
+Every configuration writes one JSON file under ``<out>/runs/`` (atomically) when it
+finishes; a restarted study skips the configurations whose file exists, so a stopped
+study resumes where it stopped.  At the end (and on every run) ``results.json`` (every
+curve), ``table.md`` and ``compare.png`` are rebuilt from the run files.
+
+The core (:func:`run_study`) takes a model factory and token-block datasets, so it runs
+on any model, including tiny random ones in tests.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import statistics
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "StudySettings",
+    "Config",
+    "expand_configs",
+    "run_config",
+    "run_study",
+    "load_runs",
+    "summarize",
+    "markdown_table",
+    "plot_study",
+    "main",
+]
+
+METHODS = ("full", "spectrum", "spectrum-dynamic", "random", "bottom", "lora")
+HELD = "heldout"
+OTHER = "other"
+
+
+# ---------------------------------------------------------------------------- settings
+@dataclass
+class StudySettings:
+    """What makes two runs comparable (stored in every run file and checked on resume)."""
+
+    max_steps: int = 300
+    batch_size: int = 16
+    block_size: int = 256
+    eval_every: int = 25
+    eval_batch_size: int = 8
+    top_pct: float = 0.25
+    update_every: Optional[int] = None  # spectrum-dynamic; None -> max(1, max_steps // 5)
+    lora_r: int = 16
+    lora_alpha: int = 32
+    warmup: float = 0.05
+    scheduler: str = "cosine"
+    weight_decay: float = 0.0
+    seed: int = 0
+    bf16: bool = False
+    tag: str = ""  # model / data identity, filled in by the CLI
+
+    def dynamic_every(self) -> int:
+        return self.update_every if self.update_every else max(1, self.max_steps // 5)
+
+    def signature(self) -> str:
+        blob = json.dumps(asdict(self), sort_keys=True)
+        return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+@dataclass
+class Config:
+    method: str  # one of METHODS
+    lr: float
+    seed: int = 0  # for "random"
+
+    @property
+    def label(self) -> str:
+        return f"random-s{self.seed}" if self.method == "random" else self.method
+
+    @property
+    def key(self) -> str:
+        return f"{self.label}_lr{self.lr:g}"
+
+
+def expand_configs(
+    methods: Sequence[str], lrs: Sequence[float], lora_lrs: Optional[Sequence[float]] = None, random_seeds: Sequence[int] = (0,)
+) -> List[Config]:
+    out: List[Config] = []
+    for m in methods:
+        if m not in METHODS:
+            raise ValueError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+        grid = list(lora_lrs) if (m == "lora" and lora_lrs) else list(lrs)
+        if not grid:
+            raise ValueError(f"empty learning-rate grid for {m}")
+        seeds = list(random_seeds) if m == "random" else [0]
+        for s in seeds:
+            for lr in grid:
+                out.append(Config(m, float(lr), int(s)))
+    return out
+
+
+# ---------------------------------------------------------------------------- datasets
+class Blocks(torch.utils.data.Dataset):
+    """Causal-LM examples from a ``(N, L)`` long tensor of token ids."""
+
+    def __init__(self, blocks: torch.Tensor):
+        if blocks.ndim != 2:
+            raise ValueError(f"token blocks must be (N, L), got shape {tuple(blocks.shape)}")
+        self.blocks = blocks.long()
+
+    def __len__(self):
+        return self.blocks.shape[0]
+
+    def __getitem__(self, i):
+        x = self.blocks[i]
+        return {"input_ids": x, "labels": x.clone(), "attention_mask": torch.ones_like(x)}
+
+
+def _as_dataset(d):
+    return Blocks(d) if isinstance(d, torch.Tensor) else d
+
+
+# ---------------------------------------------------------------------------- memory
+class _PeakMemory:
+    """Peak memory of one training: CUDA allocated bytes, or on CPU the peak resident set
+    size (sampled every 20 ms) above the resident size at the start."""
+
+    def __init__(self):
+        self.cuda = torch.cuda.is_available()
+        self._stop = threading.Event()
+        self._peak = 0
+        self._start = 0
+        self._thread = None
+
+    @staticmethod
+    def _rss() -> int:
+        try:
+            with open("/proc/self/statm") as fh:
+                return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except Exception:
+            try:
+                import psutil
+
+                return psutil.Process().memory_info().rss
+            except Exception:
+                return 0
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._start = torch.cuda.memory_allocated()
+        else:
+            self._start = self._peak = self._rss()
+
+            def loop():
+                while not self._stop.wait(0.02):
+                    self._peak = max(self._peak, self._rss())
+
+            self._thread = threading.Thread(target=loop, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+            self._peak = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
+            self._peak = max(self._peak, self._rss())
+
+    @property
+    def kind(self) -> str:
+        return "cuda_max_allocated" if self.cuda else "cpu_rss_above_start"
+
+    @property
+    def mb(self) -> float:
+        value = self._peak if self.cuda else self._peak - self._start
+        return value / 2**20
+
+
+# ---------------------------------------------------------------------------- one config
+def _atomic_json(path: str, data) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as fh:
+        json.dump(data, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _snr_for(cfg: Config, model, settings: StudySettings, scan_cache: Dict[str, dict]):
+    """snr_json mapping for random / bottom selection (None for the scanning methods)."""
+    from .analyzer import SpectrumAnalyzer
+
+    if cfg.method == "random":
+        an = SpectrumAnalyzer(model, progress=False)
+        rng = random.Random(1000 + cfg.seed)
+        return {n: {"snr": rng.random(), "type": an.types[n]} for n in an.names}
+    if cfg.method == "bottom":
+        if "snr" not in scan_cache:
+            scan_cache["snr"] = {n: dict(i) for n, i in SpectrumAnalyzer(model, progress=False).scan().items()}
+        out = {}
+        for n, i in scan_cache["snr"].items():
+            v = float(i["snr"])
+            out[n] = {"snr": -v if math.isfinite(v) else float("nan"), "type": i["type"]}
+        return out
+    return None
+
+
+def _training_args(out_dir: str, cfg: Config, settings: StudySettings):
+    from transformers import TrainingArguments
+
+    cuda = torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=out_dir,
+        per_device_train_batch_size=settings.batch_size,
+        per_device_eval_batch_size=settings.eval_batch_size,
+        learning_rate=cfg.lr,
+        weight_decay=settings.weight_decay,
+        max_steps=settings.max_steps,
+        lr_scheduler_type=settings.scheduler,
+        warmup_steps=settings.warmup,
+        logging_steps=max(1, min(settings.eval_every, 10)),
+        eval_strategy="steps",
+        eval_steps=settings.eval_every,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=not cuda,
+        bf16=bool(settings.bf16 and cuda),
+        seed=settings.seed,
+        data_seed=settings.seed,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+    )
+
+
+def _make_progress_callback(bar):
+    from transformers import TrainerCallback
+
+    class _Bar(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            bar.update(1)
+
+        def on_evaluate(self, args, state, control, metrics=None, **kw):
+            if metrics and f"eval_{HELD}_loss" in metrics:
+                bar.set_postfix(held=f"{metrics[f'eval_{HELD}_loss']:.3f}", refresh=False)
+            if metrics and f"eval_{OTHER}_loss" in metrics:
+                bar.set_postfix(held=f"{metrics.get(f'eval_{HELD}_loss', float('nan')):.3f}",
+                                other=f"{metrics[f'eval_{OTHER}_loss']:.3f}", refresh=False)
+
+    return _Bar()
+
+
+def _trainer(model, args, train_ds, eval_sets, callbacks=()):
+    from transformers import PrinterCallback, Trainer, default_data_collator
+
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_sets,
+        data_collator=default_data_collator,
+    )
+    trainer.remove_callback(PrinterCallback)
+    for cb in callbacks:
+        trainer.add_callback(cb)
+    return trainer
+
+
+def evaluate_baseline(model_factory, eval_sets, settings: StudySettings, work_dir: str) -> Dict[str, float]:
+    """Losses of the untouched model (step 0 of every curve)."""
+    from transformers import TrainingArguments
+
+    model = model_factory()
+    args = _training_args(os.path.join(work_dir, "baseline"), Config("full", 1e-5), settings)
+    trainer = _trainer(model, args, None, eval_sets)
+    metrics = trainer.evaluate()
+    out = {name: float(metrics[f"eval_{name}_loss"]) for name in eval_sets}
+    del trainer, model
+    return out
+
+
+def run_config(
+    cfg: Config,
+    model_factory: Callable[[], torch.nn.Module],
+    train_ds,
+    eval_sets: Dict[str, object],
+    settings: StudySettings,
+    work_dir: str,
+    baseline: Optional[Dict[str, float]] = None,
+    scan_cache: Optional[Dict[str, dict]] = None,
+    position: int = 1,
+) -> dict:
+    """Train one configuration with ``transformers.Trainer`` and return its record."""
+    from tqdm.auto import tqdm
+
+    from .callback import SpectrumCallback
+
+    scan_cache = {} if scan_cache is None else scan_cache
+    torch.manual_seed(settings.seed)
+    model = model_factory()
+    total_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    callbacks = []
+    spectrum_cb = None
+    if cfg.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lcfg = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=0.0,
+                          target_modules="all-linear", task_type="CAUSAL_LM")
+        model = get_peft_model(model, lcfg)
+    elif cfg.method != "full":
+        snr = _snr_for(cfg, model, settings, scan_cache)
+        spectrum_cb = SpectrumCallback(
+            top_pct=settings.top_pct,
+            update_every=settings.dynamic_every() if cfg.method == "spectrum-dynamic" else None,
+            snr_json=snr,
+            verbose=False,
+        )
+
+    bar = tqdm(total=settings.max_steps, desc=f"{cfg.key:>28}", unit="step", position=position, leave=False,
+               dynamic_ncols=True)
+    callbacks.append(_make_progress_callback(bar))
+    if spectrum_cb is not None:
+        callbacks.append(spectrum_cb)
+    args = _training_args(os.path.join(work_dir, "trainer", cfg.key), cfg, settings)
+    trainer = _trainer(model, args, train_ds, eval_sets, callbacks)
+    mem = _PeakMemory()
+    t0 = time.perf_counter()
+    try:
+        with mem:
+            trainer.train()
+            wall = time.perf_counter() - t0
+            hist = trainer.state.log_history
+            evaluated = {h["step"] for h in hist if f"eval_{HELD}_loss" in h}
+            if settings.max_steps not in evaluated:
+                trainer.evaluate()
+                hist = trainer.state.log_history
+    finally:
+        bar.close()
+
+    eval_seconds = sum(float(v) for h in hist for k, v in h.items() if k.startswith("eval_") and k.endswith("_runtime"))
+    steps, held, other = [], [], []
+    by_step: Dict[int, dict] = {}
+    for h in hist:
+        for k, v in h.items():
+            if k.startswith("eval_") and k.endswith("_loss"):
+                by_step.setdefault(int(h["step"]), {})[k[len("eval_"):-len("_loss")]] = float(v)
+    if baseline is not None:
+        by_step.setdefault(0, {}).update(baseline)
+    for s in sorted(by_step):
+        steps.append(s)
+        held.append(by_step[s].get(HELD, float("nan")))
+        other.append(by_step[s].get(OTHER, float("nan")))
+    train_loss = [[int(h["step"]), float(h["loss"])] for h in hist if "loss" in h]
+    trainable = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values() if p.requires_grad)
+    record = {
+        "key": cfg.key,
+        "method": cfg.method,
+        "label": cfg.label,
+        "seed": cfg.seed,
+        "lr": cfg.lr,
+        "signature": settings.signature(),
+        "settings": asdict(settings),
+        "steps": steps,
+        HELD: held,
+        OTHER: other,
+        "train_loss": train_loss,
+        "trainable_params": int(trainable),
+        "total_params": int(total_params),
+        "train_seconds": max(0.0, wall - eval_seconds),
+        "eval_seconds": eval_seconds,
+        "wall_seconds": time.perf_counter() - t0,
+        "peak_mem_mb": mem.mb,
+        "mem_kind": mem.kind,
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    if spectrum_cb is not None:
+        record["selected"] = list(spectrum_cb.selected)
+        record["scans"] = len(spectrum_cb.history)
+    del trainer, model
+    return record
+
+
+# ---------------------------------------------------------------------------- study
+def run_study(
+    model_factory: Callable[[], torch.nn.Module],
+    train_ds,
+    eval_sets: Dict[str, object],
+    configs: Sequence[Config],
+    settings: StudySettings,
+    out_dir: str,
+    progress: bool = True,
+) -> dict:
+    """Run every configuration not yet finished under ``out_dir/runs``; rebuild the reports.
+
+    ``train_ds`` and the two ``eval_sets`` (keys ``"heldout"`` and ``"other"``) are
+    datasets of causal-LM examples or ``(N, L)`` token tensors.  Returns
+    ``{"trained": [keys], "skipped": [keys], "results": [...], "table": str, ...}``.
+    """
+    from tqdm.auto import tqdm
+
+    missing = {HELD, OTHER} - set(eval_sets)
+    if missing:
+        raise ValueError(f"eval_sets needs the keys {HELD!r} and {OTHER!r}; missing {sorted(missing)}")
+    train_ds = _as_dataset(train_ds)
+    eval_sets = {k: _as_dataset(v) for k, v in eval_sets.items()}
+    runs_dir = os.path.join(out_dir, "runs")
+    work_dir = os.path.join(out_dir, "work")
+    os.makedirs(runs_dir, exist_ok=True)
+    sig = settings.signature()
+
+    def load(path):
+        with open(path) as fh:
+            data = json.load(fh)
+        if data.get("signature") != sig:
+            raise ValueError(
+                f"{path} was produced with other settings (signature {data.get('signature')} != {sig}: "
+                f"{data.get('settings')} vs {asdict(settings)}); use another --out folder or delete it"
+            )
+        return data
+
+    base_path = os.path.join(runs_dir, "baseline.json")
+    if os.path.isfile(base_path):
+        baseline = load(base_path)["losses"]
+    else:
+        baseline = evaluate_baseline(model_factory, eval_sets, settings, work_dir)
+        _atomic_json(base_path, {"signature": sig, "settings": asdict(settings), "losses": baseline})
+
+    trained, skipped = [], []
+    scan_cache: Dict[str, dict] = {}
+    bar = tqdm(total=len(configs), desc="configurations", unit="cfg", position=0, disable=not progress,
+               dynamic_ncols=True)
+    try:
+        for cfg in configs:
+            path = os.path.join(runs_dir, f"{cfg.key}.json")
+            if os.path.isfile(path):
+                load(path)  # checks the signature
+                skipped.append(cfg.key)
+                bar.update(1)
+                continue
+            bar.set_postfix_str(cfg.key)
+            record = run_config(cfg, model_factory, train_ds, eval_sets, settings, work_dir, baseline, scan_cache)
+            _atomic_json(path, record)
+            trained.append(cfg.key)
+            bar.update(1)
+    finally:
+        bar.close()
+    report = write_reports(out_dir, [c.key for c in configs], baseline, settings)
+    report.update(trained=trained, skipped=skipped, baseline=baseline)
+    return report
+
+
+def load_runs(out_dir: str, keys: Optional[Sequence[str]] = None) -> List[dict]:
+    runs_dir = os.path.join(out_dir, "runs")
+    out = []
+    names = sorted(os.listdir(runs_dir)) if os.path.isdir(runs_dir) else []
+    for name in names:
+        if not name.endswith(".json") or name == "baseline.json":
+            continue
+        with open(os.path.join(runs_dir, name)) as fh:
+            rec = json.load(fh)
+        if keys is None or rec["key"] in keys:
+            out.append(rec)
+    return out
+
+
+# ---------------------------------------------------------------------------- reporting
+def _fmt_params(n: int) -> str:
+    return f"{n / 1e6:.2f} M" if n >= 1e5 else f"{n / 1e3:.1f} k"
+
+
+def _fmt_s(x: float) -> str:
+    return f"{x:.1f}" if x < 10 else f"{x:.0f}"
+
+
+def _best_point(rec: dict):
+    pts = [(h, i) for i, h in enumerate(rec[HELD]) if rec["steps"][i] > 0 and math.isfinite(h)]
+    if not pts:
+        return None
+    h, i = min(pts)
+    return i
+
+
+def default_target(records: Sequence[dict], baseline: Dict[str, float], fraction: float = 0.8) -> Optional[float]:
+    """``baseline - fraction * (baseline - best held-out loss of any run)``."""
+    bests = [r[HELD][i] for r in records for i in [_best_point(r)] if i is not None]
+    if not bests:
+        return None
+    b = baseline.get(HELD, max(bests))
+    return b - fraction * (b - min(bests))
+
+
+def summarize(records: Sequence[dict], baseline: Dict[str, float], target: Optional[float] = None) -> List[dict]:
+    """One row per configuration: its best held-out point and the metrics there."""
+    if target is None:
+        target = default_target(records, baseline)
+    rows = []
+    for r in records:
+        i = _best_point(r)
+        if i is None:
+            continue
+        reach = next((s for s, h in zip(r["steps"], r[HELD]) if s > 0 and target is not None and h <= target), None)
+        other = r[OTHER][i]
+        rows.append({
+            "key": r["key"],
+            "method": r["method"],
+            "label": r["label"],
+            "lr": r["lr"],
+            "best_heldout": r[HELD][i],
+            "best_step": r["steps"][i],
+            "other_at_best": other,
+            "forgetting": other - baseline.get(OTHER, float("nan")),
+            "final_heldout": r[HELD][-1],
+            "final_other": r[OTHER][-1],
+            "steps_to_target": reach,
+            "trainable_params": r["trainable_params"],
+            "trainable_frac": r["trainable_params"] / max(1, r["total_params"]),
+            "train_seconds": r["train_seconds"],
+            "peak_mem_mb": r["peak_mem_mb"],
+            "mem_kind": r.get("mem_kind", ""),
+        })
+    return rows
+
+
+def best_per_method(rows: Sequence[dict]) -> List[dict]:
+    """Per label (method, seed), the learning rate with the lowest best held-out loss."""
+    best: Dict[str, dict] = {}
+    for row in rows:
+        cur = best.get(row["label"])
+        if cur is None or row["best_heldout"] < cur["best_heldout"]:
+            best[row["label"]] = row
+    order = {m: i for i, m in enumerate(METHODS)}
+    return sorted(best.values(), key=lambda r: (order.get(r["method"], 99), r["label"]))
+
+
+def markdown_table(rows: Sequence[dict], baseline: Dict[str, float], target: Optional[float], settings: StudySettings) -> str:
+    per = best_per_method(rows)
+    lines = [
+        f"Baseline (untouched model): held-out loss {baseline.get(HELD, float('nan')):.4f}, "
+        f"second-domain loss {baseline.get(OTHER, float('nan')):.4f}. "
+        f"Budget: {settings.max_steps} steps of {settings.batch_size} x {settings.block_size} tokens, "
+        f"evaluated every {settings.eval_every} steps. "
+        + (f"Target held-out loss: {target:.4f}." if target is not None else ""),
+        "",
+        "### Best learning rate per method",
+        "",
+        "| method | lr | best held-out loss (step) | 2nd-domain loss there | forgetting (Δ vs base) | steps to target | trainable params | train time (s) | peak mem (MB) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def line(r):
+        reach = "—" if r["steps_to_target"] is None else str(r["steps_to_target"])
+        return (
+            f"| {r['label']} | {r['lr']:g} | {r['best_heldout']:.4f} ({r['best_step']}) | {r['other_at_best']:.4f} | "
+            f"{r['forgetting']:+.4f} | {reach} | {_fmt_params(r['trainable_params'])} ({100 * r['trainable_frac']:.1f} %) | "
+            f"{_fmt_s(r['train_seconds'])} | {r['peak_mem_mb']:.0f} |"
+        )
+
+    lines += [line(r) for r in per]
+    randoms = [r for r in per if r["method"] == "random"]
+    if len(randoms) > 1:
+        hs = [r["best_heldout"] for r in randoms]
+        fs = [r["forgetting"] for r in randoms]
+        lines += [
+            "",
+            f"Random 25 % over {len(randoms)} seeds (each at its best lr): best held-out loss "
+            f"{statistics.fmean(hs):.4f} ± {statistics.stdev(hs):.4f} (min {min(hs):.4f}, max {max(hs):.4f}); "
+            f"forgetting {statistics.fmean(fs):+.4f} ± {statistics.stdev(fs):.4f}.",
+        ]
+    lines += [
+        "",
+        "### Every configuration",
+        "",
+        "| method | lr | best held-out (step) | 2nd-domain there | final held-out | final 2nd-domain | steps to target | train time (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    order = {m: i for i, m in enumerate(METHODS)}
+    for r in sorted(rows, key=lambda r: (order.get(r["method"], 99), r["label"], r["lr"])):
+        reach = "—" if r["steps_to_target"] is None else str(r["steps_to_target"])
+        lines.append(
+            f"| {r['label']} | {r['lr']:g} | {r['best_heldout']:.4f} ({r['best_step']}) | {r['other_at_best']:.4f} | "
+            f"{r['final_heldout']:.4f} | {r['final_other']:.4f} | {reach} | {_fmt_s(r['train_seconds'])} |"
+        )
+    kinds = sorted({r["mem_kind"] for r in rows})
+    lines += [
+        "",
+        "Forgetting = second-domain loss at the best held-out point minus its value before training "
+        "(positive = the model got worse on the other domain). Train time excludes evaluation. "
+        f"Peak memory: {', '.join(kinds)} (on CPU: peak resident memory above the level at the start of the "
+        "configuration, sampled every 20 ms; on CUDA: torch.cuda.max_memory_allocated).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+_COLORS = {
+    "full": "tab:red",
+    "spectrum": "tab:blue",
+    "spectrum-dynamic": "tab:cyan",
+    "random": "tab:gray",
+    "bottom": "tab:brown",
+    "lora": "tab:green",
+}
+_MARKERS = {"full": "s", "spectrum": "o", "spectrum-dynamic": "D", "random": "x", "bottom": "v", "lora": "^"}
+
+
+def plot_study(records: Sequence[dict], baseline: Dict[str, float], path: str, title: str = "") -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = summarize(records, baseline)
+    best = {r["key"] for r in best_per_method(rows)}
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5.2))
+    ax = axes[0]
+    seen = set()
+    for r in rows:
+        m = r["method"]
+        lab = m if m not in seen else None
+        seen.add(m)
+        ax.scatter(r["forgetting"], r["best_heldout"], c=_COLORS.get(m, "k"), marker=_MARKERS.get(m, "o"), s=60, label=lab)
+        ax.annotate(f"{r['lr']:g}", (r["forgetting"], r["best_heldout"]), fontsize=7, xytext=(3, 3),
+                    textcoords="offset points")
+    ax.set_xlabel("forgetting: 2nd-domain loss at best point − before training")
+    ax.set_ylabel("best held-out loss (training domain)")
+    ax.set_title("held-out loss vs forgetting (one point per method and lr; lower-left is better)")
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=8)
+    for ax, metric, name in ((axes[1], HELD, "held-out loss (training domain)"), (axes[2], OTHER, "2nd-domain loss (forgetting)")):
+        for rec in records:
+            if rec["key"] not in best:
+                continue
+            m = rec["method"]
+            ax.plot(rec["steps"], rec[metric], color=_COLORS.get(m, "k"), marker=_MARKERS.get(m, "o"), ms=4,
+                    alpha=0.6 if m == "random" else 1.0, label=f"{rec['label']} lr={rec['lr']:g}")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(name)
+        ax.set_title(f"{name}, best lr per method")
+        ax.title.set_fontsize(9)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_reports(out_dir: str, keys: Optional[Sequence[str]], baseline: Dict[str, float], settings: StudySettings,
+                  target: Optional[float] = None, plot: bool = True) -> dict:
+    records = load_runs(out_dir, keys)
+    if target is None:
+        target = default_target(records, baseline)
+    rows = summarize(records, baseline, target)
+    table = markdown_table(rows, baseline, target, settings) if rows else "(no finished configuration yet)\n"
+    _atomic_json(os.path.join(out_dir, "results.json"), {
+        "settings": asdict(settings), "baseline": baseline, "target": target, "summary": rows, "runs": records,
+    })
+    tmp = os.path.join(out_dir, "table.md.tmp")
+    with open(tmp, "w") as fh:
+        fh.write(table)
+    os.replace(tmp, os.path.join(out_dir, "table.md"))
+    png = None
+    if plot and rows:
+        png = plot_study(records, baseline, os.path.join(out_dir, "compare.png"), settings.tag)
+    return {"results": records, "rows": rows, "table": table, "target": target, "png": png}
+
+
+# ---------------------------------------------------------------------------- CLI
+QUICK = dict(max_steps=8, batch_size=2, block_size=64, eval_every=4, eval_blocks=8, lrs="1e-4", lora_lrs="1e-3",
+             methods="full,spectrum,spectrum-dynamic,random,bottom,lora", random_seeds="0")
+
+
+def _floats(s: str) -> List[float]:
+    return [float(x) for x in s.split(",") if x.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="spectrum-compare",
+        description="Fine-tune one model on one dataset with full FT, Spectrum (static/dynamic), random and "
+        "bottom-SNR 25%% selections and LoRA at the same budget; report held-out loss vs forgetting.",
+    )
+    p.add_argument("--model", default=None, help="hub id or local path (default: offline SmolLM2-135M-Instruct)")
+    p.add_argument("--dataset", default=None, help="training domain: hub id, .txt/.json/.jsonl file (default: KJV, "
+                   "John and Acts held out)")
+    p.add_argument("--other-dataset", default="pydoc", help="second domain for forgetting (default: pydoc topics)")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--out", default="spectrum_compare", help="output folder (resumable)")
+    p.add_argument("--quick", action="store_true", help="tiny budget: 8 steps of 2x64 tokens, one lr per method "
+                   "(under 20 minutes on 2 CPU cores)")
+    p.add_argument("--methods", default=None, help=f"comma list of {','.join(METHODS)} (default: all)")
+    p.add_argument("--lrs", default=None, help="lr grid (default 1e-5,3e-5,1e-4)")
+    p.add_argument("--lora-lrs", default=None, help="lr grid for LoRA (default 1e-4,3e-4,1e-3)")
+    p.add_argument("--random-seeds", default=None, help="seeds of the random selection (default 0,1,2)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per configuration (default 300)")
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per step (default 16)")
+    p.add_argument("--block-size", type=int, default=None, help="tokens per sequence (default 256)")
+    p.add_argument("--eval-every", type=int, default=None, help="evaluate every N steps (default 25)")
+    p.add_argument("--eval-blocks", type=int, default=None, help="blocks per eval set (default 64)")
+    p.add_argument("--eval-batch-size", type=int, default=8)
+    p.add_argument("--update-every", type=int, default=None, help="spectrum-dynamic re-scan interval (default steps//5)")
+    p.add_argument("--top-pct", type=float, default=0.25)
+    p.add_argument("--target-loss", type=float, default=None,
+                   help="held-out loss for 'steps to target' (default: 80%% of the best improvement of any run)")
+    p.add_argument("--max-train-blocks", type=int, default=None, help="cap on training blocks (default: enough for the budget)")
+    p.add_argument("--bf16", action="store_true", help="bf16 mixed precision on CUDA")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--dry-run", action="store_true", help="list the configurations and exit")
+    return p
+
+
+def _texts(name: Optional[str], text_field: str, other: bool):
+    from .assets import load_texts, pydoc_texts
+
+    if other and name in ("pydoc", None):
+        return pydoc_texts()
+    train, held = load_texts(name, text_field=text_field)
+    return train + held if other else (train, held)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    q = QUICK if args.quick else {}
+
+    def pick(value, key, default):
+        return value if value is not None else q.get(key, default)
+
+    methods = [m.strip() for m in pick(args.methods, "methods", ",".join(METHODS)).split(",") if m.strip()]
+    lrs = _floats(pick(args.lrs, "lrs", "1e-5,3e-5,1e-4"))
+    lora_lrs = _floats(pick(args.lora_lrs, "lora_lrs", "1e-4,3e-4,1e-3"))
+    seeds = [int(s) for s in pick(args.random_seeds, "random_seeds", "0,1,2").split(",") if s.strip()]
+    configs = expand_configs(methods, lrs, lora_lrs, seeds)
+    steps = pick(args.steps, "max_steps", 300)
+    settings = StudySettings(
+        max_steps=steps,
+        batch_size=pick(args.batch_size, "batch_size", 16),
+        block_size=pick(args.block_size, "block_size", 256),
+        eval_every=pick(args.eval_every, "eval_every", 25),
+        eval_batch_size=args.eval_batch_size,
+        top_pct=args.top_pct,
+        update_every=args.update_every,
+        bf16=args.bf16,
+    )
+    eval_blocks = pick(args.eval_blocks, "eval_blocks", 64)
+    settings.tag = (f"model={args.model or 'smollm2-135m-instruct'} data={args.dataset or 'kjv'} "
+                    f"other={args.other_dataset} eval_blocks={eval_blocks} top_pct={settings.top_pct}")
+    if args.dry_run:
+        for c in configs:
+            print(c.key)
+        print(f"{len(configs)} configurations; settings {asdict(settings)}")
+        return 0
+
+    from .assets import load_model_and_tokenizer, token_blocks
+
+    base, tok = load_model_and_tokenizer(args.model)
+    base.config.use_cache = False
+    train_texts, held_texts = _texts(args.dataset, args.text_field, other=False)
+    other_texts = _texts(args.other_dataset, args.text_field, other=True)
+    need = args.max_train_blocks or settings.max_steps * settings.batch_size
+    rng = random.Random(0)
+    train_texts = list(train_texts)
+    rng.shuffle(train_texts)
+    train = token_blocks(tok, train_texts, settings.block_size, max_blocks=need)
+    held = token_blocks(tok, held_texts, settings.block_size, max_blocks=eval_blocks)
+    other = token_blocks(tok, other_texts, settings.block_size, max_blocks=eval_blocks)
+    print(f"train {tuple(train.shape)} (epochs over it: {settings.max_steps * settings.batch_size / len(train):.2f}), "
+          f"held-out {tuple(held.shape)}, second domain {tuple(other.shape)}; {len(configs)} configurations "
+          f"-> {args.out}", file=sys.stderr)
+    def factory():
+        return copy.deepcopy(base)  # base itself is never trained
+
+    report = run_study(factory, train, {HELD: held, OTHER: other}, configs, settings, args.out)
+    if args.target_loss is not None:
+        report.update(write_reports(args.out, [c.key for c in configs], report["baseline"], settings, args.target_loss))
+    print(report["table"])
+    print(f"trained {len(report.get('trained', []))}, skipped (already done) {len(report.get('skipped', []))}; "
+          f"results in {args.out}/results.json, table.md, compare.png", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
