@@ -1,0 +1,96 @@
+"""Run under `torchrun --nproc_per_node=2`: DDP (gloo, CPU) scenarios for SpectrumCallback.
+
+Writes <out>/rank<R>.json with what the test asserts.
+"""
+import json
+import os
+import sys
+from collections import OrderedDict
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+torch.set_num_threads(1)
+
+import transformers  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+
+import spectrum_callback.analyzer as analyzer_mod  # noqa: E402
+from spectrum_callback import SpectrumAnalyzer, SpectrumCallback  # noqa: E402
+from tiny import RandomTokens, snapshot, tiny_model, training_args  # noqa: E402
+
+
+class FrozenWatch(TrainerCallback):
+    def __init__(self):
+        self.violations = []
+
+    def on_step_begin(self, args, state, control, model=None, **kw):
+        self.before = snapshot(model)
+        self.trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+
+    def on_step_end(self, args, state, control, model=None, **kw):
+        for n, p in model.named_parameters():
+            if n not in self.trainable and not torch.equal(self.before[n], p.detach()):
+                self.violations.append([state.global_step, n])
+
+
+def main(out):
+    rank = int(os.environ["RANK"])
+    result = {}
+
+    # A: forced rotation (every scan swaps the whole selection) -> DDP must sync joiners' grads
+    real_scan = SpectrumAnalyzer.scan
+    calls = {"n": 0}
+
+    def rotating(self, names=None):
+        i = calls["n"]
+        calls["n"] += 1
+        out_ = OrderedDict()
+        for n in self.names:
+            layer = int(n.split(".")[2])
+            out_[n] = {"snr": float((layer - i) % 4), "type": self.types[n]}
+        self.last_scan_stats = {}
+        return out_
+
+    SpectrumAnalyzer.scan = rotating
+    model = tiny_model("llama", layers=4)
+    cb = SpectrumCallback(top_pct=0.25, update_every=2)
+    watch = FrozenWatch()
+    args = training_args(os.path.join(out, "a"), max_steps=6, per_device_train_batch_size=2, ddp_backend="gloo")
+    tr = transformers.Trainer(model=model, args=args, train_dataset=RandomTokens(n=64, seed=rank))
+    tr.add_callback(cb)
+    tr.add_callback(watch)
+    tr.train()
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    gathered = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, flat)
+    result["a_params_equal_across_ranks"] = all(torch.equal(gathered[0], g) for g in gathered)
+    result["a_history_steps"] = [h["step"] for h in cb.history]
+    result["a_selected"] = cb.selected
+    result["a_frozen_violations"] = watch.violations
+    SpectrumAnalyzer.scan = real_scan
+
+    # B: rank 1 computes different SNR values; the selection still comes from one source
+    if rank == 1:
+        orig = analyzer_mod.snr_from_singular_values_batched
+
+        def perturbed(s, n, m):
+            v = orig(s, n, m)
+            return v * torch.linspace(0.01, 100.0, v.numel(), dtype=v.dtype)
+
+        analyzer_mod.snr_from_singular_values_batched = perturbed
+    model = tiny_model("llama", layers=8, seed=3)
+    cb = SpectrumCallback(top_pct=0.25, update_every=2)
+    args = training_args(os.path.join(out, "b"), max_steps=4, per_device_train_batch_size=2, ddp_backend="gloo",
+                         learning_rate=2e-2)
+    tr = transformers.Trainer(model=model, args=args, train_dataset=RandomTokens(n=64, seed=rank))
+    tr.add_callback(cb)
+    tr.train()
+    result["b_history"] = [[h["step"], h["selected"], h["snr"]] for h in cb.history]
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as fh:
+        json.dump(result, fh)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
