@@ -285,3 +285,15 @@ def test_plots_written(tmp_path, monkeypatch):
     for f in ("spectrum_snr.png", "spectrum_selection.png"):
         p = tmp_path / "plots" / f
         assert p.exists() and p.stat().st_size > 5000
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2", "phi3", "gpt2"])
+def test_static_each_architecture(tmp_path, arch):
+    model = tiny_model(arch, layers=4)
+    before = snapshot(model)
+    cb = SpectrumCallback(top_pct=0.25, update_every=2)
+    make_trainer(tmp_path, model, [cb], max_steps=3, weight_decay=0.1).train()
+    changed = {n.rsplit(".", 1)[0] for n, p in model.named_parameters() if not torch.equal(before[n], p)}
+    ever = set().union(*[set(h["selected"]) for h in cb.history])
+    assert changed == ever
+    assert len(cb.selected) == len({model_type for model_type in cb.analyzer.types.values()})
