@@ -28,6 +28,7 @@ def unwrap_optimizer(optimizer):
     seen = 0
     while hasattr(optimizer, "optimizer") and seen < 4 and type(optimizer).__name__ in (
         "AcceleratedOptimizer",
+        "DeepSpeedOptimizerWrapper",
         "LayerWiseDummyOptimizer",
     ):
         optimizer = optimizer.optimizer

@@ -1,0 +1,278 @@
+"""DeepSpeed scenarios for tests/test_deepspeed.py, run under
+``torchrun --nproc_per_node=2 tests/ds_scripts/scenarios.py OUT NAME [NAME ...]``
+(DeepSpeed with gloo on CPU) or, for the plain-PyTorch reference,
+``python tests/ds_scripts/scenarios.py OUT ref:NAME`` (single process, global batch 8).
+
+One process group runs several scenarios so that DeepSpeed's one-off start-up (the shm
+comm op build) is paid once.  Each scenario writes OUT/NAME.json (rank 0) and
+OUT/NAME.weights.pt (full final weights).
+"""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import sys
+import traceback
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, os.path.dirname(HERE))  # tests/ for tiny.py
+torch.set_num_threads(1)
+
+import transformers  # noqa: E402
+from transformers import Trainer, TrainerCallback  # noqa: E402
+
+from tiny import RandomTokens, tiny_model, training_args  # noqa: E402
+from spectrum_callback import SpectrumCallback  # noqa: E402
+
+transformers.logging.set_verbosity_error()
+
+# name -> settings.  stage None = plain PyTorch reference (run with ref:NAME).
+SCENARIOS = {
+    "z2_dynamic": dict(stage=2, update_every=2, max_steps=6),
+    "z3_dynamic": dict(stage=3, update_every=2, max_steps=6),
+    "z2_static": dict(stage=2, update_every=None, max_steps=4),
+    "z3_static": dict(stage=3, update_every=None, max_steps=4),
+    "z3_dynamic_ga": dict(stage=3, update_every=2, max_steps=4, gradient_accumulation_steps=2, per_device=2),
+    "z2_dynamic_gc_bf16": dict(stage=2, update_every=2, max_steps=4, bf16=True, gradient_checkpointing=True),
+    "z3_dynamic_gc_bf16": dict(stage=3, update_every=2, max_steps=4, bf16=True, gradient_checkpointing=True),
+    "z3_switch20": dict(stage=3, update_every=1, max_steps=21, top_pct=0.5, lr=2e-2),
+    "z2_switch20": dict(stage=2, update_every=1, max_steps=21, top_pct=0.5, lr=2e-2),
+    "z3_resume": dict(stage=3, update_every=2, max_steps=6, resume_at=3),
+    "z2_resume": dict(stage=2, update_every=2, max_steps=6, resume_at=3),
+    "z3_optimizer_block": dict(stage=3, update_every=None, max_steps=1, optimizer_block=True),
+}
+
+
+def rank():
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def world():
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def ds_config(stage, out, optimizer_block=False):
+    with open(os.path.join(ROOT, "configs", f"ds_zero{stage}.json")) as fh:
+        cfg = json.load(fh)
+    if stage == 3:
+        cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # really partition tiny weights
+    if optimizer_block:
+        cfg["optimizer"] = {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto"}}
+    path = os.path.join(out, f"ds_zero{stage}{'_opt' if optimizer_block else ''}.json")
+    if rank() == 0:
+        with open(path, "w") as fh:
+            json.dump(cfg, fh)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return path
+
+
+def gathered(model, params):
+    """Context that makes ``params`` whole under ZeRO-3 (no-op otherwise)."""
+    import contextlib
+
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    return contextlib.nullcontext()
+
+
+def full_state(model):
+    params = list(model.named_parameters())
+    with gathered(model, [p for _, p in params]):
+        return {n: p.detach().float().clone().cpu() for n, p in params}
+
+
+class Recorder(TrainerCallback):
+    """Per step: loss, selection, optimizer state elements per rank, frozen-bit check."""
+
+    def __init__(self, spectrum):
+        self.spectrum = spectrum
+        self.frozen_snap = {}
+        self.violations = []
+        self.numel = []
+        self.selected = []
+        self.trainable_numel = []
+        self.lrs = []
+        self.dead_refs = []
+        self.refs = []
+
+    def on_step_begin(self, args, state, control, model=None, **kw):
+        # Runs after SpectrumCallback.on_step_begin (added later): the selection for this step is set.
+        b = self.spectrum.backend
+        numel = [None] * world()
+        local = b.state_numel()
+        if torch.distributed.is_initialized():
+            torch.distributed.all_gather_object(numel, local)
+        else:
+            numel = [local]
+        self.numel.append({"step": state.global_step, "per_rank": numel})
+        self.selected.append(list(self.spectrum.selected))
+        self.trainable_numel.append(sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+                                        for p in model.parameters() if p.requires_grad))
+        zero = getattr(b, "zero", None)
+        if zero is not None:
+            import weakref
+
+            self.refs.append(weakref.ref(zero))
+            base = zero.optimizer
+            self.lrs.append([g["lr"] for g in base.param_groups])
+        frozen = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
+        with gathered(model, [p for _, p in frozen]):
+            self.frozen_snap = {n: p.detach().clone() for n, p in frozen}
+
+    def on_step_end(self, args, state, control, model=None, **kw):
+        named = dict(model.named_parameters())
+        ps = [named[n] for n in self.frozen_snap]
+        with gathered(model, ps):
+            for n, before in self.frozen_snap.items():
+                now = named[n].detach()
+                if now.shape != before.shape or not torch.equal(now, before):
+                    self.violations.append({"step": state.global_step, "param": n,
+                                            "max_abs": float((now.float() - before.float()).abs().max())})
+        self.frozen_snap = {}
+
+
+class LossLog(TrainerCallback):
+    def __init__(self):
+        self.losses = {}
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if logs and "loss" in logs:
+            self.losses[int(state.global_step)] = float(logs["loss"])
+
+
+def reset_accelerate():
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    try:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+    except Exception:
+        pass
+
+
+def make_trainer(name, s, out, reference, max_steps=None, save=False):
+    reset_accelerate()
+    model = tiny_model("llama", seed=0)  # built before TrainingArguments: no zero.Init, same init everywhere
+    kw = dict(
+        max_steps=max_steps or s["max_steps"],
+        learning_rate=s.get("lr", 5e-3),
+        gradient_accumulation_steps=s.get("gradient_accumulation_steps", 1),
+        per_device_train_batch_size=(s.get("per_device", 4) * (2 if reference else 1)),
+        bf16=s.get("bf16", False),
+        gradient_checkpointing=s.get("gradient_checkpointing", False),
+    )
+    if s.get("gradient_checkpointing"):
+        kw["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
+    if save:
+        kw.update(save_strategy="steps", save_steps=s["resume_at"], save_only_model=False)
+    if not reference:
+        kw["deepspeed"] = ds_config(s["stage"], out, s.get("optimizer_block", False))
+    args = training_args(os.path.join(out, name), **kw)
+    spectrum = SpectrumCallback(top_pct=s.get("top_pct", 0.25), update_every=s["update_every"], verbose=False)
+    trainer = Trainer(model=model, args=args, train_dataset=RandomTokens(n=256, length=16, seed=1))
+    trainer.add_callback(spectrum)
+    rec = Recorder(spectrum)
+    losses = LossLog()
+    trainer.add_callback(rec)
+    trainer.add_callback(losses)
+    return trainer, model, spectrum, rec, losses
+
+
+def finish(trainer):
+    eng = getattr(trainer, "deepspeed", None)
+    if eng is not None and hasattr(eng, "destroy"):
+        eng.destroy()
+    trainer.accelerator.free_memory() if hasattr(trainer, "accelerator") else None
+    gc.collect()
+
+
+def run(name, out, reference=False):
+    s = SCENARIOS[name]
+    result = {"name": name, "world": world(), "reference": reference}
+    if s.get("optimizer_block"):
+        trainer, model, spectrum, rec, losses = make_trainer(name, s, out, reference)
+        try:
+            trainer.train()
+            result["error"] = None
+        except ValueError as exc:
+            result["error"] = str(exc)
+        finish(trainer)
+        return result
+    if s.get("resume_at") and not reference:
+        # First run: save at resume_at, stop there; second run: resume and go to max_steps.
+        trainer, model, spectrum, rec, losses = make_trainer(name, s, out, reference, save=True)
+        trainer.train()
+        result["full_losses"] = losses.losses
+        result["full_weights_sha"] = None
+        full = full_state(model)
+        finish(trainer)
+        ckpt = os.path.join(out, name, f"checkpoint-{s['resume_at']}")
+        result["ckpt_files"] = sorted(os.listdir(ckpt)) if os.path.isdir(ckpt) else None
+        trainer, model, spectrum, rec, losses = make_trainer(name, s, out, reference, save=True)
+        trainer.train(resume_from_checkpoint=ckpt)
+        result["resumed_losses"] = losses.losses
+        resumed = full_state(model)
+        result["resume_max_weight_diff"] = max(float((full[n] - resumed[n]).abs().max()) for n in full)
+        result["resumed_selected_first"] = rec.selected[0] if rec.selected else None
+        result["violations"] = rec.violations
+        finish(trainer)
+        return result
+    trainer, model, spectrum, rec, losses = make_trainer(name, s, out, reference)
+    trainer.train()
+    result.update(
+        losses=losses.losses,
+        violations=rec.violations,
+        numel=rec.numel,
+        selected=rec.selected,
+        trainable_numel=rec.trainable_numel,
+        lrs=rec.lrs,
+        history=[{"step": h["step"], "selected": h["selected"]} for h in spectrum.history],
+        rebuilds=getattr(spectrum.backend, "rebuilds", None),
+    )
+    gc.collect()
+    result["live_old_optimizers"] = sum(1 for r in rec.refs[:-1] if r() is not None and r() is not spectrum.backend.zero)
+    weights = full_state(model)
+    if rank() == 0:
+        torch.save(weights, os.path.join(out, f"{name}{'.ref' if reference else ''}.weights.pt"))
+    finish(trainer)
+    return result
+
+
+def main():
+    out = sys.argv[1]
+    os.makedirs(out, exist_ok=True)
+    names = sys.argv[2:]
+    dist = "LOCAL_RANK" in os.environ
+    if dist:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
+    for spec in names:
+        reference = spec.startswith("ref:")
+        name = spec[4:] if reference else spec
+        try:
+            result = run(name, out, reference=reference)
+        except Exception as exc:  # report and go on with the next scenario
+            result = {"name": name, "crash": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()}
+            if rank() == 0:
+                print(result["trace"], file=sys.stderr, flush=True)
+        if rank() == 0:
+            with open(os.path.join(out, f"{name}{'.ref' if reference else ''}.json"), "w") as fh:
+                json.dump(result, fh, indent=1)
+            print(f"SCENARIO {spec} done: {'crash' if 'crash' in result else 'ok'}", flush=True)
+    if dist and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
