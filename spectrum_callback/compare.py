@@ -54,6 +54,7 @@ __all__ = [
     "summarize",
     "markdown_table",
     "plot_study",
+    "write_reports",
     "main",
 ]
 
@@ -266,15 +267,17 @@ def _make_progress_callback(bar):
     from transformers import TrainerCallback
 
     class _Bar(TrainerCallback):
+        last: Dict[str, str] = {}
+
         def on_step_end(self, args, state, control, **kw):
             bar.update(1)
 
         def on_evaluate(self, args, state, control, metrics=None, **kw):
-            if metrics and f"eval_{HELD}_loss" in metrics:
-                bar.set_postfix(held=f"{metrics[f'eval_{HELD}_loss']:.3f}", refresh=False)
-            if metrics and f"eval_{OTHER}_loss" in metrics:
-                bar.set_postfix(held=f"{metrics.get(f'eval_{HELD}_loss', float('nan')):.3f}",
-                                other=f"{metrics[f'eval_{OTHER}_loss']:.3f}", refresh=False)
+            # called once per eval dataset; keep the latest value of each
+            for name in (HELD, OTHER):
+                if metrics and f"eval_{name}_loss" in metrics:
+                    self.last[name] = f"{metrics[f'eval_{name}_loss']:.3f}"
+            bar.set_postfix(self.last, refresh=False)
 
     return _Bar()
 
@@ -475,12 +478,15 @@ def run_study(
             bar.update(1)
     finally:
         bar.close()
-    report = write_reports(out_dir, [c.key for c in configs], baseline, settings)
+    # the reports cover every finished configuration of these settings in the folder, so a
+    # study can be run in stages (core grid first, extra lrs / seeds later)
+    report = write_reports(out_dir, None, baseline, settings)
     report.update(trained=trained, skipped=skipped, baseline=baseline)
     return report
 
 
-def load_runs(out_dir: str, keys: Optional[Sequence[str]] = None) -> List[dict]:
+def load_runs(out_dir: str, keys: Optional[Sequence[str]] = None, signature: Optional[str] = None) -> List[dict]:
+    """Finished run records under ``out_dir/runs`` (only ``keys`` / only ``signature`` when given)."""
     runs_dir = os.path.join(out_dir, "runs")
     out = []
     names = sorted(os.listdir(runs_dir)) if os.path.isdir(runs_dir) else []
@@ -489,7 +495,7 @@ def load_runs(out_dir: str, keys: Optional[Sequence[str]] = None) -> List[dict]:
             continue
         with open(os.path.join(runs_dir, name)) as fh:
             rec = json.load(fh)
-        if keys is None or rec["key"] in keys:
+        if (keys is None or rec["key"] in keys) and (signature is None or rec.get("signature") == signature):
             out.append(rec)
     return out
 
@@ -651,6 +657,7 @@ def plot_study(records: Sequence[dict], baseline: Dict[str, float], path: str, t
         ax.scatter(r["forgetting"], r["best_heldout"], c=_COLORS.get(m, "k"), marker=_MARKERS.get(m, "o"), s=60, label=lab)
         ax.annotate(f"{r['lr']:g}", (r["forgetting"], r["best_heldout"]), fontsize=7, xytext=(3, 3),
                     textcoords="offset points")
+    ax.axvline(0.0, color="k", lw=0.6, ls=":")
     ax.set_xlabel("forgetting: 2nd-domain loss at best point − before training")
     ax.set_ylabel("best held-out loss (training domain)")
     ax.set_title("held-out loss vs forgetting (one point per method and lr; lower-left is better)")
@@ -679,7 +686,7 @@ def plot_study(records: Sequence[dict], baseline: Dict[str, float], path: str, t
 
 def write_reports(out_dir: str, keys: Optional[Sequence[str]], baseline: Dict[str, float], settings: StudySettings,
                   target: Optional[float] = None, plot: bool = True) -> dict:
-    records = load_runs(out_dir, keys)
+    records = load_runs(out_dir, keys, settings.signature())
     if target is None:
         target = default_target(records, baseline)
     rows = summarize(records, baseline, target)
@@ -693,13 +700,15 @@ def write_reports(out_dir: str, keys: Optional[Sequence[str]], baseline: Dict[st
     os.replace(tmp, os.path.join(out_dir, "table.md"))
     png = None
     if plot and rows:
-        png = plot_study(records, baseline, os.path.join(out_dir, "compare.png"), settings.tag)
+        title = (f"{settings.tag}  |  {settings.max_steps} steps of {settings.batch_size} x {settings.block_size} "
+                 f"tokens")
+        png = plot_study(records, baseline, os.path.join(out_dir, "compare.png"), title)
     return {"results": records, "rows": rows, "table": table, "target": target, "png": png}
 
 
 # ---------------------------------------------------------------------------- CLI
 QUICK = dict(max_steps=8, batch_size=2, block_size=64, eval_every=4, eval_blocks=8, lrs="1e-4", lora_lrs="1e-3",
-             methods="full,spectrum,spectrum-dynamic,random,bottom,lora", random_seeds="0")
+             methods="full,spectrum,spectrum-dynamic,random,bottom,lora", random_seeds="0", update_every=4)
 
 
 def _floats(s: str) -> List[float]:
@@ -718,7 +727,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--other-dataset", default="pydoc", help="second domain for forgetting (default: pydoc topics)")
     p.add_argument("--text-field", default="text")
     p.add_argument("--out", default="spectrum_compare", help="output folder (resumable)")
-    p.add_argument("--quick", action="store_true", help="tiny budget: 8 steps of 2x64 tokens, one lr per method "
+    p.add_argument("--quick", action="store_true", help="tiny budget: 8 steps of 2x64 tokens, one lr per method, dynamic re-scan every 4 steps "
                    "(under 20 minutes on 2 CPU cores)")
     p.add_argument("--methods", default=None, help=f"comma list of {','.join(METHODS)} (default: all)")
     p.add_argument("--lrs", default=None, help="lr grid (default 1e-5,3e-5,1e-4)")
@@ -774,7 +783,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         eval_every=pick(args.eval_every, "eval_every", 25),
         eval_batch_size=args.eval_batch_size,
         top_pct=args.top_pct,
-        update_every=args.update_every,
+        update_every=pick(args.update_every, "update_every", None),
         bf16=args.bf16,
     )
     eval_blocks = pick(args.eval_blocks, "eval_blocks", 64)
@@ -807,7 +816,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     report = run_study(factory, train, {HELD: held, OTHER: other}, configs, settings, args.out)
     if args.target_loss is not None:
-        report.update(write_reports(args.out, [c.key for c in configs], report["baseline"], settings, args.target_loss))
+        report.update(write_reports(args.out, None, report["baseline"], settings, args.target_loss))
     print(report["table"])
     print(f"trained {len(report.get('trained', []))}, skipped (already done) {len(report.get('skipped', []))}; "
           f"results in {args.out}/results.json, table.md, compare.png", file=sys.stderr)
