@@ -20,7 +20,8 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 import torch
 from torch import nn
 
-from .snr import as_matrix, singular_values, snr_from_singular_values_batched
+from .fast_snr import snr_batched
+from .snr import as_matrix
 
 logger = logging.getLogger(__name__)
 
@@ -158,8 +159,9 @@ class SpectrumAnalyzer:
         model: the model (unwrapped).
         include / exclude: regexes on module names (see :func:`find_candidates`).
         method: ``"svd"`` (``torch.linalg.svdvals``, the original tool's route),
-            ``"gram"`` (eigenvalues of the smaller Gram matrix) or ``"auto"`` (gram in
-            float64 on CUDA, svd in float32 on CPU).
+            ``"gram"`` (eigenvalues of the smaller Gram matrix), ``"fast"`` (fp32 Gram
+            eigenvalues, checked against an error model, with float64 fallback; see
+            :mod:`spectrum_callback.fast_snr`) or ``"auto"`` (= ``"fast"``).
         dtype: computation dtype (float32 or float64); ``None`` follows ``method``.
         chunk_mb: upper bound, in MiB, on the copies one solver call holds at once.
         device: where to compute (default: each weight's own device).
@@ -184,8 +186,8 @@ class SpectrumAnalyzer:
         skip_unchanged: bool = True,
         progress: bool = True,
     ):
-        if method not in ("auto", "svd", "gram"):
-            raise ValueError(f"method={method!r} is not supported; use 'auto', 'svd' or 'gram'")
+        if method not in ("auto", "svd", "gram", "fast"):
+            raise ValueError(f"method={method!r} is not supported; use 'auto', 'fast', 'svd' or 'gram'")
         if dtype not in (None, torch.float32, torch.float64):
             raise ValueError(f"dtype={dtype} is not supported; use torch.float32 or torch.float64")
         if chunk_mb <= 0:
@@ -242,7 +244,7 @@ class SpectrumAnalyzer:
         method = self.method
         dtype = self.dtype
         if method == "auto":
-            method = "gram" if dev.type == "cuda" else "svd"
+            method = "fast"
         if dtype is None:
             dtype = torch.float64 if method == "gram" else torch.float32
         return dev, method, dtype
@@ -340,7 +342,7 @@ class SpectrumAnalyzer:
                 item = torch.finfo(dtype).bits // 8
                 n, m = (shape[0], shape[1]) if len(shape) == 2 else (1, shape[0])
                 k = min(n, m)
-                per = (n * m + k * k + k) * item * (2 if method == "gram" else 3)
+                per = (n * m + k * k + k) * item * (2 if method in ("gram", "fast") else 3)
                 per_chunk = max(1, self.chunk_bytes // max(per, 1))
                 for i in range(0, len(members), per_chunk):
                     chunk = members[i : i + per_chunk]
@@ -355,8 +357,7 @@ class SpectrumAnalyzer:
                                 ok = bool(torch.isfinite(w).all())
                                 finite.append(ok)
                                 mats.append(w.to(dtype) if ok else torch.zeros(w.shape, dtype=dtype, device=dev))
-                            s = singular_values(torch.stack(mats), method=method, dtype=dtype)
-                            snrs = snr_from_singular_values_batched(s, n, m)
+                            snrs = snr_batched(torch.stack(mats), method=method, dtype=dtype)
                             for c, ok, v in zip(local, finite, snrs.tolist()):
                                 if not ok:
                                     warnings.warn(
@@ -367,7 +368,7 @@ class SpectrumAnalyzer:
                                     )
                                     v = math.nan
                                 results[c] = v
-                            del mats, s
+                            del mats
                     bar.update(len(chunk))
         finally:
             bar.close()
