@@ -176,6 +176,7 @@ class SpectrumCallback(TrainerCallback):
         self.chunk_mb = chunk_mb
         self.plot_dir = plot_dir
         self.verbose = verbose
+        _install_deepspeed_resume_hook()
 
         self.selected: List[str] = []
         self.history: List[dict] = []
@@ -415,6 +416,18 @@ class SpectrumCallback(TrainerCallback):
         if _is_main():
             logger.warning("Spectrum: restored selection of %d modules from %s", len(self.selected), path)
         return True
+
+
+def _install_deepspeed_resume_hook() -> None:
+    """Under DeepSpeed the Trainer loads a checkpoint before any callback event; let the
+    DeepSpeed backend lay the optimizer out as saved first (see deepspeed_backend)."""
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        return
+    from .backends.deepspeed_backend import install_resume_hook
+
+    install_resume_hook()
 
 
 def _snr_by_type(snr) -> Dict[str, List[float]]:

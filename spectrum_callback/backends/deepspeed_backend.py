@@ -182,8 +182,11 @@ def _ds_offload_enabled(engine) -> bool:
 _SCALAR_KEYS = ("step",)
 
 
+LAYOUT_KEY = "spectrum_layout"
+
+
 def _hp_of(group: dict) -> dict:
-    return {k: v for k, v in group.items() if k != "params" and not str(k).startswith("_ds")}
+    return {k: v for k, v in group.items() if k not in ("params", LAYOUT_KEY) and not str(k).startswith("_ds")}
 
 
 class DeepSpeedBackend(OptimizerBackend):
@@ -233,15 +236,26 @@ class DeepSpeedBackend(OptimizerBackend):
         self.base_defaults = dict(base.defaults)
         # Class of a parameter = index of the torch param group it was in when the engine was
         # built; the lr scheduler's per-group lists are indexed the same way.
-        self.classes: List[dict] = [_hp_of(g) for g in base.param_groups]
-        self.class_of: Dict[int, int] = {}
-        for params, gi, _ in _ds_param_groups(self.zero):
-            for p in params:
-                self.class_of[id(p)] = gi
         self.sched = None
         self.sched_base: Optional[Tuple[list, list]] = None
         self.rebuilds = 0
         self._group_class: List[int] = []
+        self.class_of: Dict[int, int] = {}
+        layouts = [g.get(LAYOUT_KEY) for g in base.param_groups]
+        if layouts and all(isinstance(x, dict) for x in layouts):
+            # The optimizer was already laid out by this backend (resume: see install_resume_hook).
+            self.classes = [dict(c) for c in layouts[0]["classes"]]
+            self._group_class = [int(x["class"]) for x in layouts]
+            self.rebuilds = 1
+            for params, gi, _ in _ds_param_groups(self.zero):
+                for p in params:
+                    self.class_of[id(p)] = self._group_class[gi]
+        else:
+            self.classes = [_hp_of(g) for g in base.param_groups]
+            self._group_class = list(range(len(self.classes)))
+            for params, gi, _ in _ds_param_groups(self.zero):
+                for p in params:
+                    self.class_of[id(p)] = gi
 
     # ------------------------------------------------------------------ analyzer
     def attach_analyzer(self, analyzer) -> None:
@@ -279,16 +293,23 @@ class DeepSpeedBackend(OptimizerBackend):
             )
             return
         self.sched = sched
-        n = len(self.classes)
+        groups = self.zero.optimizer.param_groups
         base = list(sched.base_lrs)
         lambdas = list(getattr(sched, "lr_lambdas", []) or [])
-        if len(base) != n:
+        if len(base) != len(groups):
             raise ValueError(
-                f"the lr scheduler has {len(base)} param groups but the DeepSpeed optimizer {n}: it was built before "
-                "DeepSpeed dropped empty groups; let the Trainer create the scheduler (no 'scheduler' block and no "
-                "custom scheduler built before Trainer(...))"
+                f"the lr scheduler has {len(base)} param groups but the DeepSpeed optimizer {len(groups)}: it was "
+                "built before DeepSpeed dropped empty groups; let the Trainer create the scheduler (no 'scheduler' "
+                "block and no custom scheduler built before Trainer(...))"
             )
-        self.sched_base = (base, lambdas if len(lambdas) == n else [])
+        # Per class: base lr and lr lambda (the scheduler's lists are per param group).
+        cls_base, cls_lambda = [], []
+        for c, hp in enumerate(self.classes):
+            idx = [i for i, gc in enumerate(self._group_class) if gc == c and i < len(base)]
+            cls_base.append(base[idx[0]] if idx else float(hp.get("initial_lr", hp.get("lr", 0.0))))
+            if lambdas:
+                cls_lambda.append(lambdas[idx[0]] if idx else lambdas[0])
+        self.sched_base = (cls_base, cls_lambda)
 
     # ------------------------------------------------------------------ switch
     def switch(self, leaving: Sequence[nn.Parameter], joining: Sequence[nn.Parameter]) -> None:
@@ -312,7 +333,7 @@ class DeepSpeedBackend(OptimizerBackend):
                 out.append(p)
         return out
 
-    def _rebuild(self, new_params, old_groups, force_fresh) -> None:
+    def _rebuild(self, new_params, old_groups, force_fresh, layout=None) -> None:
         from deepspeed.utils import (
             safe_get_full_fp32_param,
             safe_get_full_optimizer_state,
@@ -333,6 +354,9 @@ class DeepSpeedBackend(OptimizerBackend):
 
         # 1. Stayers: step count, fp32 master, moments (collective: same order on all ranks).
         keys = self._state_keys(old_base)
+        if keys:
+            # (Re)map fragments to the current state tensors: a checkpoint load replaces them.
+            _ds_link_optimizer_state(old_zero)
         kept: Dict[int, Tuple[int, Optional[torch.Tensor], Dict[str, torch.Tensor]]] = {}
         for p in new_params:
             if id(p) not in where or id(p) in force_fresh:
@@ -358,19 +382,29 @@ class DeepSpeedBackend(OptimizerBackend):
 
         # 3. One torch param group per (class, step) cohort, in model order.
         cohorts: Dict[Tuple[int, int], List[nn.Parameter]] = {}
-        for p in new_params:
-            c = self.class_of.get(id(p))
-            if c is None:
-                c = self._decay_classes()[0 if _full_ndim(p) >= 2 else 1]
-                self.class_of[id(p)] = c
-            step = kept[id(p)][0] if id(p) in kept else 0
-            cohorts.setdefault((c, step), []).append(p)
-        order = sorted(cohorts, key=lambda cs: (cs[0], -cs[1]))
+        if layout is not None:
+            # Resume: exactly the saved groups, so that DeepSpeed's checkpoint fits.
+            for c, step, ps in layout:
+                cohorts[(c, step)] = ps
+            order = [(c, step) for c, step, _ in layout]
+        else:
+            for p in new_params:
+                c = self.class_of.get(id(p))
+                if c is None:
+                    c = self._decay_classes()[0 if _full_ndim(p) >= 2 else 1]
+                    self.class_of[id(p)] = c
+                step = kept[id(p)][0] if id(p) in kept else 0
+                cohorts.setdefault((c, step), []).append(p)
+            order = sorted(cohorts, key=lambda cs: (cs[0], -cs[1]))
+        names = _param_names(self.model)
         groups = []
         for c, step in order:
             g = dict(self.classes[c])
             g["lr"] = class_lr[c]
             g["params"] = cohorts[(c, step)]
+            # Saved with the optimizer state by DeepSpeed: lets a resumed run rebuild this layout.
+            g[LAYOUT_KEY] = {"class": c, "step": step, "params": [names[id(p)] for p in g["params"]],
+                             "classes": [dict(x) for x in self.classes]}
             groups.append(g)
         if not groups:
             raise ValueError("Spectrum selected no trainable parameter; nothing for the DeepSpeed optimizer to train")
@@ -412,16 +446,8 @@ class DeepSpeedBackend(OptimizerBackend):
     def _class_lrs(self, old_base) -> List[float]:
         n = len(self.classes)
         lrs: List[Optional[float]] = [None] * n
-        if self.sched is not None and self.sched_base is not None and self.rebuilds == 0:
-            last = list(self.sched.get_last_lr())
-            if len(last) == n:
-                return [float(x) for x in last]
-        if self.rebuilds == 0:
-            for i, g in enumerate(old_base.param_groups[:n]):
-                lrs[i] = float(g["lr"])
-        else:
-            for c, g in zip(self._group_class, old_base.param_groups):
-                lrs[c] = float(g["lr"])
+        for c, g in zip(self._group_class, old_base.param_groups):
+            lrs[c] = float(g["lr"])
         # Classes without a group now: same schedule factor as a class that has one.
         known = [(i, v) for i, v in enumerate(lrs) if v is not None]
         base = self.sched_base[0] if self.sched_base else [c.get("initial_lr", c["lr"]) for c in self.classes]
@@ -476,6 +502,13 @@ class DeepSpeedBackend(OptimizerBackend):
         return {id(p) for ps, _, _ in _ds_param_groups(self.zero) for p in ps}
 
 
+def _param_names(model) -> Dict[int, str]:
+    out = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        out.setdefault(id(p), n)
+    return out
+
+
 def _full_ndim(p) -> int:
     shape = getattr(p, "ds_shape", None)
     return len(shape) if shape is not None else p.ndim
@@ -495,3 +528,126 @@ def _step_tensor(step: int, group: dict, flat: torch.Tensor):
 
     dev = flat.device if (group.get("fused") or group.get("capturable")) else torch.device("cpu")
     return torch.tensor(float(step), dtype=_get_scalar_dtype(), device=dev)
+
+
+# ------------------------------------------------------------------ resume
+# The Trainer builds the DeepSpeed engine from the parameters that require grad when
+# train() starts (all of them) and loads the checkpoint right away, before any callback
+# event: DeepSpeed's flat optimizer checkpoint would not fit that layout.  The Trainer's
+# ``deepspeed_load_checkpoint`` is therefore wrapped: when the checkpoint was written
+# with SpectrumCallback (spectrum_state.json) and the running Trainer has one, the
+# engine's optimizer is first rebuilt to the saved layout (selection and per-step groups,
+# stored by this backend in each param group), then DeepSpeed loads as usual.
+_HOOKED = "_spectrum_resume_hook"
+
+
+def install_resume_hook() -> bool:
+    """Wrap ``transformers.trainer.deepspeed_load_checkpoint`` (idempotent)."""
+    try:
+        import transformers.trainer as tr
+    except Exception:  # pragma: no cover
+        return False
+    orig = getattr(tr, "deepspeed_load_checkpoint", None)
+    if orig is None or getattr(orig, _HOOKED, False):
+        return orig is not None
+
+    def deepspeed_load_checkpoint(deepspeed_engine, checkpoint_path, *args, **kwargs):
+        trainer = _find_spectrum_trainer()
+        if trainer is not None and os.path.isfile(os.path.join(checkpoint_path, "spectrum_state.json")):
+            prepare_resume_layout(trainer, deepspeed_engine, checkpoint_path)
+        return orig(deepspeed_engine, checkpoint_path, *args, **kwargs)
+
+    setattr(deepspeed_load_checkpoint, _HOOKED, True)
+    deepspeed_load_checkpoint.__wrapped__ = orig
+    tr.deepspeed_load_checkpoint = deepspeed_load_checkpoint
+    return True
+
+
+def _find_spectrum_trainer():
+    import inspect
+
+    from transformers import Trainer
+
+    frame = inspect.currentframe()
+    try:
+        depth = 0
+        while frame is not None and depth < 40:
+            obj = frame.f_locals.get("self")
+            if isinstance(obj, Trainer):
+                cbs = getattr(obj.callback_handler, "callbacks", [])
+                if any(type(cb).__name__ == "SpectrumCallback" for cb in cbs):
+                    return obj
+            frame = frame.f_back
+            depth += 1
+    finally:
+        del frame
+    return None
+
+
+def _saved_layout(checkpoint_path: str):
+    """Param-group layout stored in this rank's ZeRO optimizer checkpoint (or None)."""
+    import glob
+
+    tag = None
+    latest = os.path.join(checkpoint_path, "latest")
+    if os.path.isfile(latest):
+        with open(latest) as fh:
+            tag = fh.read().strip()
+    folder = os.path.join(checkpoint_path, tag) if tag else checkpoint_path
+    files = sorted(glob.glob(os.path.join(folder, "*zero_pp_rank_0_mp_rank_*_optim_states.pt")))
+    if not files:
+        return None
+    sd = torch.load(files[0], map_location="cpu", weights_only=False, mmap=True)
+
+    def find_groups(obj, depth=0):
+        if isinstance(obj, dict) and depth < 4:
+            if isinstance(obj.get("param_groups"), list):
+                return obj["param_groups"]
+            for v in obj.values():
+                r = find_groups(v, depth + 1)
+                if r is not None:
+                    return r
+        return None
+
+    groups = find_groups(sd) or []
+    layout = [g.get(LAYOUT_KEY) for g in groups]
+    del sd
+    if not layout or not all(isinstance(x, dict) for x in layout):
+        return None
+    return layout
+
+
+def prepare_resume_layout(trainer, engine, checkpoint_path: str) -> bool:
+    """Rebuild ``engine``'s ZeRO optimizer to the layout saved in ``checkpoint_path``."""
+    layout = _saved_layout(checkpoint_path)
+    if layout is None:
+        return False
+    model = engine.module
+    by_name = dict(model.named_parameters(remove_duplicate=False))
+    missing = [n for x in layout for n in x["params"] if n not in by_name]
+    if missing:
+        raise ValueError(
+            f"{checkpoint_path}: its DeepSpeed optimizer holds parameters this model lacks (e.g. {missing[0]}); "
+            "resume with the model the checkpoint was trained with"
+        )
+    keep = {n for x in layout for n in x["params"]}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        p.requires_grad_(n in keep)
+    wrapper = trainer.optimizer
+    backend = DeepSpeedBackend(wrapper, model, trainer)
+    backend.classes = [dict(c) for c in layout[0]["classes"]]
+    backend._find_scheduler()
+    old_groups = _ds_param_groups(backend.zero)
+    spec = [(int(x["class"]), int(x["step"]), [by_name[n] for n in x["params"]]) for x in layout]
+    new_params = [p for _, _, ps in spec for p in ps]
+    backend._rebuild(new_params, old_groups, force_fresh={id(p) for p in new_params}, layout=spec)
+    if dist_rank() == 0:
+        logger.warning("Spectrum/DeepSpeed: optimizer laid out as saved in %s (%d groups) before loading it",
+                       checkpoint_path, len(spec))
+    return True
+
+
+def dist_rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return 0

@@ -264,8 +264,7 @@ def main():
             result = run(name, out, reference=reference)
         except Exception as exc:  # report and go on with the next scenario
             result = {"name": name, "crash": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()}
-            if rank() == 0:
-                print(result["trace"], file=sys.stderr, flush=True)
+            print(f"[rank {rank()}] " + result["trace"], file=sys.stderr, flush=True)
         if rank() == 0:
             with open(os.path.join(out, f"{name}{'.ref' if reference else ''}.json"), "w") as fh:
                 json.dump(result, fh, indent=1)
