@@ -270,6 +270,13 @@ class DeepSpeedBackend(OptimizerBackend):
 
     # ------------------------------------------------------------------ setup
     def prepare(self, candidates: Dict[str, List[nn.Parameter]], dynamic: bool) -> None:
+        if self.stage == 3 and _non_reentrant_checkpointing(self.model):
+            raise ValueError(
+                "ZeRO-3 with non-reentrant gradient checkpointing (the transformers default) fails after "
+                "SpectrumCallback rebuilds the ZeRO-3 optimizer (DeepSpeed 0.19.8: recomputed weights come back "
+                "empty). Use TrainingArguments(gradient_checkpointing_kwargs={'use_reentrant': True}) (tested), or "
+                "freeze before the Trainer with spectrum_freeze(model, ...) and no callback (static Spectrum)"
+            )
         decay, no_decay = self._decay_classes()
         for _, ps in candidates.items():
             for p in ps:
@@ -500,6 +507,18 @@ class DeepSpeedBackend(OptimizerBackend):
 
     def optimizer_param_ids(self) -> set:
         return {id(p) for ps, _, _ in _ds_param_groups(self.zero) for p in ps}
+
+
+def _non_reentrant_checkpointing(model) -> bool:
+    import functools
+
+    for m in model.modules():
+        fn = getattr(m, "_gradient_checkpointing_func", None)
+        if fn is not None and getattr(m, "gradient_checkpointing", False):
+            kw = fn.keywords if isinstance(fn, functools.partial) else {}
+            if kw.get("use_reentrant") is not True:
+                return True
+    return False
 
 
 def _param_names(model) -> Dict[int, str]:

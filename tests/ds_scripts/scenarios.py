@@ -39,11 +39,19 @@ SCENARIOS = {
     "z3_dynamic_ga": dict(stage=3, update_every=2, max_steps=4, gradient_accumulation_steps=2, per_device=2),
     "z2_dynamic_gc_bf16": dict(stage=2, update_every=2, max_steps=4, bf16=True, gradient_checkpointing=True),
     "z3_dynamic_gc_bf16": dict(stage=3, update_every=2, max_steps=4, bf16=True, gradient_checkpointing=True),
+    "z3_dynamic_gc_reentrant": dict(stage=3, update_every=2, max_steps=4, gradient_checkpointing=True, reentrant=True,
+                                    bf16=True),
+    "z3_gc_nonreentrant_error": dict(stage=3, update_every=2, max_steps=1, gradient_checkpointing=True,
+                                     expect_error=True),
+    "z3_static_gc": dict(stage=3, update_every=None, max_steps=2, gradient_checkpointing=True),
+    "z3_prefrozen_gc": dict(stage=3, update_every=None, max_steps=2, gradient_checkpointing=True, no_spectrum=True,
+                            prefreeze=True),
+    "z3_nospectrum_gc": dict(stage=3, update_every=None, max_steps=2, gradient_checkpointing=True, no_spectrum=True),
     "z3_switch20": dict(stage=3, update_every=1, max_steps=21, top_pct=0.5, lr=2e-2),
     "z2_switch20": dict(stage=2, update_every=1, max_steps=21, top_pct=0.5, lr=2e-2),
     "z3_resume": dict(stage=3, update_every=2, max_steps=6, resume_at=3),
     "z2_resume": dict(stage=2, update_every=2, max_steps=6, resume_at=3),
-    "z3_optimizer_block": dict(stage=3, update_every=None, max_steps=1, optimizer_block=True),
+    "z3_optimizer_block": dict(stage=3, update_every=None, max_steps=1, optimizer_block=True, expect_error=True),
 }
 
 
@@ -105,6 +113,8 @@ class Recorder(TrainerCallback):
     def on_step_begin(self, args, state, control, model=None, **kw):
         # Runs after SpectrumCallback.on_step_begin (added later): the selection for this step is set.
         b = self.spectrum.backend
+        if b is None:
+            return
         numel = [None] * world()
         local = b.state_numel()
         if torch.distributed.is_initialized():
@@ -163,6 +173,11 @@ def reset_accelerate():
 def make_trainer(name, s, out, reference, max_steps=None, save=False):
     reset_accelerate()
     model = tiny_model("llama", seed=0)  # built before TrainingArguments: no zero.Init, same init everywhere
+    if s.get("prefreeze"):
+        from spectrum_callback import spectrum_freeze
+
+        spectrum_freeze(model, 0.25)
+        model.enable_input_require_grads()
     kw = dict(
         max_steps=max_steps or s["max_steps"],
         learning_rate=s.get("lr", 5e-3),
@@ -172,7 +187,7 @@ def make_trainer(name, s, out, reference, max_steps=None, save=False):
         gradient_checkpointing=s.get("gradient_checkpointing", False),
     )
     if s.get("gradient_checkpointing"):
-        kw["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
+        kw["gradient_checkpointing_kwargs"] = {"use_reentrant": bool(s.get("reentrant", False))}
     if save:
         kw.update(save_strategy="steps", save_steps=s["resume_at"], save_only_model=False)
     if not reference:
@@ -180,7 +195,8 @@ def make_trainer(name, s, out, reference, max_steps=None, save=False):
     args = training_args(os.path.join(out, name), **kw)
     spectrum = SpectrumCallback(top_pct=s.get("top_pct", 0.25), update_every=s["update_every"], verbose=False)
     trainer = Trainer(model=model, args=args, train_dataset=RandomTokens(n=256, length=16, seed=1))
-    trainer.add_callback(spectrum)
+    if not s.get("no_spectrum"):
+        trainer.add_callback(spectrum)
     rec = Recorder(spectrum)
     losses = LossLog()
     trainer.add_callback(rec)
@@ -199,7 +215,7 @@ def finish(trainer):
 def run(name, out, reference=False):
     s = SCENARIOS[name]
     result = {"name": name, "world": world(), "reference": reference}
-    if s.get("optimizer_block"):
+    if s.get("expect_error"):
         trainer, model, spectrum, rec, losses = make_trainer(name, s, out, reference)
         try:
             trainer.train()
