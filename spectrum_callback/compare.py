@@ -475,6 +475,7 @@ def run_study(
             record = run_config(cfg, model_factory, train_ds, eval_sets, settings, work_dir, baseline, scan_cache)
             _atomic_json(path, record)
             trained.append(cfg.key)
+            write_reports(out_dir, None, baseline, settings)  # partial reports stay current
             bar.update(1)
     finally:
         bar.close()
