@@ -552,6 +552,8 @@ def summarize(records: Sequence[dict], baseline: Dict[str, float], target: Optio
             "steps_to_target": reach,
             "trainable_params": r["trainable_params"],
             "trainable_frac": r["trainable_params"] / max(1, r["total_params"]),
+            # fp32 gradient + AdamW exp_avg + exp_avg_sq of the trainable parameters
+            "grad_adam_mb": r["trainable_params"] * 12 / 2**20,
             "train_seconds": r["train_seconds"],
             "peak_mem_mb": r["peak_mem_mb"],
             "mem_kind": r.get("mem_kind", ""),
@@ -581,8 +583,8 @@ def markdown_table(rows: Sequence[dict], baseline: Dict[str, float], target: Opt
         "",
         "### Best learning rate per method",
         "",
-        "| method | lr | best held-out loss (step) | 2nd-domain loss there | forgetting (Δ vs base) | steps to target | trainable params | train time (s) | peak mem (MB) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | lr | best held-out loss (step) | 2nd-domain loss there | forgetting (Δ vs base) | steps to target | trainable params | grad+Adam state (MB) | train time (s) | peak mem (MB) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def line(r):
@@ -590,6 +592,7 @@ def markdown_table(rows: Sequence[dict], baseline: Dict[str, float], target: Opt
         return (
             f"| {r['label']} | {r['lr']:g} | {r['best_heldout']:.4f} ({r['best_step']}) | {r['other_at_best']:.4f} | "
             f"{r['forgetting']:+.4f} | {reach} | {_fmt_params(r['trainable_params'])} ({100 * r['trainable_frac']:.1f} %) | "
+            f"{r['grad_adam_mb']:.1f} | "
             f"{_fmt_s(r['train_seconds'])} | {r['peak_mem_mb']:.0f} |"
         )
 
@@ -624,7 +627,9 @@ def markdown_table(rows: Sequence[dict], baseline: Dict[str, float], target: Opt
         "Forgetting = second-domain loss at the best held-out point minus its value before training "
         "(positive = the model got worse on the other domain). Train time excludes evaluation. "
         f"Peak memory: {', '.join(kinds)} (on CPU: peak resident memory above the level at the start of the "
-        "configuration, sampled every 20 ms; on CUDA: torch.cuda.max_memory_allocated).",
+        "configuration, sampled every 20 ms, which undercounts when the allocator reuses memory kept from the previous "
+        "configuration; on CUDA: torch.cuda.max_memory_allocated). Grad+Adam state: 12 bytes per trainable parameter "
+        "(fp32 gradient and the two AdamW moments), the part of training memory that the method controls.",
     ]
     return "\n".join(lines) + "\n"
 

@@ -72,6 +72,7 @@ def test_study_runs_resumes_and_reports(tmp_path):
         row = next(line for line in table.splitlines() if line.startswith(f"| {r['label']} | 0.005 | {r['heldout'][i]:.4f}"))
         assert f"{forgetting:+.4f}" in row
         assert f"({r['steps'][i]})" in row
+        assert f"| {r['trainable_params'] * 12 / 2**20:.1f} |" in row
     assert f"{rep['baseline']['heldout']:.4f}" in table
 
     # resume: a second run with one more configuration trains only that one
