@@ -46,6 +46,8 @@ SCENARIOS = {
     "z3_static_gc": dict(stage=3, update_every=None, max_steps=2, gradient_checkpointing=True),
     "z3_prefrozen_gc": dict(stage=3, update_every=None, max_steps=2, gradient_checkpointing=True, no_spectrum=True,
                             prefreeze=True),
+    "z2_full": dict(stage=2, update_every=None, max_steps=2, no_spectrum=True),
+    "z3_full": dict(stage=3, update_every=None, max_steps=2, no_spectrum=True),
     "z3_nospectrum_gc": dict(stage=3, update_every=None, max_steps=2, gradient_checkpointing=True, no_spectrum=True),
     "z3_switch20": dict(stage=3, update_every=1, max_steps=21, top_pct=0.5, lr=2e-2),
     "z2_switch20": dict(stage=2, update_every=1, max_steps=21, top_pct=0.5, lr=2e-2),
@@ -109,14 +111,25 @@ class Recorder(TrainerCallback):
         self.lrs = []
         self.dead_refs = []
         self.refs = []
+        self.trainer_optimizer = None
 
-    def on_step_begin(self, args, state, control, model=None, **kw):
+    def on_step_begin(self, args, state, control, model=None, optimizer=None, **kw):
+        self.trainer_optimizer = optimizer
         # Runs after SpectrumCallback.on_step_begin (added later): the selection for this step is set.
         b = self.spectrum.backend
-        if b is None:
-            return
+        if b is None:  # no Spectrum (full fine-tuning): count the same way
+            from spectrum_callback.backends.deepspeed_backend import _ds_param_groups
+            from spectrum_callback.backends.torch_backend import unwrap_optimizer
+
+            if self.trainer_optimizer is None:
+                return
+            zero = unwrap_optimizer(self.trainer_optimizer)
+            local = sum(f.numel() + sum(v.numel() for v in zero.optimizer.state.get(f, {}).values()
+                                        if torch.is_tensor(v) and v.ndim > 0)
+                        for _, _, f in _ds_param_groups(zero))
+        else:
+            local = b.state_numel()
         numel = [None] * world()
-        local = b.state_numel()
         if torch.distributed.is_initialized():
             torch.distributed.all_gather_object(numel, local)
         else:
@@ -125,7 +138,7 @@ class Recorder(TrainerCallback):
         self.selected.append(list(self.spectrum.selected))
         self.trainable_numel.append(sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
                                         for p in model.parameters() if p.requires_grad))
-        zero = getattr(b, "zero", None)
+        zero = getattr(b, "zero", None) if b is not None else None
         if zero is not None:
             import weakref
 
@@ -265,9 +278,10 @@ def run(name, out, reference=False):
 
 
 def main():
-    out = sys.argv[1]
+    argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the deepspeed launcher adds it
+    out = argv[0]
     os.makedirs(out, exist_ok=True)
-    names = sys.argv[2:]
+    names = argv[1:]
     dist = "LOCAL_RANK" in os.environ
     if dist:
         import deepspeed
