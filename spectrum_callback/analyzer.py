@@ -306,6 +306,14 @@ class SpectrumAnalyzer:
         self._cache.clear()
         self._dirty.clear()
 
+    def refresh_keys(self, names: Iterable[str]) -> None:
+        """The storage of these matrices moved without a change of values (an engine such as
+        DeepSpeed ZeRO re-flattened its buffers): keep their cached SNR.  Matrices marked
+        dirty stay dirty."""
+        for n in names:
+            if n in self._cache and n not in self._dirty:
+                self._cache[n] = (self._key(self.modules[n].weight), self._cache[n][1])
+
     def _is_cached(self, name: str) -> bool:
         if not self.skip_unchanged or name not in self._cache or name in self._dirty:
             return False

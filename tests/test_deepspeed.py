@@ -162,6 +162,13 @@ def test_no_growth_over_20_switches(ds_results):
 def test_zero3_scan_matches_zero2(ds_results):
     z2, z3 = _get(ds_results, "z2_dynamic"), _get(ds_results, "z3_dynamic")
     assert [h["selected"] for h in z2["history"]] == [h["selected"] for h in z3["history"]]
+    # Under ZeRO-3 the analyzer gathers the partitioned weights (28 candidates scanned at the
+    # start) and its cache (keyed by ds_tensor) reuses the 21 matrices that stayed frozen.
+    for r in (z2, z3):
+        stats = r["scan_stats"]
+        assert stats[0]["scanned"] == 28
+        later = [stats[2], stats[4]]  # update_every=2: re-scans at steps 2 and 4
+        assert all(s["scanned"] == 7 and s["reused"] == 21 for s in later), (r["name"], later)
 
 
 def test_zero3_nonreentrant_checkpointing_gives_clear_error(ds_results):

@@ -240,6 +240,7 @@ class DeepSpeedBackend(OptimizerBackend):
         self.sched_base: Optional[Tuple[list, list]] = None
         self.rebuilds = 0
         self._group_class: List[int] = []
+        self.analyzer = None
         self.class_of: Dict[int, int] = {}
         layouts = [g.get(LAYOUT_KEY) for g in base.param_groups]
         if layouts and all(isinstance(x, dict) for x in layouts):
@@ -259,6 +260,7 @@ class DeepSpeedBackend(OptimizerBackend):
 
     # ------------------------------------------------------------------ analyzer
     def attach_analyzer(self, analyzer) -> None:
+        self.analyzer = analyzer
         if self.stage == 3:
             import deepspeed
 
@@ -382,6 +384,7 @@ class DeepSpeedBackend(OptimizerBackend):
 
         # 2. Leavers get their own storage; the old optimizer goes.
         leavers = [p for ps, _, _ in old_groups for p in ps if id(p) not in new_ids]
+        moved_ids = [id(p) for ps, _, _ in old_groups for p in ps]
         _ds_release_storage(old_zero, leavers)
         _ds_destroy(old_zero)
         old_base.state.clear()
@@ -446,6 +449,11 @@ class DeepSpeedBackend(OptimizerBackend):
         elif self.trainer is not None and getattr(self.trainer, "optimizer", None) is old_zero:
             self.trainer.optimizer = new_zero
         self._fix_scheduler([c for c, _ in order], class_lr)
+        if self.analyzer is not None and hasattr(self.analyzer, "refresh_keys"):
+            # Moved storage, same values: the analyzer may keep SNRs of matrices that did not train.
+            moved = set(moved_ids) | {id(p) for p in new_params}
+            self.analyzer.refresh_keys(
+                [n for n, m in self.analyzer.modules.items() if id(getattr(m, "weight", None)) in moved])
         del old_zero
         gc.collect()
         self.rebuilds += 1

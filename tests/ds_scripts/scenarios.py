@@ -112,6 +112,7 @@ class Recorder(TrainerCallback):
         self.dead_refs = []
         self.refs = []
         self.trainer_optimizer = None
+        self.scan_stats = []
 
     def on_step_begin(self, args, state, control, model=None, optimizer=None, **kw):
         self.trainer_optimizer = optimizer
@@ -136,6 +137,7 @@ class Recorder(TrainerCallback):
             numel = [local]
         self.numel.append({"step": state.global_step, "per_rank": numel})
         self.selected.append(list(self.spectrum.selected))
+        self.scan_stats.append(dict(self.spectrum.analyzer.last_scan_stats))
         self.trainable_numel.append(sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
                                         for p in model.parameters() if p.requires_grad))
         zero = getattr(b, "zero", None) if b is not None else None
@@ -263,6 +265,7 @@ def run(name, out, reference=False):
         violations=rec.violations,
         numel=rec.numel,
         selected=rec.selected,
+        scan_stats=rec.scan_stats,
         trainable_numel=rec.trainable_numel,
         lrs=rec.lrs,
         history=[{"step": h["step"], "selected": h["selected"]} for h in spectrum.history],
