@@ -221,6 +221,12 @@ class DeepSpeedBackend(OptimizerBackend):
                 "TrainingArguments(optim=..., learning_rate=..., weight_decay=...)) and add "
                 '"zero_allow_untested_optimizer": true'
             )
+        if getattr(self.engine, "lr_scheduler", None) is not None:
+            raise ValueError(
+                "the DeepSpeed config has a 'scheduler' block: DeepSpeed's scheduler stays bound to the optimizer "
+                "that SpectrumCallback replaces at a switch. Remove the 'scheduler' block and set the schedule with "
+                "TrainingArguments(lr_scheduler_type=..., warmup_steps=...)"
+            )
         if _ds_offload_enabled(self.engine):
             raise ValueError(
                 "zero_optimization.offload_optimizer is not supported by SpectrumCallback's DeepSpeed backend "
