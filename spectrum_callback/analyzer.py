@@ -61,7 +61,7 @@ def _linear_types() -> tuple:
     return tuple(types)
 
 
-def _compile(patterns: Optional[Iterable[str]], arg: str) -> List[re.Pattern]:
+def compile_patterns(patterns: Optional[Iterable[str]], arg: str) -> List[re.Pattern]:
     if patterns is None:
         return []
     if isinstance(patterns, str):
@@ -105,8 +105,8 @@ def find_candidates(
     module name); any module with a 2-D ``weight`` that matches one becomes a
     candidate.  ``exclude``: regexes removed afterwards.
     """
-    inc = _compile(include, "include")
-    exc = _compile(exclude, "exclude")
+    inc = compile_patterns(include, "include")
+    exc = compile_patterns(exclude, "exclude")
     linear = _linear_types()
     out: "OrderedDict[str, nn.Module]" = OrderedDict()
     seen = set()

@@ -15,6 +15,7 @@ from transformers import TrainerCallback
 
 from ._trainer_access import find_trainer
 from .analyzer import SpectrumAnalyzer
+from .analyzer import compile_patterns as _compile_list
 from .backends import make_backend
 from .selection import load_snr_json, parse_snr_mapping, select_top, validate_top_pct
 
@@ -25,22 +26,6 @@ STATE_FORMAT = "spectrum_callback.state"
 STATE_VERSION = 1
 
 __all__ = ["SpectrumCallback", "spectrum_freeze", "apply_selection", "STATE_FILE"]
-
-
-def _compile_list(patterns, arg):
-    import re
-
-    if patterns is None:
-        return []
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    out = []
-    for p in patterns:
-        try:
-            out.append(re.compile(p))
-        except re.error as exc:
-            raise ValueError(f"{arg}: {p!r} is not a valid regular expression ({exc})") from exc
-    return out
 
 
 def apply_selection(
