@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import re
 import time
 import warnings
@@ -172,6 +173,10 @@ class SpectrumAnalyzer:
             or fused kernels that do not bump the tensor version counter, so the version
             counter alone cannot tell.
         progress: show a tqdm bar.
+        cpu_threads: threads for CPU solver calls.  ``None``: torch's setting, lowered to
+            the number of idle cores (1-minute load average) and shared between the
+            ranks of this machine.  Multi-threaded LAPACK on busy cores is disastrous
+            (measured on 2 busy cores: 2 threads 10-25x slower than 1).
     """
 
     def __init__(
@@ -185,6 +190,7 @@ class SpectrumAnalyzer:
         device: Optional[torch.device | str] = None,
         skip_unchanged: bool = True,
         progress: bool = True,
+        cpu_threads: Optional[int] = None,
     ):
         if method not in ("auto", "svd", "gram", "fast"):
             raise ValueError(f"method={method!r} is not supported; use 'auto', 'fast', 'svd' or 'gram'")
@@ -200,6 +206,9 @@ class SpectrumAnalyzer:
         self.device = torch.device(device) if device is not None else None
         self.skip_unchanged = skip_unchanged
         self.progress = progress
+        if cpu_threads is not None and (not isinstance(cpu_threads, int) or cpu_threads < 1):
+            raise ValueError(f"cpu_threads={cpu_threads!r} must be None (automatic) or an integer >= 1")
+        self.cpu_threads = cpu_threads
         self.modules = find_candidates(model, include, exclude)
         if not self.modules:
             fused = _fused_expert_params(model)
@@ -319,6 +328,19 @@ class SpectrumAnalyzer:
             return False
         return self._cache[name][0] == self._key(self.modules[name].weight)
 
+    def _solver_threads(self) -> int:
+        if self.cpu_threads is not None:
+            return self.cpu_threads
+        n = torch.get_num_threads()
+        cores = os.cpu_count() or n
+        try:
+            busy = os.getloadavg()[0]
+        except (AttributeError, OSError):  # pragma: no cover - not on every platform
+            busy = 0.0
+        idle = int(cores - max(busy - 1.0, 0.0))  # our own process counts in the load
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        return max(1, min(n, idle, cores // max(local, 1)))
+
     def _cost(self, name: str) -> float:
         shape = _full_shape(self.modules[name].weight)
         k, big = min(shape), max(shape)
@@ -336,6 +358,8 @@ class SpectrumAnalyzer:
         for n in todo:
             groups.setdefault(tuple(_full_shape(self.modules[n].weight)), []).append(n)
         rank, _ = _dist_info()
+        threads = self._solver_threads() if any(
+            (self.device or self.modules[n].weight.device).type == "cpu" for n in todo[:1]) else None
         bar = tqdm(
             total=len(todo),
             desc="Spectrum SNR scan",
@@ -355,7 +379,7 @@ class SpectrumAnalyzer:
                 for i in range(0, len(members), per_chunk):
                     chunk = members[i : i + per_chunk]
                     mods = [self.modules[c] for c in chunk]
-                    with torch.no_grad(), self.gather(mods):
+                    with torch.no_grad(), self.gather(mods), _threads(threads):
                         local = [c for c in chunk if c in mine]
                         if local:
                             mats = []
@@ -380,6 +404,19 @@ class SpectrumAnalyzer:
                     bar.update(len(chunk))
         finally:
             bar.close()
+
+
+@contextlib.contextmanager
+def _threads(n: Optional[int]):
+    if n is None or n == torch.get_num_threads():
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def _full_shape(w: torch.Tensor):

@@ -145,3 +145,28 @@ def test_spectrum_freeze_sets_requires_grad_and_tied_embeddings():
     assert "model.embed_tokens.weight" in trainable  # tied to lm_head: one tensor
     mods = {n.rsplit(".", 1)[0] for n in trainable} - {"model.embed_tokens"}
     assert mods == set(sel)
+
+
+def test_cpu_threads_setting(monkeypatch):
+    model = tiny_model("llama", layers=2)
+    ref = SpectrumAnalyzer(model, progress=False).scan()
+    seen = []
+    import spectrum_callback.analyzer as am
+
+    real = am._threads
+
+    def spy(n):
+        seen.append(n)
+        return real(n)
+
+    monkeypatch.setattr(am, "_threads", spy)
+    one = SpectrumAnalyzer(model, progress=False, cpu_threads=1).scan()
+    assert seen and set(seen) == {1}
+    assert {k: v["snr"] for k, v in one.items()} == pytest.approx({k: v["snr"] for k, v in ref.items()}, rel=1e-6)
+    # automatic: never more than torch's setting, at least one
+    an = SpectrumAnalyzer(model, progress=False)
+    assert 1 <= an._solver_threads() <= torch.get_num_threads()
+    monkeypatch.setattr(am.os, "getloadavg", lambda: (50.0, 50.0, 50.0))
+    assert an._solver_threads() == 1
+    with pytest.raises(ValueError, match="cpu_threads"):
+        SpectrumAnalyzer(model, cpu_threads=0)
