@@ -83,7 +83,7 @@ def test_soak_optimizer_state_hooks_and_groups_do_not_grow(soak):
         numel = {row["state_numel"] for row in rows}
         # fp32 master + exp_avg + exp_avg_sq of 14 of the 28 matrices (73,728 elements), this rank's half
         assert numel == {3 * 73728 // WORLD}, numel
-        for key in ("hooks", "process_groups"):
+        for key in ("hooks", "process_groups", "fwd_module_stack"):
             vals = {json.dumps(row[key], sort_keys=True) for row in rows}
             assert len(vals) == 1, (key, vals)
         # one torch group (and ZeRO-3 sub-group) per Adam-step cohort: 1 at the start, then
@@ -94,6 +94,8 @@ def test_soak_optimizer_state_hooks_and_groups_do_not_grow(soak):
         switches = [row for row in rows if row["rebuilt"]]
         assert len(switches) == STEPS // EVERY
         assert all(row["live_optimizers"] == 1 for row in switches), [row["live_optimizers"] for row in switches]
+        # the destroyed optimizers' parameter offloads (module hooks, coordinators) are gone too
+        assert all(row["live_offloads"] == 1 for row in switches), [row["live_offloads"] for row in switches]
 
 
 def test_soak_rss_flat_after_the_first_switches(soak):

@@ -125,11 +125,41 @@ def _ds_release_storage(zero, params: Sequence[nn.Parameter]) -> None:
 def _ds_destroy(zero) -> None:
     """Remove the old optimizer's hooks (stage 3: also its module forward/backward hooks)."""
     zero.destroy()
-    if _ds_stage(zero) != 3:
+    if _ds_stage(zero) == 3:
+        _ds_forget_stage3_module_state(zero)
+    else:
         # destroy() clears _hp_mapping only for the groups; drop the bound helpers' target too.
         for ps in zero.bit16_groups:
             for p in ps:
                 p._hp_mapping = None
+
+
+def _ds_forget_stage3_module_state(zero) -> None:
+    """Drop what a destroyed stage-3 optimizer leaves on the model's modules.
+
+    ``DeepSpeedZeRoOffload._register_hooks_recursively`` creates, once per module, the
+    autograd Functions ``module.pre_bwd_fn`` / ``module.post_bwd_fn`` (pre-backward fetch,
+    post-backward release of the module's parameters).  Their closures hold the offload
+    object that created them, and a later offload reuses them
+    (``if "pre_bwd_fn" not in module.__dict__``).  Without this, after a rebuild every
+    backward fetch/release of parameters went through the *destroyed* optimizer's
+    parameter coordinator while forward (and the recomputation of non-reentrant
+    gradient checkpointing, which runs inside backward) went through the new one: the
+    recomputed weights came back empty (``CheckpointError ... shape [0]``), and the engine's
+    first offload stayed alive.  Removing them makes the new offload create its own.
+
+    ``setup_zero_stage3_hooks`` also pushes the root module onto the global
+    ``FWD_MODULE_STACK`` at every optimizer build; pop the destroyed one's entry.
+    """
+    from deepspeed.runtime.zero import parameter_offload as po
+
+    root = zero.parameter_offload.module
+    for m in root.modules():
+        m.__dict__.pop("pre_bwd_fn", None)
+        m.__dict__.pop("post_bwd_fn", None)
+    stack = po.FWD_MODULE_STACK
+    if len(stack) > 0 and stack[-1] is root:
+        stack.pop()
 
 
 def _ds_configure_optimizer(engine, torch_optimizer) -> object:
@@ -278,13 +308,6 @@ class DeepSpeedBackend(OptimizerBackend):
 
     # ------------------------------------------------------------------ setup
     def prepare(self, candidates: Dict[str, List[nn.Parameter]], dynamic: bool) -> None:
-        if self.stage == 3 and _non_reentrant_checkpointing(self.model):
-            raise ValueError(
-                "ZeRO-3 with non-reentrant gradient checkpointing (the transformers default) fails after "
-                "SpectrumCallback rebuilds the ZeRO-3 optimizer (DeepSpeed 0.19.8: recomputed weights come back "
-                "empty). Use TrainingArguments(gradient_checkpointing_kwargs={'use_reentrant': True}) (tested), or "
-                "freeze before the Trainer with spectrum_freeze(model, ...) and no callback (static Spectrum)"
-            )
         decay, no_decay = self._decay_classes()
         for _, ps in candidates.items():
             for p in ps:
@@ -521,18 +544,6 @@ class DeepSpeedBackend(OptimizerBackend):
 
     def optimizer_param_ids(self) -> set:
         return {id(p) for ps, _, _ in _ds_param_groups(self.zero) for p in ps}
-
-
-def _non_reentrant_checkpointing(model) -> bool:
-    import functools
-
-    for m in model.modules():
-        fn = getattr(m, "_gradient_checkpointing_func", None)
-        if fn is not None and getattr(m, "gradient_checkpointing", False):
-            kw = fn.keywords if isinstance(fn, functools.partial) else {}
-            if kw.get("use_reentrant") is not True:
-                return True
-    return False
 
 
 def _param_names(model) -> Dict[int, str]:

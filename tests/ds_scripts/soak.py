@@ -15,7 +15,8 @@ optimizer).  Each rank writes OUT/soak.rank<R>.json with, per step:
   module plus the post-accumulate-grad and tensor hooks of every parameter, and the
   global module hooks;
 * torch param groups and ZeRO-3 sub-groups of the optimizer, and process groups;
-* live ZeRO optimizer objects (weak references to every optimizer the backend had);
+* live ZeRO optimizer and ZeRO-3 parameter-offload objects (weak references to every one
+  the backend had), and the length of DeepSpeed's global ``FWD_MODULE_STACK``;
 * bitwise check: every parameter gathered (``deepspeed.zero.GatheredParameters``) before
   and after the step; frozen ones must be bit-identical, trainable ones should move.
 """
@@ -101,6 +102,14 @@ def process_groups() -> int:
     return len(c10d._world.pg_map)
 
 
+def fwd_module_stack() -> int:
+    """Length of DeepSpeed's global ZeRO-3 module stack (one entry per built optimizer
+    unless the destroyed ones' entries are removed)."""
+    from deepspeed.runtime.zero import parameter_offload as po
+
+    return len(po.FWD_MODULE_STACK)
+
+
 class Probe(TrainerCallback):
     def __init__(self, spectrum):
         self.spectrum = spectrum
@@ -108,6 +117,7 @@ class Probe(TrainerCallback):
         self.violations = []
         self.unmoved = []  # (step, param) of trainable parameters that did not change at a step
         self.refs = []
+        self.offload_refs = []
         self.before = None
         self.last_rebuilds = None
 
@@ -126,14 +136,17 @@ class Probe(TrainerCallback):
         zero = b.zero
         if not self.refs or self.refs[-1]() is not zero:
             self.refs.append(weakref.ref(zero))
+            self.offload_refs.append(weakref.ref(zero.parameter_offload))
         row = {"step": int(state.global_step), "rebuilt": bool(rebuilt), "rebuilds": int(b.rebuilds),
                "selected": list(self.spectrum.selected), "state_numel": int(b.state_numel()),
                "hooks": count_hooks(model), "param_groups": len(zero.optimizer.param_groups),
-               "sub_groups": len(zero.fp16_groups), "process_groups": process_groups()}
+               "sub_groups": len(zero.fp16_groups), "process_groups": process_groups(),
+               "fwd_module_stack": fwd_module_stack()}
         if rebuilt:
             # The backend has just run gc.collect() at the end of the rebuild.
             row["rss"] = rss_bytes()
             row["live_optimizers"] = sum(1 for r in self.refs if r() is not None)
+            row["live_offloads"] = sum(1 for r in self.offload_refs if r() is not None)
         self.rows.append(row)
         self.before = self._gather(model)
 
