@@ -73,13 +73,13 @@ def main(out):
 
     # B: rank 1 computes different SNR values; the selection still comes from one source
     if rank == 1:
-        orig = analyzer_mod.snr_from_singular_values_batched
+        orig = analyzer_mod.snr_batched
 
-        def perturbed(s, n, m):
-            v = orig(s, n, m)
+        def perturbed(*a, **k):
+            v = orig(*a, **k)
             return v * torch.linspace(0.01, 100.0, v.numel(), dtype=v.dtype)
 
-        analyzer_mod.snr_from_singular_values_batched = perturbed
+        analyzer_mod.snr_batched = perturbed
     model = tiny_model("llama", layers=8, seed=3)
     cb = SpectrumCallback(top_pct=0.25, update_every=2)
     args = training_args(os.path.join(out, "b"), max_steps=4, per_device_train_batch_size=2, ddp_backend="gloo",
