@@ -297,3 +297,28 @@ def test_static_each_architecture(tmp_path, arch):
     ever = set().union(*[set(h["selected"]) for h in cb.history])
     assert changed == ever
     assert len(cb.selected) == len({model_type for model_type in cb.analyzer.types.values()})
+
+
+def test_candidates_frozen_before_the_trainer(tmp_path):
+    # static: a candidate the optimizer does not hold could never train -> clear error
+    model = tiny_model("llama", layers=4)
+    for p in model.model.layers[1].parameters():
+        p.requires_grad_(False)
+    tr = make_trainer(tmp_path, model, [SpectrumCallback(top_pct=0.25)], max_steps=1)
+    with pytest.raises(ValueError, match="frozen before the Trainer built it"):
+        tr.train()
+    # dynamic: the missing candidates join the optimizer's decay group and can be selected
+    model = tiny_model("llama", layers=4)
+    for p in model.model.layers[1].parameters():
+        p.requires_grad_(False)
+    cb = SpectrumCallback(top_pct=0.25, update_every=1, never_train=[r"layers\.[023]\."])
+    before = snapshot(model)
+    tr = make_trainer(tmp_path, model, [cb], max_steps=2, weight_decay=0.1)
+    tr.train()
+    assert all(".layers.1." in n for n in cb.selected) and len(cb.selected) == 7
+    changed = {n.rsplit(".", 1)[0] for n, p in model.named_parameters() if not torch.equal(before[n], p)}
+    assert changed == set(cb.selected)
+    opt = unwrap_optimizer(tr.optimizer)
+    decay = max(opt.param_groups, key=lambda g: g["weight_decay"])
+    assert decay["weight_decay"] == 0.1
+    assert all(any(p is q for q in decay["params"]) for n in cb.selected for p in [model.get_submodule(n).weight])
