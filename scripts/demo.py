@@ -37,6 +37,8 @@ def parse():
     p.add_argument("--output-dir", default="outputs/demo")
     p.add_argument("--skip-full", action="store_true", help="don't run the full fine-tuning baseline")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: the idle cores; OpenMP threads on busy cores are very slow)")
     p.add_argument("--_run", choices=["spectrum", "full"], default=None, help=argparse.SUPPRESS)
     return p.parse_args()
 
@@ -61,6 +63,10 @@ def run_one(args):
 
     from spectrum_callback import SpectrumCallback
 
+    from spectrum_callback.analyzer import idle_cpu_threads
+
+    torch.set_num_threads(args.threads or idle_cpu_threads(os.cpu_count()))
+    print(f"[{args._run}] torch threads: {torch.get_num_threads()}", flush=True)
     torch.manual_seed(0)
     use_cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
     model, train_ds, held_ds = build(args)
@@ -117,6 +123,7 @@ def run_one(args):
         "train_s": train_s,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "peak_cuda_gib": torch.cuda.max_memory_allocated() / 2**30 if use_cuda else None,
+        "threads": torch.get_num_threads(),
         "optimizer_state_numel": int(sum(v.numel() for s in trainer.optimizer.state.values() for v in s.values()
                                          if torch.is_tensor(v) and v.ndim > 0)),
     }
@@ -148,7 +155,10 @@ def main():
     os.makedirs(args.output_dir, exist_ok=True)
     results = {}
     runs = ["spectrum"] + ([] if args.skip_full else ["full"])
-    passthrough = [a for a in sys.argv[1:]]
+    from spectrum_callback.analyzer import idle_cpu_threads
+
+    threads = args.threads or idle_cpu_threads(os.cpu_count())  # the same for both runs
+    passthrough = [a for a in sys.argv[1:]] + ["--threads", str(threads)]
     for run in runs:
         print(f"\n=== {run}: {args.steps} steps of {args.batch_size} x {args.seq_len} tokens ===", flush=True)
         proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), *passthrough, "--_run", run],

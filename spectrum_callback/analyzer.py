@@ -331,15 +331,7 @@ class SpectrumAnalyzer:
     def _solver_threads(self) -> int:
         if self.cpu_threads is not None:
             return self.cpu_threads
-        n = torch.get_num_threads()
-        cores = os.cpu_count() or n
-        try:
-            busy = os.getloadavg()[0]
-        except (AttributeError, OSError):  # pragma: no cover - not on every platform
-            busy = 0.0
-        idle = int(cores - max(busy - 1.0, 0.0))  # our own process counts in the load
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        return max(1, min(n, idle, cores // max(local, 1)))
+        return idle_cpu_threads()
 
     def _cost(self, name: str) -> float:
         shape = _full_shape(self.modules[name].weight)
@@ -404,6 +396,21 @@ class SpectrumAnalyzer:
                     bar.update(len(chunk))
         finally:
             bar.close()
+
+
+def idle_cpu_threads(max_threads: Optional[int] = None) -> int:
+    """Threads worth using on this machine now: torch's setting (or ``max_threads``),
+    lowered to the idle cores (1-minute load average; this process counts in it) and
+    shared between the ranks of this machine.  At least 1."""
+    n = max_threads or torch.get_num_threads()
+    cores = os.cpu_count() or n
+    try:
+        busy = os.getloadavg()[0]
+    except (AttributeError, OSError):  # pragma: no cover - not on every platform
+        busy = 0.0
+    idle = int(cores - max(busy - 1.0, 0.0))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(n, idle, cores // max(local, 1)))
 
 
 @contextlib.contextmanager
