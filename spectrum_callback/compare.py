@@ -597,15 +597,20 @@ def markdown_table(rows: Sequence[dict], baseline: Dict[str, float], target: Opt
         )
 
     lines += [line(r) for r in per]
-    randoms = [r for r in per if r["method"] == "random"]
-    if len(randoms) > 1:
+    by_lr: Dict[float, List[dict]] = {}
+    for r in rows:
+        if r["method"] == "random":
+            by_lr.setdefault(r["lr"], []).append(r)
+    for lr, randoms in sorted(by_lr.items()):
+        if len(randoms) < 2:
+            continue
         hs = [r["best_heldout"] for r in randoms]
         fs = [r["forgetting"] for r in randoms]
         lines += [
             "",
-            f"Random 25 % over {len(randoms)} seeds (each at its best lr): best held-out loss "
+            f"Random 25 % at lr {lr:g} over {len(randoms)} seeds: best held-out loss "
             f"{statistics.fmean(hs):.4f} ± {statistics.stdev(hs):.4f} (min {min(hs):.4f}, max {max(hs):.4f}); "
-            f"forgetting {statistics.fmean(fs):+.4f} ± {statistics.stdev(fs):.4f}.",
+            f"forgetting {statistics.fmean(fs):+.4f} ± {statistics.stdev(fs):.4f} (mean ± sd).",
         ]
     lines += [
         "",
