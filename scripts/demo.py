@@ -44,7 +44,6 @@ def parse():
 
 
 def build(args):
-    import torch
 
     from spectrum_callback.assets import BlockDataset, load_model_and_tokenizer, load_texts, token_blocks
 

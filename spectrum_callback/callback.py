@@ -6,7 +6,6 @@ import logging
 import math
 import os
 import statistics
-import time
 from typing import Dict, List, Optional, Sequence
 
 import torch

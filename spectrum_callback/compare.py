@@ -37,7 +37,7 @@ import statistics
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -300,7 +300,6 @@ def _trainer(model, args, train_ds, eval_sets, callbacks=()):
 
 def evaluate_baseline(model_factory, eval_sets, settings: StudySettings, work_dir: str) -> Dict[str, float]:
     """Losses of the untouched model (step 0 of every curve)."""
-    from transformers import TrainingArguments
 
     model = model_factory()
     args = _training_args(os.path.join(work_dir, "baseline"), Config("full", 1e-5), settings)

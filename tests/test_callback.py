@@ -1,8 +1,5 @@
 import json
 import logging
-import math
-import os
-from collections import OrderedDict
 
 import pytest
 import torch
@@ -12,6 +9,7 @@ from transformers import TrainerCallback
 from spectrum_callback import SpectrumAnalyzer, SpectrumCallback
 from spectrum_callback.backends import unwrap_optimizer
 from spectrum_callback.callback import STATE_FILE
+import tiny
 from tiny import RandomTokens, snapshot, tiny_model, training_args
 
 
@@ -26,20 +24,8 @@ def make_trainer(tmp_path, model=None, callbacks=(), **kw):
 
 def rotating_scan(monkeypatch):
     """Make every scan move the best layer of each type by one: each scan swaps the selection."""
-    calls = {"n": 0}
-
-    def fake_scan(self, names=None):
-        i = calls["n"]
-        calls["n"] += 1
-        layers = sorted({int(n.split(".")[2]) for n in self.names})
-        out = OrderedDict()
-        for n in self.names:
-            layer = int(n.split(".")[2])
-            out[n] = {"snr": float((layer - i) % len(layers)), "type": self.types[n]}
-        self.last_scan_stats = {"scan_seconds": 0.0, "scanned": float(len(out)), "reused": 0.0}
-        return out
-
-    monkeypatch.setattr(SpectrumAnalyzer, "scan", fake_scan)
+    scan, calls = tiny.rotating_scan()
+    monkeypatch.setattr(SpectrumAnalyzer, "scan", scan)
     return calls
 
 
@@ -151,6 +137,7 @@ def test_gradient_accumulation_switches_between_steps_only(tmp_path, monkeypatch
     tr = make_trainer(tmp_path, None, [cb, rec], max_steps=7, gradient_accumulation_steps=3,
                       per_device_train_batch_size=2)
     tr.train()
+    assert calls["n"] == 3
     assert [h["step"] for h in cb.history] == [0, 3, 6]
     assert rec.frozen_violations == [] and rec.state_violations == []
 

@@ -3,9 +3,7 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
-import pytest
 
 from spectrum_callback import load_snr_json, select_top
 from spectrum_callback.cli import main

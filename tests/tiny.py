@@ -1,6 +1,8 @@
 """Tiny random models and data for the tests (importable from subprocess scripts too)."""
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 import transformers
 from torch.utils.data import Dataset
@@ -79,3 +81,38 @@ def training_args(output_dir, **kw):
 
 def snapshot(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def rotating_scan():
+    """``(scan, calls)``: a stand-in for ``SpectrumAnalyzer.scan`` whose ranking of the
+    layers shifts by one at every call (the same on every rank), so that every scan
+    changes the selection.  ``calls["n"]`` counts the scans."""
+    calls = {"n": 0}
+
+    def scan(self, names=None):
+        i = calls["n"]
+        calls["n"] += 1
+        layers = sorted({int(n.split(".")[2]) for n in self.names})
+        out = OrderedDict()
+        for n in self.names:
+            layer = int(n.split(".")[2])
+            out[n] = {"snr": float((layer - i) % len(layers)), "type": self.types[n]}
+        self.last_scan_stats = {"scan_seconds": 0.0, "scanned": float(len(out)), "reused": 0.0}
+        return out
+
+    return scan, calls
+
+
+def reset_accelerate():
+    """Forget accelerate's and transformers' process-wide DeepSpeed state between two
+    Trainers in one process."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    try:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+    except Exception:
+        pass

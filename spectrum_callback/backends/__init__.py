@@ -5,8 +5,6 @@ process, DDP); the DeepSpeed ZeRO backend lives in :mod:`.deepspeed_backend`.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 from .base import OptimizerBackend
 from .torch_backend import TorchBackend, unwrap_optimizer
 

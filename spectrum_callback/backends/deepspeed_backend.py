@@ -38,7 +38,6 @@ refuses other major.minor versions unless ``SPECTRUM_ALLOW_UNTESTED_DEEPSPEED=1`
 """
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
 import os

@@ -5,7 +5,6 @@ Writes <out>/rank<R>.json with what the test asserts.
 import json
 import os
 import sys
-from collections import OrderedDict
 
 import torch
 import torch.distributed as dist
@@ -18,7 +17,7 @@ from transformers import TrainerCallback  # noqa: E402
 
 import spectrum_callback.analyzer as analyzer_mod  # noqa: E402
 from spectrum_callback import SpectrumAnalyzer, SpectrumCallback  # noqa: E402
-from tiny import RandomTokens, snapshot, tiny_model, training_args  # noqa: E402
+from tiny import RandomTokens, rotating_scan, snapshot, tiny_model, training_args  # noqa: E402
 
 
 class FrozenWatch(TrainerCallback):
@@ -41,18 +40,7 @@ def main(out):
 
     # A: forced rotation (every scan swaps the whole selection) -> DDP must sync joiners' grads
     real_scan = SpectrumAnalyzer.scan
-    calls = {"n": 0}
-
-    def rotating(self, names=None):
-        i = calls["n"]
-        calls["n"] += 1
-        out_ = OrderedDict()
-        for n in self.names:
-            layer = int(n.split(".")[2])
-            out_[n] = {"snr": float((layer - i) % 4), "type": self.types[n]}
-        self.last_scan_stats = {}
-        return out_
-
+    rotating, _ = rotating_scan()
     SpectrumAnalyzer.scan = rotating
     model = tiny_model("llama", layers=4)
     cb = SpectrumCallback(top_pct=0.25, update_every=2)

@@ -25,7 +25,7 @@ torch.set_num_threads(1)
 import transformers  # noqa: E402
 from transformers import Trainer, TrainerCallback  # noqa: E402
 
-from tiny import RandomTokens, tiny_model, training_args  # noqa: E402
+from tiny import RandomTokens, reset_accelerate, tiny_model, training_args  # noqa: E402
 from spectrum_callback import SpectrumCallback  # noqa: E402
 
 transformers.logging.set_verbosity_error()
@@ -169,19 +169,6 @@ class LossLog(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kw):
         if logs and "loss" in logs:
             self.losses[int(state.global_step)] = float(logs["loss"])
-
-
-def reset_accelerate():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=False)
-    GradientState._reset_state()
-    try:
-        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-        unset_hf_deepspeed_config()
-    except Exception:
-        pass
 
 
 def make_trainer(name, s, out, reference, max_steps=None, save=False):

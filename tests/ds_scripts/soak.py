@@ -28,7 +28,6 @@ import os
 import sys
 import time
 import weakref
-from collections import OrderedDict
 
 import torch
 
@@ -42,7 +41,7 @@ from transformers import Trainer, TrainerCallback  # noqa: E402
 
 from spectrum_callback import SpectrumCallback  # noqa: E402
 from spectrum_callback.analyzer import SpectrumAnalyzer  # noqa: E402
-from tiny import RandomTokens, tiny_model, training_args  # noqa: E402
+from tiny import RandomTokens, rotating_scan, tiny_model, training_args  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -59,19 +58,7 @@ def rss_bytes() -> int:
 
 def install_rotating_scan():
     """Every scan shifts the ranking of the layers by one (same on every rank)."""
-    calls = {"n": 0}
-
-    def scan(self, names=None):
-        i = calls["n"]
-        calls["n"] += 1
-        layers = sorted({int(n.split(".")[2]) for n in self.names})
-        out = OrderedDict()
-        for n in self.names:
-            layer = int(n.split(".")[2])
-            out[n] = {"snr": float((layer - i) % len(layers)), "type": self.types[n]}
-        self.last_scan_stats = {"scan_seconds": 0.0, "scanned": float(len(out)), "reused": 0.0}
-        return out
-
+    scan, calls = rotating_scan()
     SpectrumAnalyzer.scan = scan
     return calls
 
