@@ -259,17 +259,18 @@ class SpectrumCallback(TrainerCallback):
     def _gradient_checkpointing_inputs(self, model, args) -> None:
         """Reentrant checkpointing gives no gradients when the block inputs don't require
         grad (frozen embeddings); make the inputs require grad, as PEFT does."""
-        if not (getattr(model, "is_activation_checkpointing", None) if hasattr(type(model), "is_activation_checkpointing") else getattr(model, "is_gradient_checkpointing", False)):
-            return
+        checkpointing = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5
+        if checkpointing is None:
+            checkpointing = getattr(model, "is_gradient_checkpointing", False)
         emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-        if emb is None:
+        if not checkpointing or emb is None or not hasattr(model, "enable_input_require_grads"):
             return
+        always = _compile_list(self.always_train, "always_train")
         emb_trainable = any(
-            any(r.search(n) for r in _compile_list(self.always_train, "always_train"))
-            for n, _ in model.named_parameters(remove_duplicate=False)
-            if "embed" in n
+            p is emb.weight and any(r.search(n) for r in always)
+            for n, p in model.named_parameters(remove_duplicate=False)
         )
-        if not emb_trainable and hasattr(model, "enable_input_require_grads"):
+        if not emb_trainable:
             model.enable_input_require_grads()
             logger.info("Spectrum: gradient checkpointing with frozen embeddings -> enable_input_require_grads()")
 
