@@ -1,6 +1,8 @@
 """Tiny random models and data for the tests (importable from subprocess scripts too)."""
 from __future__ import annotations
 
+import json
+import os
 from collections import OrderedDict
 
 import torch
@@ -116,3 +118,27 @@ def reset_accelerate():
         unset_hf_deepspeed_config()
     except Exception:
         pass
+
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def ds_config(stage, out, optimizer_block=False):
+    """Write a copy of ``configs/ds_zero<stage>.json`` for the tests (rank 0 writes, all
+    ranks wait): ZeRO-3 really partitions even the tiny weights; ``optimizer_block``
+    adds an ``optimizer`` section (which the backend must refuse)."""
+    import torch.distributed as dist
+
+    with open(os.path.join(REPO_ROOT, "configs", f"ds_zero{stage}.json")) as fh:
+        cfg = json.load(fh)
+    if stage == 3:
+        cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    if optimizer_block:
+        cfg["optimizer"] = {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto"}}
+    path = os.path.join(out, f"ds_zero{stage}{'_opt' if optimizer_block else ''}.json")
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        with open(path, "w") as fh:
+            json.dump(cfg, fh)
+    if dist.is_initialized():
+        dist.barrier()
+    return path

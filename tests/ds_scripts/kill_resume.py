@@ -29,7 +29,7 @@ import transformers  # noqa: E402
 from transformers import Trainer, TrainerCallback  # noqa: E402
 
 from spectrum_callback import SpectrumCallback  # noqa: E402
-from tiny import RandomTokens, reset_accelerate, tiny_model, training_args  # noqa: E402
+from tiny import RandomTokens, ds_config, reset_accelerate, tiny_model, training_args  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 KILL_AT, MAX_STEPS = 4, 8
@@ -64,18 +64,6 @@ class LossLog(TrainerCallback):
             self.losses[str(int(state.global_step))] = float(logs["loss"])
 
 
-def ds_config(out):
-    path = os.path.join(out, "ds_zero3.json")
-    if rank() == 0:
-        with open(os.path.join(ROOT, "configs", "ds_zero3.json")) as fh:
-            cfg = json.load(fh)
-        cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # really partition tiny weights
-        with open(path, "w") as fh:
-            json.dump(cfg, fh)
-    torch.distributed.barrier()
-    return path
-
-
 def weights_digest(model):
     import deepspeed
 
@@ -93,7 +81,7 @@ def run(mode, out):
     folder = os.path.join(out, "full" if mode == "full" else "broken")
     model = tiny_model("llama", seed=0)
     args = training_args(folder, max_steps=MAX_STEPS, learning_rate=2e-2, save_strategy="steps",
-                         save_steps=KILL_AT, save_only_model=False, deepspeed=ds_config(out))
+                         save_steps=KILL_AT, save_only_model=False, deepspeed=ds_config(3, out))
     spectrum = SpectrumCallback(top_pct=0.25, update_every=2, verbose=False)
     trainer = Trainer(model=model, args=args, train_dataset=RandomTokens(n=256, length=16, seed=1))
     trainer.add_callback(spectrum)

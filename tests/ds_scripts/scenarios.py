@@ -25,7 +25,7 @@ torch.set_num_threads(1)
 import transformers  # noqa: E402
 from transformers import Trainer, TrainerCallback  # noqa: E402
 
-from tiny import RandomTokens, reset_accelerate, tiny_model, training_args  # noqa: E402
+from tiny import RandomTokens, ds_config, reset_accelerate, tiny_model, training_args  # noqa: E402
 from spectrum_callback import SpectrumCallback  # noqa: E402
 
 transformers.logging.set_verbosity_error()
@@ -62,22 +62,6 @@ def rank():
 
 def world():
     return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-
-
-def ds_config(stage, out, optimizer_block=False):
-    with open(os.path.join(ROOT, "configs", f"ds_zero{stage}.json")) as fh:
-        cfg = json.load(fh)
-    if stage == 3:
-        cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # really partition tiny weights
-    if optimizer_block:
-        cfg["optimizer"] = {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto"}}
-    path = os.path.join(out, f"ds_zero{stage}{'_opt' if optimizer_block else ''}.json")
-    if rank() == 0:
-        with open(path, "w") as fh:
-            json.dump(cfg, fh)
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-    return path
 
 
 def gathered(model, params):

@@ -41,7 +41,7 @@ from transformers import Trainer, TrainerCallback  # noqa: E402
 
 from spectrum_callback import SpectrumCallback  # noqa: E402
 from spectrum_callback.analyzer import SpectrumAnalyzer  # noqa: E402
-from tiny import RandomTokens, rotating_scan, tiny_model, training_args  # noqa: E402
+from tiny import RandomTokens, ds_config, rotating_scan, tiny_model, training_args  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -160,14 +160,7 @@ def main():
     deepspeed.init_distributed(dist_backend="gloo")
     os.makedirs(out, exist_ok=True)
     install_rotating_scan()
-    cfg_path = os.path.join(out, "ds_zero3.json")
-    if rank() == 0:
-        with open(os.path.join(ROOT, "configs", "ds_zero3.json")) as fh:
-            cfg = json.load(fh)
-        cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # really partition tiny weights
-        with open(cfg_path, "w") as fh:
-            json.dump(cfg, fh)
-    torch.distributed.barrier()
+    cfg_path = ds_config(3, out)
 
     model = tiny_model("llama", seed=0)
     args = training_args(os.path.join(out, "run"), max_steps=steps, learning_rate=2e-3, logging_steps=50,
