@@ -15,6 +15,7 @@ import sys
 
 import pytest
 import torch
+from dsrun import ds_env, free_port
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -35,37 +36,15 @@ LOSS_RTOL = 1e-5
 WEIGHT_ATOL = 2e-5
 
 
-def _env():
-    env = dict(os.environ)
-    env.update(
-        DS_ACCELERATOR="cpu",
-        OMP_NUM_THREADS="1",
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-        PYTHONPATH=os.pathsep.join([ROOT, env.get("PYTHONPATH", "")]),
-    )
-    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/spectrum_callback_torch_extensions"))
-    return env
-
-
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def ds_results(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("ds"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            SCRIPT, out, *DS_SCENARIOS]
     ref_cmd = [sys.executable, SCRIPT, out, *[f"ref:{n}" for n in REF_SCENARIOS]]
     procs = []
     for c in (cmd, ref_cmd):
-        procs.append(subprocess.Popen(["nice", "-n", "5", *c], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+        procs.append(subprocess.Popen(["nice", "-n", "5", *c], cwd=ROOT, env=ds_env(), stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
     logs = []
     for p in procs:

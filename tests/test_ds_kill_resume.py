@@ -8,25 +8,15 @@ selection and bit-identical final weights.
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 
 import pytest
 
-from test_soak import WORLD, torchrun
+from dsrun import WORLD, torchrun
+from dsrun import read_rank_results as _read
 
 pytest.importorskip("deepspeed", reason="deepspeed is a test dependency of the DeepSpeed backend")
-
-
-def _read(out, mode, log):
-    got = []
-    for r in range(WORLD):
-        path = out / f"{mode}.rank{r}.json"
-        if not path.exists():
-            pytest.fail(f"{mode} run wrote no result for rank {r}:\n{log[-4000:]}")
-        got.append(json.loads(path.read_text()))
-    return got
 
 
 def test_zero3_sigkill_after_checkpoint_then_resume_matches_uninterrupted_run(tmp_path):

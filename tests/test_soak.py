@@ -10,19 +10,14 @@ and checks every parameter bit for bit around every step.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+from dsrun import WORLD, read_rank_results, torchrun
 
 pytest.importorskip("deepspeed", reason="deepspeed is a test dependency of the DeepSpeed backend")
 
-STEPS, EVERY, WORLD = 200, 5, 2
+STEPS, EVERY = 200, 5
 RSS_TOL = 0.05  # RSS may move by at most 5 % from the 5th switch to the end
 # ... and creep by at most this much over those 35 switches.  Measured: +2 MiB of ~535 MiB
 # (the Trainer's log history and Spectrum's history grow); keeping one old ZeRO optimizer
@@ -30,37 +25,11 @@ RSS_TOL = 0.05  # RSS may move by at most 5 % from the 5th switch to the end
 RSS_CREEP = 8 * 2**20
 
 
-def ds_env():
-    env = dict(os.environ)
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", PYTHONPATH=os.pathsep.join([ROOT, env.get("PYTHONPATH", "")]))
-    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/spectrum_callback_torch_extensions"))
-    return env
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(script, *args, timeout=300):
-    cmd = ["nice", "-n", "5", sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}",
-           f"--master_port={free_port()}", os.path.join(HERE, "ds_scripts", script), *map(str, args)]
-    return subprocess.run(cmd, cwd=ROOT, env=ds_env(), capture_output=True, text=True, timeout=timeout)
-
-
 @pytest.fixture(scope="module")
 def soak(tmp_path_factory):
     out = tmp_path_factory.mktemp("soak")
     p = torchrun("soak.py", out, STEPS, EVERY)
-    ranks = []
-    for r in range(WORLD):
-        path = out / f"soak.rank{r}.json"
-        if not path.exists():
-            pytest.fail(f"soak run failed (rc {p.returncode}):\n{(p.stdout + p.stderr)[-4000:]}")
-        ranks.append(json.loads(path.read_text()))
-    return ranks
+    return read_rank_results(out, "soak", f"rc {p.returncode}\n{p.stdout + p.stderr}")
 
 
 def test_soak_switches_really_change_the_selection(soak):
