@@ -26,7 +26,7 @@ from .snr import as_matrix
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SpectrumAnalyzer", "module_type", "find_candidates", "check_model_supported"]
+__all__ = ["SpectrumAnalyzer", "module_type", "find_candidates", "check_model_supported", "sharding_engine"]
 
 
 def module_type(name: str) -> Optional[str]:
@@ -76,8 +76,44 @@ def compile_patterns(patterns: Optional[Iterable[str]], arg: str) -> List[re.Pat
     return out
 
 
+SHARDED_HELP = (
+    "SpectrumCallback reads each weight matrix whole and moves matrices in and out of a plain torch or "
+    "DeepSpeed ZeRO optimizer; it does neither for FSDP's sharded parameters. For static Spectrum under FSDP, "
+    "call spectrum_freeze(model, top_pct=...) on the model before it is wrapped (before Trainer(...); FSDP1 "
+    "needs use_orig_params=True) and leave the callback out. For dynamic Spectrum on several GPUs use "
+    "DeepSpeed ZeRO-2/3 (configs/ds_zero3.json)"
+)
+
+
+def sharding_engine(model: nn.Module) -> Optional[str]:
+    """Name the engine if ``model`` (or any submodule) is sharded by FSDP / DTensor, else ``None``."""
+    kinds = []
+    with contextlib.suppress(ImportError):
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        kinds.append((FullyShardedDataParallel, "FSDP (FullyShardedDataParallel)"))
+    with contextlib.suppress(ImportError):
+        from torch.distributed.fsdp import FSDPModule
+
+        kinds.append((FSDPModule, "FSDP2 (fully_shard)"))
+    for mod in model.modules():
+        for cls, label in kinds:
+            if isinstance(mod, cls):
+                return label
+    with contextlib.suppress(ImportError):
+        from torch.distributed.tensor import DTensor
+
+        if any(isinstance(p, DTensor) for p in model.parameters()):
+            return "DTensor parameters (tensor parallelism or a device mesh)"
+    return None
+
+
 def check_model_supported(model: nn.Module) -> None:
-    """Refuse models whose weights cannot be trained in place (quantized, PEFT-wrapped)."""
+    """Refuse models whose weights cannot be trained in place (quantized, PEFT-wrapped)
+    or that are sharded by an engine the backends do not cover (FSDP, DTensor)."""
+    engine = sharding_engine(model)
+    if engine is not None:
+        raise ValueError(f"the model is sharded by {engine}: {SHARDED_HELP}")
     if getattr(model, "hf_quantizer", None) is not None or getattr(model, "is_quantized", False):
         method = getattr(getattr(model, "hf_quantizer", None), "quantization_config", None)
         method = getattr(method, "quant_method", "quantized")

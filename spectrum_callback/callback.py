@@ -13,7 +13,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from ._trainer_access import find_trainer
-from .analyzer import SpectrumAnalyzer
+from .analyzer import SHARDED_HELP, SpectrumAnalyzer
 from .analyzer import compile_patterns as _compile_list
 from .backends import make_backend
 from .selection import load_snr_json, parse_snr_mapping, select_top, validate_top_pct
@@ -199,6 +199,10 @@ class SpectrumCallback(TrainerCallback):
         if model is None:
             raise ValueError("SpectrumCallback needs the model at on_train_begin; use it with transformers.Trainer")
         self.trainer, resume_dir = find_trainer(self)
+        if getattr(self.trainer, "is_fsdp_enabled", False):
+            # The model handed to callbacks may be the inner module, whose parameters FSDP has
+            # already replaced by views of its flat shards: refuse on the Trainer's word.
+            raise ValueError(f"the Trainer runs FSDP (fsdp / fsdp_config are set): {SHARDED_HELP}")
         self._model = model
         self.analyzer = SpectrumAnalyzer(
             model, include=self.include, exclude=self.exclude, method=self.method, dtype=self.dtype,

@@ -1,0 +1,120 @@
+"""FSDP and DTensor-sharded models: refused by the callback with a clear error; the
+documented alternative (spectrum_freeze before wrapping) keeps frozen weights as they were.
+
+One process, gloo, on CPU: FSDP1 and FSDP2 both wrap on CPU with a world of 1 (FSDP1
+then uses NO_SHARD, FSDP2 still turns every parameter into a DTensor).
+"""
+import pytest
+import torch
+import torch.distributed as dist
+import transformers
+
+from dsrun import free_port
+from spectrum_callback import SpectrumAnalyzer, SpectrumCallback, spectrum_freeze
+from spectrum_callback.analyzer import sharding_engine
+from tiny import RandomTokens, snapshot, tiny_model, training_args
+
+fsdp = pytest.importorskip("torch.distributed.fsdp")
+
+
+@pytest.fixture
+def process_group():
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _decoder_layer_cls(model):
+    return type(model.model.layers[0])
+
+
+def test_fsdp1_wrapped_model_is_refused(process_group):
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    inner = tiny_model("llama")
+    wrapped = fsdp.FullyShardedDataParallel(
+        inner, device_id=torch.device("cpu"), use_orig_params=True,
+        auto_wrap_policy=ModuleWrapPolicy({_decoder_layer_cls(inner)}),
+    )
+    # The wrapper and the inner module (what the Trainer's callbacks are handed) are both refused.
+    for model in (wrapped, inner):
+        assert sharding_engine(model) == "FSDP (FullyShardedDataParallel)"
+        with pytest.raises(ValueError, match=r"sharded by FSDP .*spectrum_freeze\(model.*before it is wrapped"):
+            SpectrumAnalyzer(model)
+        with pytest.raises(ValueError, match="sharded by FSDP"):
+            spectrum_freeze(model, top_pct=0.25)
+
+
+def test_fsdp2_model_is_refused(process_group):
+    model = tiny_model("qwen2")
+    for layer in model.model.layers:
+        fsdp.fully_shard(layer)
+    fsdp.fully_shard(model)
+    assert sharding_engine(model) == "FSDP2 (fully_shard)"
+    with pytest.raises(ValueError, match=r"sharded by FSDP2 \(fully_shard\).*DeepSpeed ZeRO-2/3"):
+        SpectrumAnalyzer(model)
+
+
+def test_dtensor_parameters_are_refused(process_group):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    model = tiny_model("llama")
+    mesh = init_device_mesh("cpu", (1,))
+    lin = model.model.layers[0].mlp.up_proj
+    lin.weight = torch.nn.Parameter(distribute_tensor(lin.weight.detach(), mesh, [Replicate()]))
+    assert sharding_engine(model).startswith("DTensor parameters")
+    with pytest.raises(ValueError, match="sharded by DTensor parameters"):
+        SpectrumAnalyzer(model)
+
+
+def test_plain_model_is_not_flagged():
+    assert sharding_engine(tiny_model("gpt2")) is None
+
+
+class _FlagTrainer(transformers.Trainer):
+    def fire_train_begin(self):
+        self.create_optimizer()
+        self.callback_handler.optimizer = self.optimizer
+        return self.callback_handler.on_train_begin(self.args, self.state, self.control)
+
+
+def test_trainer_with_fsdp_enabled_is_refused_before_any_change(tmp_path):
+    """Under the Trainer's FSDP the callback may be handed the inner module, whose parameters
+    are views of FSDP's shards: the callback refuses on ``trainer.is_fsdp_enabled``."""
+    model = tiny_model("llama")
+    before = snapshot(model)
+    cb = SpectrumCallback(top_pct=0.25)
+    trainer = _FlagTrainer(model=model, args=training_args(tmp_path, max_steps=1), train_dataset=RandomTokens(8),
+                           callbacks=[cb])
+    trainer.is_fsdp_enabled = True
+    with pytest.raises(ValueError, match=r"Trainer runs FSDP .*spectrum_freeze"):
+        trainer.fire_train_begin()
+    assert all(p.requires_grad for p in model.parameters())  # nothing was frozen
+    after = snapshot(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_spectrum_freeze_before_fsdp2_keeps_frozen_weights(process_group):
+    """The path the error message recommends: freeze on the plain model, then shard, then train."""
+    model = tiny_model("llama")
+    selected = spectrum_freeze(model, top_pct=0.25)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert selected and frozen and trainable
+    for layer in model.model.layers:
+        fsdp.fully_shard(layer)
+    fsdp.fully_shard(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    batch = RandomTokens(2)[0]
+    ids = batch["input_ids"].unsqueeze(0)
+    for _ in range(2):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    params = {n: p.full_tensor() for n, p in model.named_parameters()}
+    for n, w in frozen.items():
+        assert torch.equal(params[n], w), n
+    changed = [n for n, w in trainable.items() if not torch.equal(params[n], w)]
+    assert len(changed) == len(trainable)
