@@ -1,4 +1,4 @@
-"""SpectrumCallback under DeepSpeed ZeRO-2 and ZeRO-3 (2 processes, gloo, CPU).
+"""SpectrumCallback under DeepSpeed ZeRO-1, ZeRO-2 and ZeRO-3 (2 processes, gloo, CPU).
 
 All DeepSpeed scenarios run in ONE ``torchrun --nproc_per_node=2`` process group
 (tests/ds_scripts/scenarios.py), started once per test session, so that DeepSpeed's
@@ -26,7 +26,7 @@ pytest.importorskip("deepspeed", reason="deepspeed is a test dependency of the D
 DS_SCENARIOS = [
     "z2_dynamic", "z3_dynamic", "z2_static", "z3_static", "z3_dynamic_ga", "z2_dynamic_gc_bf16",
     "z3_dynamic_gc_reentrant", "z3_dynamic_gc_nonreentrant", "z3_switch20", "z2_resume", "z3_resume",
-    "z3_optimizer_block",
+    "z3_optimizer_block", "z1_dynamic", "z2_resume_bf16",
 ]
 REF_SCENARIOS = ["z2_dynamic", "z2_static", "z3_dynamic_ga", "z3_dynamic_gc_nonreentrant"]
 
@@ -80,7 +80,7 @@ def _weights(results, name, ref=False):
 # ---------------------------------------------------------------- 1. frozen means frozen
 @pytest.mark.parametrize("name", ["z2_dynamic", "z3_dynamic", "z2_static", "z3_static", "z3_dynamic_ga",
                                   "z2_dynamic_gc_bf16", "z3_dynamic_gc_reentrant", "z3_dynamic_gc_nonreentrant",
-                                  "z3_switch20"])
+                                  "z3_switch20", "z1_dynamic"])
 def test_frozen_parameters_do_not_change_a_bit(ds_results, name):
     r = _get(ds_results, name)
     assert r["violations"] == [], r["violations"][:5]
@@ -90,6 +90,7 @@ def test_frozen_parameters_do_not_change_a_bit(ds_results, name):
 
 # ---------------------------------------------------------------- 2. same numbers as plain PyTorch
 @pytest.mark.parametrize("name,ref", [("z2_dynamic", "z2_dynamic"), ("z3_dynamic", "z2_dynamic"),
+                                      ("z1_dynamic", "z2_dynamic"),
                                       ("z2_static", "z2_static"), ("z3_static", "z2_static"),
                                       ("z3_dynamic_ga", "z3_dynamic_ga"),
                                       ("z3_dynamic_gc_nonreentrant", "z3_dynamic_gc_nonreentrant")])
@@ -108,6 +109,11 @@ def test_same_losses_and_weights_as_plain_pytorch(ds_results, name, ref):
     assert worst <= WEIGHT_ATOL, worst
 
 
+def test_scenarios_ran_at_the_zero_stage_they_name(ds_results):
+    for name in ("z1_dynamic", "z2_dynamic", "z3_dynamic"):
+        assert _get(ds_results, name)["zero_stage"] == int(name[1]), name
+
+
 def test_lr_schedule_reaches_every_group_after_rebuilds(ds_results):
     r = _get(ds_results, "z2_dynamic")
     # linear decay from 5e-3 over 6 steps; several param groups (per-step cohorts) after switches
@@ -117,7 +123,7 @@ def test_lr_schedule_reaches_every_group_after_rebuilds(ds_results):
 
 
 # ---------------------------------------------------------------- 3. memory follows the selection
-@pytest.mark.parametrize("name", ["z2_dynamic", "z3_dynamic", "z2_static", "z3_static", "z3_switch20"])
+@pytest.mark.parametrize("name", ["z2_dynamic", "z3_dynamic", "z2_static", "z3_static", "z3_switch20", "z1_dynamic"])
 def test_optimizer_state_only_for_selected(ds_results, name):
     r = _get(ds_results, name)
     world = r["world"]
@@ -163,7 +169,7 @@ def test_zero3_nonreentrant_checkpointing_after_rebuilds(ds_results):
 
 
 # ---------------------------------------------------------------- 6. checkpoints
-@pytest.mark.parametrize("name", ["z2_resume", "z3_resume"])
+@pytest.mark.parametrize("name", ["z2_resume", "z3_resume", "z2_resume_bf16"])
 def test_resume_continues_with_same_losses(ds_results, name):
     r = _get(ds_results, name)
     assert "spectrum_state.json" in r["ckpt_files"]

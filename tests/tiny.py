@@ -129,8 +129,10 @@ def ds_config(stage, out, optimizer_block=False):
     adds an ``optimizer`` section (which the backend must refuse)."""
     import torch.distributed as dist
 
-    with open(os.path.join(REPO_ROOT, "configs", f"ds_zero{stage}.json")) as fh:
+    # ZeRO-1 has no config of its own in configs/: the ZeRO-2 one with stage 1.
+    with open(os.path.join(REPO_ROOT, "configs", f"ds_zero{max(stage, 2)}.json")) as fh:
         cfg = json.load(fh)
+    cfg["zero_optimization"]["stage"] = stage
     if stage == 3:
         cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     if optimizer_block:

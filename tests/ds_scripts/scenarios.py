@@ -52,6 +52,8 @@ SCENARIOS = {
     "z2_switch20": dict(stage=2, update_every=1, max_steps=21, top_pct=0.5, lr=2e-2),
     "z3_resume": dict(stage=3, update_every=2, max_steps=6, resume_at=3),
     "z2_resume": dict(stage=2, update_every=2, max_steps=6, resume_at=3),
+    "z2_resume_bf16": dict(stage=2, update_every=2, max_steps=6, resume_at=3, bf16=True),
+    "z1_dynamic": dict(stage=1, update_every=2, max_steps=6),
     "z3_optimizer_block": dict(stage=3, update_every=None, max_steps=1, optimizer_block=True, expect_error=True),
 }
 
@@ -240,6 +242,7 @@ def run(name, out, reference=False):
         lrs=rec.lrs,
         history=[{"step": h["step"], "selected": h["selected"]} for h in spectrum.history],
         rebuilds=getattr(spectrum.backend, "rebuilds", None),
+        zero_stage=trainer.model_wrapped.zero_optimization_stage() if not reference else None,
     )
     gc.collect()
     result["live_old_optimizers"] = sum(1 for r in rec.refs[:-1] if r() is not None and r() is not spectrum.backend.zero)
