@@ -37,3 +37,19 @@ def test_ddp_one_selection_even_when_a_rank_computes_other_snr(ddp_run):
     r0, r1 = ddp_run
     assert len(r0["b_history"]) == 2
     assert r0["b_history"] == r1["b_history"]
+
+
+def test_ddp_resume_continues_the_same_run(ddp_run):
+    for r in ddp_run:
+        full, resumed = r["c_full_history"], r["c_resume_history"]
+        assert [h[0] for h in full] == [0, 2, 4, 6]
+        assert len({tuple(h[1]) for h in full[2:]} | {tuple(full[1][1])}) > 1, \
+            "the selection never changed after the checkpoint: the test would not exercise the restore"
+        assert resumed == full  # history restored from spectrum_state.json, later scans identical
+        assert r["c_resume_trainable"] == r["c_full_trainable"]
+        # the resumed Trainer's log history starts with the checkpoint's entries (steps 1-4)
+        assert sorted(r["c_resume_losses"], key=int) == ["1", "2", "3", "4", "5", "6", "7", "8"]
+        for step in ("5", "6", "7", "8"):
+            assert r["c_resume_losses"][step] == pytest.approx(r["c_full_losses"][step], rel=1e-5), step
+        assert r["c_resume_weights"] == pytest.approx(r["c_full_weights"], rel=1e-6, abs=1e-6)
+    assert ddp_run[0]["c_resume_weights"] == ddp_run[1]["c_resume_weights"]

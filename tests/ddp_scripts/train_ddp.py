@@ -76,6 +76,23 @@ def main(out):
     tr.add_callback(cb)
     tr.train()
     result["b_history"] = [[h["step"], h["selected"], h["snr"]] for h in cb.history]
+    if rank == 1:
+        analyzer_mod.snr_batched = orig
+
+    # C: resume. A dynamic run with checkpoints, then a fresh model and Trainer resumed from
+    # checkpoint-4 of it: same scans, selections, losses and final weights as the run itself.
+    for mode in ("full", "resume"):
+        model = tiny_model("llama", layers=8, seed=0)
+        cb = SpectrumCallback(top_pct=0.25, update_every=2)
+        args = training_args(os.path.join(out, "c"), max_steps=8, per_device_train_batch_size=2, ddp_backend="gloo",
+                             learning_rate=3e-2, save_strategy="steps", save_steps=2)
+        tr = transformers.Trainer(model=model, args=args, train_dataset=RandomTokens(n=64, seed=rank))
+        tr.add_callback(cb)
+        tr.train(resume_from_checkpoint=os.path.join(out, "c", "checkpoint-4") if mode == "resume" else None)
+        result[f"c_{mode}_history"] = [[h["step"], h["selected"]] for h in cb.history]
+        result[f"c_{mode}_losses"] = {h["step"]: h["loss"] for h in tr.state.log_history if "loss" in h}
+        result[f"c_{mode}_weights"] = [float(p.double().sum()) for p in model.parameters()]
+        result[f"c_{mode}_trainable"] = sorted(n for n, p in model.named_parameters() if p.requires_grad)
     with open(os.path.join(out, f"rank{rank}.json"), "w") as fh:
         json.dump(result, fh)
 
