@@ -317,3 +317,39 @@ def test_candidates_frozen_before_the_trainer(tmp_path):
     decay = max(opt.param_groups, key=lambda g: g["weight_decay"])
     assert decay["weight_decay"] == 0.1
     assert all(any(p is q for q in decay["params"]) for n in cb.selected for p in [model.get_submodule(n).weight])
+
+
+@pytest.mark.parametrize("optim", ["adamw_torch_fused", "adafactor", "sgd", "rmsprop", "adagrad"])
+def test_trainer_optim_choices_dynamic(tmp_path, monkeypatch, optim):
+    """Other `TrainingArguments.optim` values than the default AdamW: frozen weights keep
+    their bits (weight decay on), state exists only for trainable matrices (Adagrad builds
+    state for every parameter up front: it must go for the frozen ones), trainable ones move."""
+    calls = rotating_scan(monkeypatch)
+    cb = SpectrumCallback(top_pct=0.25, update_every=2)
+
+    class Watch(TrainerCallback):
+        frozen_changed, stale_state, moved = [], [], []
+
+        def on_step_begin(self, args, state, control, model=None, **kw):
+            self.before = snapshot(model)
+            self.trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+
+        def on_step_end(self, args, state, control, model=None, optimizer=None, **kw):
+            opt = unwrap_optimizer(optimizer)
+            names = {id(p): n for n, p in model.named_parameters()}
+            for n, p in model.named_parameters():
+                same = torch.equal(self.before[n], p.detach())
+                if n not in self.trainable and not same:
+                    self.frozen_changed.append((state.global_step, n))
+                if n in self.trainable and not same:
+                    self.moved.append(n)
+            self.stale_state += [(state.global_step, names[id(p)]) for p in opt.state
+                                 if names[id(p)] not in self.trainable and opt.state[p]]
+
+    watch = Watch()
+    tr = make_trainer(tmp_path, None, [cb, watch], max_steps=6, weight_decay=0.1, optim=optim, learning_rate=1e-2)
+    tr.train()
+    assert calls["n"] == 3 and len({tuple(h["selected"]) for h in cb.history}) == 3
+    assert watch.frozen_changed == []
+    assert watch.stale_state == []
+    assert {n.rsplit(".", 1)[0] for n in watch.moved} >= {n for h in cb.history for n in h["selected"]}
