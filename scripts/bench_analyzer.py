@@ -7,11 +7,17 @@ heavy-ish noise, so that SNRs differ across layers.  In one run, on the same mat
 * baseline: ``compute_snr(w)`` per matrix (fp32 ``torch.linalg.svdvals``, one host sync
   per matrix, as the original Spectrum scanner);
 * project: ``SpectrumAnalyzer(model, method=...).scan()`` (default ``auto``);
-* reference: float64 ``svdvals`` per matrix (not timed against anything) for the errors.
+* reference: float64 ``svdvals`` per matrix (``--reference svd64``, the default) or
+  float64 Gram eigenvalues (``--reference gram64``, much faster on a GPU), not timed
+  against anything, for the errors.
 
-Writes JSON with baseline_s, project_s, speedup, max_rel_err (both vs float64 svdvals),
-same_selection (top 25 % per type, project and baseline vs reference), per-type timings
-and the fast path's route counts.
+On CPU both sides use ``--threads`` threads (the analyzer's automatic choice is
+switched off for a like-for-like comparison).  Writes JSON with baseline_s, project_s,
+speedup, max_rel_err (both vs the reference), same_selection (top 25 % per type,
+project and baseline vs reference), per-type timings and the fast path's route
+counts; the file is first written after the analyzer's scan and completed at the end,
+so a run stopped by a time limit keeps what it measured.  (``reference_s`` was called
+``reference_float64_svdvals_s`` in the JSON files written before 2026-11-25.)
 
     nice -n 5 python scripts/bench_analyzer.py --device cpu --shapes tiny --json docs/bench_analyzer_cpu_tiny.json
     python scripts/bench_analyzer.py --device cuda --shapes 8b --json docs/bench_analyzer_cuda_8b.json
@@ -136,7 +142,8 @@ def main(argv=None):
     t0 = time.perf_counter()
     model = FakeModel(args.shapes, args.layers, device, torch.float32, seed=args.seed)
     gen_s = time.perf_counter() - t0
-    analyzer = SpectrumAnalyzer(model, method=args.method, chunk_mb=args.chunk_mb, progress=False)
+    analyzer = SpectrumAnalyzer(model, method=args.method, chunk_mb=args.chunk_mb, progress=False,
+                                cpu_threads=args.threads)
     names = analyzer.names
     mods = analyzer.modules
     print(f"{len(names)} matrices of {args.shapes} shapes on {device} (generated in {gen_s:.1f} s)", flush=True)
@@ -161,6 +168,10 @@ def main(argv=None):
     project_s = min(project_runs)
     routes = {k: v // args.repeat for k, v in fast_snr.ROUTE_COUNTS.items()}
     print(f"project ({args.method}): {project_s:.2f} s  routes {routes}", flush=True)
+    partial = {"shapes": args.shapes, "matrices": len(names), "device": str(device), "threads": args.threads,
+               "project_s": project_s, "project_runs_s": project_runs, "routes": routes, "complete": False,
+               "command": _command(argv)}
+    _write(args.json, partial)
 
     # Baseline: per-matrix fp32 svdvals, and the float64 reference (timed separately).
     base, ref = {}, {}
@@ -194,6 +205,8 @@ def main(argv=None):
         ref_s += time.perf_counter() - t
     print(f"baseline (svdvals fp32 per matrix): {baseline_s:.2f} s; float64 reference ({args.reference}) {ref_s:.2f} s",
           flush=True)
+    partial.update(baseline_s=baseline_s, speedup=baseline_s / project_s, reference=args.reference, reference_s=ref_s)
+    _write(args.json, partial)
 
     # Per-type project timings (same analyzer, fresh cache, one type at a time).
     for typ in per_type:
@@ -246,17 +259,26 @@ def main(argv=None):
         "routes": routes,
         "snr_range": [min(snrs), max(snrs)] if snrs else None,
         "per_type": per_type,
-        "command": "python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:])),
+        "command": _command(argv),
+        "complete": True,
     }
     print(json.dumps({k: v for k, v in out.items() if k != "per_type"}, indent=1))
     for typ, d in per_type.items():
         print(f"  {typ:18s} {str(tuple(d['shape'])):14s} x{d['count']:3d}  svdvals {d['baseline_s']:8.2f} s  "
               f"project {d['project_s']:7.2f} s  {d['speedup']:5.1f}x")
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as fh:
-            json.dump(out, fh, indent=1)
+    _write(args.json, out)
     return out
+
+
+def _command(argv):
+    return "python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:]))
+
+
+def _write(path, obj):
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as fh:
+            json.dump(obj, fh, indent=1)
 
 
 if __name__ == "__main__":

@@ -222,10 +222,13 @@ def main(argv=None):
     ap.add_argument("--method", default=None, help=argparse.SUPPRESS)  # child process
     args = ap.parse_args(argv)
     args.preset = args.preset or args.device
+    unknown = sorted(set(args.methods.split(",")) - set(METHODS))
+    if unknown:
+        ap.error(f"unknown --methods {unknown}; choose from {METHODS}")
     if args.method:
         print("RESULT " + json.dumps(run_one(args)), flush=True)
         return
-    results = []
+    results, failed = [], []
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(args.threads))
     for method in args.methods.split(","):
         cmd = [sys.executable, os.path.abspath(__file__), "--method", method, "--device", args.device,
@@ -237,8 +240,11 @@ def main(argv=None):
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         if proc.returncode != 0 or not line:
+            # Keep going: the other methods' numbers are still worth having (the run ends non-zero).
             sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-5000:])
-            raise SystemExit(f"{method} failed (rc={proc.returncode})")
+            print(f"{method} FAILED (rc={proc.returncode})", flush=True)
+            failed.append({"method": method, "returncode": proc.returncode, "stderr_tail": proc.stderr[-2000:]})
+            continue
         r = json.loads(line[-1][len("RESULT "):])
         results.append(r)
         print(f"{method:17s} step {r['step_s_median'] * 1e3:8.1f} ms (cpu {r['cpu_step_s_median'] * 1e3:6.1f} ms)  "
@@ -266,6 +272,7 @@ def main(argv=None):
         "torch": torch.__version__,
         "cpu_count": os.cpu_count(),
         "results": results,
+        "failed": failed,
         "command": "python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:])),
     }
     dyn = next((r for r in results if r["method"] == "spectrum_dynamic"), None)
@@ -277,8 +284,10 @@ def main(argv=None):
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as fh:
             json.dump(out, fh, indent=1)
-    if args.plot:
+    if args.plot and results:
         plot(results, args.plot, f"{args.preset} preset on {args.device}, {args.steps} steps, torch {torch.__version__}")
+    if failed:
+        raise SystemExit(f"failed: {', '.join(f['method'] for f in failed)}")
 
 
 if __name__ == "__main__":

@@ -4,12 +4,14 @@
 #
 #   bash scripts/gpu_checks.sh analyzer   # scan benchmarks, about 5-6 minutes on one H100
 #   bash scripts/gpu_checks.sh train      # training benchmark, about 3-4 minutes
-#   bash scripts/gpu_checks.sh            # both (only where one call may take 10 minutes)
+#   bash scripts/gpu_checks.sh            # both: up to 11.5 minutes, too long for one device call
 #
 # Results go to $OUT (the device tool's folder that comes back; runs/gpu by default):
 # at most 8 files per part. It needs torch with CUDA, transformers and peft (the device
 # image has them) and runs from the checkout without installing it (PYTHONPATH). Each
-# step has its own time limit, so one slow step cannot eat the others' time. Estimates
+# step has its own time limit, so one slow step cannot eat the others' time; the
+# analyzer benchmark writes its JSON after each phase, so a step cut short keeps what
+# it measured. Estimates
 # come from ../shared/design/landscape.md (fp32 svdvals of the 8B shapes: ~169 s). Smoke
 # test on a CPU:
 #
@@ -34,7 +36,7 @@ step() {  # step NAME LIMIT_S COMMAND...: run with a time limit, log to $OUT/NAM
     shift 2
     echo "== $name (limit ${limit}s): $*"
     local t0=$SECONDS
-    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+    timeout -k 15 "$limit" "$@" >"$OUT/$name.log" 2>&1
     local rc=$?
     tail -n 25 "$OUT/$name.log"
     echo "== $name: exit $rc after $((SECONDS - t0)) s"

@@ -81,7 +81,7 @@ SHARDED_HELP = (
     "DeepSpeed ZeRO optimizer; it does neither for FSDP's sharded parameters. For static Spectrum under FSDP, "
     "call spectrum_freeze(model, top_pct=...) on the model before it is wrapped (before Trainer(...); FSDP1 "
     "needs use_orig_params=True) and leave the callback out. For dynamic Spectrum on several GPUs use "
-    "DeepSpeed ZeRO-2/3 (configs/ds_zero3.json)"
+    "DDP or DeepSpeed ZeRO-1/2/3 (configs/ds_zero3.json)"
 )
 
 
@@ -100,11 +100,15 @@ def sharding_engine(model: nn.Module) -> Optional[str]:
         for cls, label in kinds:
             if isinstance(mod, cls):
                 return label
+    # The inner module of a root-only FSDP1 wrap holds no FSDP object, but FSDP marks the
+    # parameters it flattened (private attribute, checked with torch 2.13).
+    if any(getattr(p, "_fsdp_flattened", False) for p in model.parameters()):
+        return "FSDP (FullyShardedDataParallel)"
     with contextlib.suppress(ImportError):
         from torch.distributed.tensor import DTensor
 
         if any(isinstance(p, DTensor) for p in model.parameters()):
-            return "DTensor parameters (tensor parallelism or a device mesh)"
+            return "DTensor (tensor parallelism or a device mesh)"
     return None
 
 
@@ -113,7 +117,7 @@ def check_model_supported(model: nn.Module) -> None:
     or that are sharded by an engine the backends do not cover (FSDP, DTensor)."""
     engine = sharding_engine(model)
     if engine is not None:
-        raise ValueError(f"the model is sharded by {engine}: {SHARDED_HELP}")
+        raise ValueError(f"the model's parameters are distributed by {engine}: {SHARDED_HELP}")
     if getattr(model, "hf_quantizer", None) is not None or getattr(model, "is_quantized", False):
         method = getattr(getattr(model, "hf_quantizer", None), "quantization_config", None)
         method = getattr(method, "quant_method", "quantized")
@@ -210,9 +214,11 @@ class SpectrumAnalyzer:
             counter alone cannot tell.
         progress: show a tqdm bar.
         cpu_threads: threads for CPU solver calls.  ``None``: torch's setting, lowered to
-            the number of idle cores (1-minute load average) and shared between the
-            ranks of this machine.  Multi-threaded LAPACK on busy cores is disastrous
-            (measured on 2 busy cores: 2 threads 10-25x slower than 1).
+            the cores other processes leave idle (sampled from /proc for 50 ms; this
+            process's own threads don't count) and shared between the ranks of this
+            machine; scans of a few milliseconds use 1 thread.  Multi-threaded LAPACK
+            on busy cores is disastrous (measured on 2 busy cores: 2 threads 10-25x
+            slower than 1).
     """
 
     def __init__(
@@ -364,9 +370,11 @@ class SpectrumAnalyzer:
             return False
         return self._cache[name][0] == self._key(self.modules[name].weight)
 
-    def _solver_threads(self) -> int:
+    def _solver_threads(self, names: Sequence[str]) -> int:
         if self.cpu_threads is not None:
             return self.cpu_threads
+        if sum(self._cost(n) for n in names) < _SMALL_SCAN_COST:
+            return 1  # a few milliseconds of work: not worth sampling the machine's load
         return idle_cpu_threads()
 
     def _cost(self, name: str) -> float:
@@ -386,7 +394,7 @@ class SpectrumAnalyzer:
         for n in todo:
             groups.setdefault(tuple(_full_shape(self.modules[n].weight)), []).append(n)
         rank, _ = _dist_info()
-        threads = self._solver_threads() if any(
+        threads = self._solver_threads(todo) if any(
             (self.device or self.modules[n].weight.device).type == "cpu" for n in todo[:1]) else None
         bar = tqdm(
             total=len(todo),
@@ -434,17 +442,57 @@ class SpectrumAnalyzer:
             bar.close()
 
 
+# Below this many solver "flops" (k^3 + k^2 * max side, summed), a CPU scan runs on one
+# thread without sampling the load: about 1-5 ms of work.
+_SMALL_SCAN_COST = 2e8
+
+
+def _cpu_jiffies():
+    """(busy jiffies of the whole machine, jiffies of this process, all jiffies) from /proc."""
+    with open("/proc/stat") as fh:
+        fields = [int(x) for x in fh.readline().split()[1:]]
+    # user nice system idle iowait irq softirq steal [guest guest_nice, already in user/nice]
+    busy = sum(fields[:3]) + sum(fields[5:8])
+    with open("/proc/self/stat") as fh:
+        own = fh.read().rsplit(")", 1)[1].split()
+    mine = int(own[11]) + int(own[12])  # utime + stime, all threads of this process
+    return busy, mine, sum(fields[:8])
+
+
+def busy_cores_of_other_processes(window_s: float = 0.05) -> Optional[float]:
+    """Cores that other processes keep busy now, sampled over ``window_s`` from /proc
+    (Linux); ``None`` where /proc cannot be read.  This process's own threads (the
+    Trainer's, paused while the callback scans) do not count."""
+    try:
+        b0, m0, t0 = _cpu_jiffies()
+        time.sleep(window_s)
+        b1, m1, t1 = _cpu_jiffies()
+    except (OSError, ValueError, IndexError):
+        return None
+    if t1 <= t0:
+        return None
+    cores = os.cpu_count() or 1
+    return max(0.0, (b1 - b0) - (m1 - m0)) / (t1 - t0) * cores
+
+
 def idle_cpu_threads(max_threads: Optional[int] = None) -> int:
     """Threads worth using on this machine now: torch's setting (or ``max_threads``),
-    lowered to the idle cores (1-minute load average; this process counts in it) and
-    shared between the ranks of this machine.  At least 1."""
+    lowered to the cores other processes leave idle and shared between the ranks of
+    this machine.  At least 1.
+
+    OpenMP threads on cores that another process keeps busy make LAPACK 10-25x slower,
+    so this matters on shared machines.  "Busy" is sampled from /proc for 50 ms,
+    leaving out this process's own threads. Where /proc is unavailable, the 1-minute
+    load average stands in, with this process counted as one busy core."""
     n = max_threads or torch.get_num_threads()
     cores = os.cpu_count() or n
-    try:
-        busy = os.getloadavg()[0]
-    except (AttributeError, OSError):  # pragma: no cover - not on every platform
-        busy = 0.0
-    idle = int(cores - max(busy - 1.0, 0.0))
+    others = busy_cores_of_other_processes()
+    if others is None:
+        try:
+            others = max(os.getloadavg()[0] - 1.0, 0.0)
+        except (AttributeError, OSError):  # pragma: no cover - not on every platform
+            others = 0.0
+    idle = int(cores - others + 0.5)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     return max(1, min(n, idle, cores // max(local, 1)))
 

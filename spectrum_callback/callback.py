@@ -200,9 +200,12 @@ class SpectrumCallback(TrainerCallback):
             raise ValueError("SpectrumCallback needs the model at on_train_begin; use it with transformers.Trainer")
         self.trainer, resume_dir = find_trainer(self)
         if getattr(self.trainer, "is_fsdp_enabled", False):
-            # The model handed to callbacks may be the inner module, whose parameters FSDP has
-            # already replaced by views of its flat shards: refuse on the Trainer's word.
-            raise ValueError(f"the Trainer runs FSDP (fsdp / fsdp_config are set): {SHARDED_HELP}")
+            # transformers 5.24 hands callbacks the FSDP-wrapped model, which the analyzer refuses
+            # too; this check also covers versions that hand over the inner module (whose
+            # parameters are views of FSDP's flat shards) and names where FSDP came from.
+            raise ValueError(
+                f"the Trainer runs FSDP (TrainingArguments.fsdp or an accelerate FSDP config): {SHARDED_HELP}"
+            )
         self._model = model
         self.analyzer = SpectrumAnalyzer(
             model, include=self.include, exclude=self.exclude, method=self.method, dtype=self.dtype,

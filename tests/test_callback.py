@@ -347,7 +347,9 @@ def test_trainer_optim_choices_dynamic(tmp_path, monkeypatch, optim):
                                  if names[id(p)] not in self.trainable and opt.state[p]]
 
     watch = Watch()
-    tr = make_trainer(tmp_path, None, [cb, watch], max_steps=6, weight_decay=0.1, optim=optim, learning_rate=1e-2)
+    extra = {"optim_args": "momentum=0.9"} if optim == "sgd" else {}  # the Trainer's SGD has no state otherwise
+    tr = make_trainer(tmp_path, None, [cb, watch], max_steps=6, weight_decay=0.1, optim=optim, learning_rate=1e-2,
+                      **extra)
     tr.train()
     assert calls["n"] == 3 and len({tuple(h["selected"]) for h in cb.history}) == 3
     assert watch.frozen_changed == []

@@ -111,7 +111,8 @@ def test_same_losses_and_weights_as_plain_pytorch(ds_results, name, ref):
 
 def test_scenarios_ran_at_the_zero_stage_they_name(ds_results):
     for name in ("z1_dynamic", "z2_dynamic", "z3_dynamic"):
-        assert _get(ds_results, name)["zero_stage"] == int(name[1]), name
+        r = _get(ds_results, name)
+        assert r["zero_stage"] == r["backend_stage"] == int(name[1]), name  # the engine and the rebuilt optimizer
 
 
 def test_lr_schedule_reaches_every_group_after_rebuilds(ds_results):
@@ -178,6 +179,9 @@ def test_resume_continues_with_same_losses(ds_results, name):
     for step, loss in resumed.items():
         assert loss == full[step], (step, loss, full[step])
     assert r["resume_max_weight_diff"] == 0.0
+    # scans 0 and 2 come from spectrum_state.json, 4 is rescanned: same steps and selections
+    assert [h[0] for h in r["full_history"]] == [0, 2, 4]
+    assert r["resumed_history"] == r["full_history"]
     assert r["violations"] == []
 
 

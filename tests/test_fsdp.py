@@ -39,10 +39,19 @@ def test_fsdp1_wrapped_model_is_refused(process_group):
     # The wrapper and the inner module (what the Trainer's callbacks are handed) are both refused.
     for model in (wrapped, inner):
         assert sharding_engine(model) == "FSDP (FullyShardedDataParallel)"
-        with pytest.raises(ValueError, match=r"sharded by FSDP .*spectrum_freeze\(model.*before it is wrapped"):
+        with pytest.raises(ValueError, match=r"distributed by FSDP .*spectrum_freeze\(model.*before it is wrapped"):
             SpectrumAnalyzer(model)
-        with pytest.raises(ValueError, match="sharded by FSDP"):
+        with pytest.raises(ValueError, match="distributed by FSDP"):
             spectrum_freeze(model, top_pct=0.25)
+
+
+@pytest.mark.parametrize("use_orig_params", [True, False])
+def test_inner_module_of_a_root_only_fsdp1_wrap_is_refused(process_group, use_orig_params):
+    inner = tiny_model("llama")
+    fsdp.FullyShardedDataParallel(inner, device_id=torch.device("cpu"), use_orig_params=use_orig_params)
+    assert not any(isinstance(m, fsdp.FullyShardedDataParallel) for m in inner.modules())
+    with pytest.raises(ValueError, match="distributed by FSDP"):
+        SpectrumAnalyzer(inner)
 
 
 def test_fsdp2_model_is_refused(process_group):
@@ -51,7 +60,7 @@ def test_fsdp2_model_is_refused(process_group):
         fsdp.fully_shard(layer)
     fsdp.fully_shard(model)
     assert sharding_engine(model) == "FSDP2 (fully_shard)"
-    with pytest.raises(ValueError, match=r"sharded by FSDP2 \(fully_shard\).*DeepSpeed ZeRO-2/3"):
+    with pytest.raises(ValueError, match=r"distributed by FSDP2 \(fully_shard\).*DDP or DeepSpeed ZeRO-1/2/3"):
         SpectrumAnalyzer(model)
 
 
@@ -63,8 +72,8 @@ def test_dtensor_parameters_are_refused(process_group):
     mesh = init_device_mesh("cpu", (1,))
     lin = model.model.layers[0].mlp.up_proj
     lin.weight = torch.nn.Parameter(distribute_tensor(lin.weight.detach(), mesh, [Replicate()]))
-    assert sharding_engine(model).startswith("DTensor parameters")
-    with pytest.raises(ValueError, match="sharded by DTensor parameters"):
+    assert sharding_engine(model).startswith("DTensor")
+    with pytest.raises(ValueError, match=r"distributed by DTensor \(tensor parallelism"):
         SpectrumAnalyzer(model)
 
 

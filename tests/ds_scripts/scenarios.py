@@ -199,6 +199,16 @@ def finish(trainer):
     gc.collect()
 
 
+def _current_zero_stage(spectrum):
+    """ZeRO stage of the optimizer the backend rebuilt last (None without DeepSpeed)."""
+    zero = getattr(spectrum.backend, "zero", None) if spectrum is not None else None
+    if zero is None:
+        return None
+    from spectrum_callback.backends.deepspeed_backend import _ds_stage
+
+    return _ds_stage(zero)
+
+
 def run(name, out, reference=False):
     s = SCENARIOS[name]
     result = {"name": name, "world": world(), "reference": reference}
@@ -216,6 +226,7 @@ def run(name, out, reference=False):
         trainer, model, spectrum, rec, losses = make_trainer(name, s, out, reference, save=True)
         trainer.train()
         result["full_losses"] = losses.losses
+        result["full_history"] = [[h["step"], h["selected"]] for h in spectrum.history]
         result["full_weights_sha"] = None
         full = full_state(model)
         finish(trainer)
@@ -224,6 +235,7 @@ def run(name, out, reference=False):
         trainer, model, spectrum, rec, losses = make_trainer(name, s, out, reference, save=True)
         trainer.train(resume_from_checkpoint=ckpt)
         result["resumed_losses"] = losses.losses
+        result["resumed_history"] = [[h["step"], h["selected"]] for h in spectrum.history]
         resumed = full_state(model)
         result["resume_max_weight_diff"] = max(float((full[n] - resumed[n]).abs().max()) for n in full)
         result["resumed_selected_first"] = rec.selected[0] if rec.selected else None
@@ -243,6 +255,7 @@ def run(name, out, reference=False):
         history=[{"step": h["step"], "selected": h["selected"]} for h in spectrum.history],
         rebuilds=getattr(spectrum.backend, "rebuilds", None),
         zero_stage=trainer.model_wrapped.zero_optimization_stage() if not reference else None,
+        backend_stage=_current_zero_stage(spectrum),
     )
     gc.collect()
     result["live_old_optimizers"] = sum(1 for r in rec.refs[:-1] if r() is not None and r() is not spectrum.backend.zero)
