@@ -164,9 +164,17 @@ def test_cpu_threads_setting(monkeypatch):
     assert {k: v["snr"] for k, v in one.items()} == pytest.approx({k: v["snr"] for k, v in ref.items()}, rel=1e-6)
     # automatic: never more than torch's setting, at least one
     an = SpectrumAnalyzer(model, progress=False)
-    assert 1 <= an._solver_threads() <= torch.get_num_threads()
-    monkeypatch.setattr(am.os, "getloadavg", lambda: (50.0, 50.0, 50.0))
-    assert an._solver_threads() == 1
+
+    def must_not_sample(window_s=0.05):
+        raise AssertionError("a scan of milliseconds sampled the machine's load")
+
+    monkeypatch.setattr(am, "busy_cores_of_other_processes", must_not_sample)
+    assert an._solver_threads(an.names) == 1
+    monkeypatch.setattr(am, "_SMALL_SCAN_COST", 0.0)  # as if the matrices were large
+    monkeypatch.setattr(am, "busy_cores_of_other_processes", lambda window_s=0.05: 0.0)
+    assert an._solver_threads(an.names) == min(torch.get_num_threads(), am.os.cpu_count())
+    monkeypatch.setattr(am, "busy_cores_of_other_processes", lambda window_s=0.05: 50.0)
+    assert an._solver_threads(an.names) == 1
     with pytest.raises(ValueError, match="cpu_threads"):
         SpectrumAnalyzer(model, cpu_threads=0)
 
