@@ -214,3 +214,31 @@ def test_route_counts_and_skip_unchanged():
     an.scan()
     assert an.last_scan_stats["scanned"] == 3
     assert sum(fast_snr.ROUTE_COUNTS.values()) == len(an.names) + 3
+
+
+@pytest.mark.parametrize("k", [32, 64, 128, 256])
+def test_error_model_covers_singular_values_near_the_threshold(k):
+    """The check in fast_snr rests on a per-singular-value error bound. Near the threshold
+    (where a misjudged value flips a term of the SNR), the fp32 Gram route's real errors
+    must stay inside it; with the first model's constant (C = 1, no small-k margin) they
+    exceeded it by up to ~2x on such matrices."""
+    import math
+
+    from spectrum_callback.fast_snr import gram_eigvalsh, singular_value_bounds
+
+    g = torch.Generator().manual_seed(k)
+    worst = 0.0
+    for i in range(24):
+        n = k if i % 2 else k + k // 3  # square and tall
+        w = torch.randn(n, k, generator=g) / math.sqrt(n)
+        if i % 3 == 0:  # heavy tails: Student-t with 3 degrees of freedom
+            chi2 = torch.randn(3, n, k, generator=g).pow(2).sum(0)
+            w = w / (chi2 / 3).sqrt()
+        s32, ds, _ = singular_value_bounds(gram_eigvalsh(w.unsqueeze(0), torch.float32), n, k,
+                                           torch.finfo(torch.float32).eps)
+        s64 = torch.linalg.svdvals(w.double())
+        q = torch.quantile(s64, torch.tensor([0.25, 0.75], dtype=torch.float64))
+        t = (q[1] - q[0]) / 1.349 * (1 + math.sqrt(k / n))
+        near = (s64 - t).abs() <= 0.25 * t
+        worst = max(worst, float(((s32[0] - s64).abs() / ds[0])[near].max()))
+    assert worst <= 1.0, worst
