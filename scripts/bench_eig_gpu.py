@@ -1,0 +1,102 @@
+#!/usr/bin/env python
+"""Micro-benchmark of the eigen-solve behind the fast scan, for a GPU session.
+
+The fast route's time is almost all ``eigvalsh`` of a ``k x k`` Gram matrix
+(../shared/design/landscape.md: 89 ms fp32 for k = 4096 on an H100, ~17 s for an 8B
+model).  Issue 4 asks for <= 8 s, so this measures what torch offers for that solve on
+the machine at hand, per matrix, in one run:
+
+* linear-algebra backend: ``torch.backends.cuda.preferred_linalg_library`` "cusolver"
+  vs "magma" (CUDA only);
+* precision: fp32 vs fp64;
+* one call per matrix vs one batched call.
+
+Writes JSON (``--json``) with ms per matrix for every combination and the largest
+relative eigenvalue difference from the fp64 cusolver (or CPU) result, so that a faster
+variant can be judged on accuracy too.  Smoke test on CPU:
+``python scripts/bench_eig_gpu.py --device cpu --k 256 --batch 4``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time(fn, device, repeat):
+    fn()  # warm-up (library handles, workspace)
+    _sync(device)
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
+    ap.add_argument("--k", type=int, default=4096, help="Gram matrix size (4096: Llama-3-8B q/o/gate/up/down)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device visible")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(args.batch, args.k + args.k // 2, args.k, generator=gen, device=device) / args.k ** 0.5
+    grams = {torch.float32: x.mT @ x}
+    grams[torch.float64] = grams[torch.float32].double()
+    del x
+    backends = ["cusolver", "magma"] if device.type == "cuda" else ["default"]
+    ref = None
+    rows = []
+    for backend in backends:
+        if device.type == "cuda":
+            torch.backends.cuda.preferred_linalg_library(backend)
+        for dtype in (torch.float64, torch.float32):
+            g = grams[dtype]
+            for mode in ("loop", "batched"):
+                if mode == "loop":
+                    def fn():
+                        return [torch.linalg.eigvalsh(g[i]) for i in range(g.shape[0])]
+                else:
+                    def fn():
+                        return torch.linalg.eigvalsh(g)
+                try:
+                    seconds = _time(fn, device, args.repeat)
+                    out = fn()
+                    lam = (torch.stack(out) if isinstance(out, list) else out).double().cpu()
+                    if ref is None:
+                        ref = lam  # fp64, first backend
+                    err = float(((lam - ref).abs().amax(-1) / ref.abs().amax(-1)).max())
+                    row = dict(backend=backend, dtype=str(dtype).replace("torch.", ""), mode=mode,
+                               ms_per_matrix=1e3 * seconds / g.shape[0], max_rel_diff_vs_first_fp64=err)
+                except Exception as exc:  # a backend missing from this build
+                    row = dict(backend=backend, dtype=str(dtype).replace("torch.", ""), mode=mode,
+                               error=f"{type(exc).__name__}: {exc}"[:300])
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    out = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", torch=torch.__version__,
+               k=args.k, batch=args.batch, repeat=args.repeat, results=rows)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as fh:
+            json.dump(out, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
