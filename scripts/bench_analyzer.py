@@ -231,37 +231,26 @@ def main(argv=None):
     max_rel = max(rel_err(proj[n]["snr"], ref[n]) for n in names)
     max_rel_base = max(rel_err(base[n], ref[n]) for n in names)
     snrs = [ref[n] for n in names if math.isfinite(ref[n])]
-    out = {
-        "shapes": args.shapes,
-        "layers": len(model.model.layers),
-        "matrices": len(names),
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "threads": args.threads,
-        "torch": torch.__version__,
-        "method": args.method,
-        "chunk_mb": args.chunk_mb,
-        "baseline": "compute_snr per matrix (torch.linalg.svdvals fp32)",
-        "baseline_s": baseline_s,
-        "project_s": project_s,
-        "project_runs_s": project_runs,
-        "repeat": args.repeat,
-        "speedup": baseline_s / project_s,
-        "reference": args.reference,
-        "reference_s": ref_s,
-        "max_rel_err": max_rel,
-        "baseline_max_rel_err": max_rel_base,
-        "same_selection": sel_proj == sel_ref,
-        "baseline_same_selection": sel_base == sel_ref,
-        "selected": len(sel_ref),
-        "top_pct": args.top_pct,
-        "routes": routes,
-        "snr_range": [min(snrs), max(snrs)] if snrs else None,
-        "per_type": per_type,
-        "command": _command(argv),
-        "complete": True,
-    }
+    partial.update(
+        layers=len(model.model.layers),
+        device_name=torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
+        cpu_count=os.cpu_count(),
+        torch=torch.__version__,
+        method=args.method,
+        chunk_mb=args.chunk_mb,
+        baseline="compute_snr per matrix (torch.linalg.svdvals fp32)",
+        repeat=args.repeat,
+        max_rel_err=max_rel,
+        baseline_max_rel_err=max_rel_base,
+        same_selection=sel_proj == sel_ref,
+        baseline_same_selection=sel_base == sel_ref,
+        selected=len(sel_ref),
+        top_pct=args.top_pct,
+        snr_range=[min(snrs), max(snrs)] if snrs else None,
+        per_type=per_type,
+        complete=True,
+    )
+    out = partial
     print(json.dumps({k: v for k, v in out.items() if k != "per_type"}, indent=1))
     for typ, d in per_type.items():
         print(f"  {typ:18s} {str(tuple(d['shape'])):14s} x{d['count']:3d}  svdvals {d['baseline_s']:8.2f} s  "

@@ -3,10 +3,6 @@
 # and run a real Spectrum fine-tune of SmolLM2-135M-Instruct on the KJV Bible, offline.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ -z "${VIRTUAL_ENV:-}" ]; then
-  [ -x .venv/bin/python ] || python3 -m venv .venv
-  source .venv/bin/activate
-fi
-bash scripts/setup_env.sh
+source scripts/venv.sh
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
 python scripts/demo.py "$@"

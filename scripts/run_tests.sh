@@ -3,11 +3,7 @@
 # active) and runs the whole suite (2 CPU cores: under 15 minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ -z "${VIRTUAL_ENV:-}" ]; then
-  [ -x .venv/bin/python ] || python3 -m venv .venv
-  source .venv/bin/activate
-fi
-bash scripts/setup_env.sh
+source scripts/venv.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export DS_ACCELERATOR=cpu
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/spectrum_callback/torch_extensions}

@@ -100,14 +100,16 @@ def sharding_engine(model: nn.Module) -> Optional[str]:
         for cls, label in kinds:
             if isinstance(mod, cls):
                 return label
-    # The inner module of a root-only FSDP1 wrap holds no FSDP object, but FSDP marks the
-    # parameters it flattened (private attribute, checked with torch 2.13).
-    if any(getattr(p, "_fsdp_flattened", False) for p in model.parameters()):
-        return "FSDP (FullyShardedDataParallel)"
-    with contextlib.suppress(ImportError):
+    try:
         from torch.distributed.tensor import DTensor
-
-        if any(isinstance(p, DTensor) for p in model.parameters()):
+    except ImportError:
+        DTensor = ()
+    for p in model.parameters():
+        # The inner module of a root-only FSDP1 wrap holds no FSDP object, but FSDP marks the
+        # parameters it flattened (private attribute, checked with torch 2.13).
+        if getattr(p, "_fsdp_flattened", False):
+            return "FSDP (FullyShardedDataParallel)"
+        if isinstance(p, DTensor):
             return "DTensor (tensor parallelism or a device mesh)"
     return None
 

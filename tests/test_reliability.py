@@ -49,19 +49,19 @@ def test_corrupt_or_future_state_file_is_a_clear_error(tmp_path):
     state = json.loads((ckpt / "spectrum_state.json").read_text())
     state["version"] = 99
     (ckpt / "spectrum_state.json").write_text(json.dumps(state))
-    tr2 = transformers.Trainer(model=tiny_model("llama"), train_dataset=RandomTokens(),
-                               args=training_args(tmp_path / "o", max_steps=3))
-    tr2.add_callback(SpectrumCallback())
-    with pytest.raises(ValueError, match="upgrade spectrum_callback"):
-        tr2.train(resume_from_checkpoint=str(ckpt))
+
+    def resume_must_fail(match):
+        tr = transformers.Trainer(model=tiny_model("llama"), train_dataset=RandomTokens(),
+                                  args=training_args(tmp_path / "o", max_steps=3))
+        tr.add_callback(SpectrumCallback())
+        with pytest.raises(ValueError, match=match):
+            tr.train(resume_from_checkpoint=str(ckpt))
+
+    resume_must_fail("upgrade spectrum_callback")
     state["version"] = 1
     state["selected"] = ["model.layers.99.mlp.up_proj"]
     (ckpt / "spectrum_state.json").write_text(json.dumps(state))
-    tr3 = transformers.Trainer(model=tiny_model("llama"), train_dataset=RandomTokens(),
-                               args=training_args(tmp_path / "o", max_steps=3))
-    tr3.add_callback(SpectrumCallback())
-    with pytest.raises(ValueError, match="another model"):
-        tr3.train(resume_from_checkpoint=str(ckpt))
+    resume_must_fail("another model")
 
 
 def test_all_nan_model_gives_empty_selection_error(tmp_path):
