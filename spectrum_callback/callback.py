@@ -209,7 +209,7 @@ class SpectrumCallback(TrainerCallback):
         self._model = model
         self.analyzer = SpectrumAnalyzer(
             model, include=self.include, exclude=self.exclude, method=self.method, dtype=self.dtype,
-            chunk_mb=self.chunk_mb, progress=True,
+            chunk_mb=self.chunk_mb, progress=not getattr(args, "disable_tqdm", False),
         )
         self._validate_patterns(model)
         self.backend = make_backend(optimizer, model, self.trainer)
