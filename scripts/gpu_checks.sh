@@ -74,7 +74,7 @@ trainer_checks() {  # trainer_checks MODEL PREFIX EXTRA...: the three engines at
     shift 2
     local pids=() e
     for e in torch zero3 zero2; do
-        timeout -k 15 300 $PY scripts/gpu_trainer_check.py --device "$DEVICE" --model "$model" --engine $e \
+        timeout -k 15 "${CHECK_LIMIT:-300}" $PY scripts/gpu_trainer_check.py --device "$DEVICE" --model "$model" --engine $e \
             --json "$RES/${prefix}_$e.json" "$@" >"$RES/${prefix}_$e.log" 2>&1 &
         pids+=($!)
     done
@@ -89,7 +89,7 @@ if [ "$what" = A ]; then
     versions | tee "$RES/versions.txt"
     if [ -f .gpu_assets/A/gguf.part1 ]; then cp .gpu_assets/A/gguf.part1 "$STASH/"; fi
     echo "== rehearsal: tiny random Llama through the Trainer checks"
-    trainer_checks tiny rehearsal --steps 12 --update-every 4 --batch 4 --seq 64 --lr 3e-3 --modes static,dynamic
+    CHECK_LIMIT=150 trainer_checks tiny rehearsal --steps 12 --update-every 4 --batch 4 --seq 64 --lr 3e-3 --modes static,dynamic
     step eig 100 $PY scripts/bench_eig_gpu.py --device "$DEVICE" --k "$EIG_K" --batch 4 --repeat 1 \
         --json "$RES/bench_eig_${DEVICE}.json"
     step analyzer 240 $PY scripts/bench_analyzer.py --device "$DEVICE" --shapes "$SHAPES" --repeat 1 \
