@@ -179,7 +179,8 @@ def run_mode(args, mode, torch, transformers):
             rec["trainable_numel"][step] = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()
                                                if p.requires_grad)
             with _gathered([p for _, p in frozen]):
-                self.snap = {n: p.detach().clone() for n, p in frozen}
+                # on the host, so that the check adds nothing to the device memory it measures
+                self.snap = {n: p.detach().to("cpu", copy=True) for n, p in frozen}
             if cuda:
                 torch.cuda.synchronize()
             self.t = time.perf_counter()
@@ -191,7 +192,7 @@ def run_mode(args, mode, torch, transformers):
             named = dict(model.named_parameters())
             with _gathered([named[n] for n in self.snap]):
                 for n, before in self.snap.items():
-                    now = named[n].detach()
+                    now = named[n].detach().cpu()
                     if now.shape != before.shape or not torch.equal(now, before):
                         rec["violations"].append({"step": state.global_step, "param": n})
             self.snap = {}
