@@ -204,7 +204,8 @@ class SpectrumAnalyzer:
         method: ``"svd"`` (``torch.linalg.svdvals``, the original tool's route),
             ``"gram"`` (eigenvalues of the smaller Gram matrix), ``"fast"`` (fp32 Gram
             eigenvalues, checked against an error model, with float64 fallback; see
-            :mod:`spectrum_callback.fast_snr`) or ``"auto"`` (= ``"fast"``).
+            :mod:`spectrum_callback.fast_snr`) or ``"auto"`` (= ``"fast"``, with its first
+            stage in float64 on CUDA, where that is faster than float32 plus fallbacks).
         dtype: computation dtype (float32 or float64); ``None`` follows ``method``.
         chunk_mb: upper bound, in MiB, on the copies one solver call holds at once.
         device: where to compute (default: each weight's own device).
@@ -298,6 +299,12 @@ class SpectrumAnalyzer:
         dtype = self.dtype
         if method == "auto":
             method = "fast"
+            if dtype is None and torch.device(dev).type == "cuda":
+                # On a GPU the float64 eigen-solve costs little more than float32 (4096 x 4096
+                # on an H200: 100 ms vs 81 ms), while a third of the fp32 results failed the error
+                # check and were solved again in float64: straight to float64 is faster and exact
+                # (8B shapes on an H200: 17.8 s vs 24.3 s, docs/gpu.md).
+                dtype = torch.float64
         if dtype is None:
             dtype = torch.float64 if method == "gram" else torch.float32
         return dev, method, dtype
@@ -515,6 +522,12 @@ def _threads(n: Optional[int]):
 def _full_shape(w: torch.Tensor):
     shape = getattr(w, "ds_shape", None)
     return tuple(shape) if shape is not None else tuple(w.shape)
+
+
+def full_numel(p: torch.Tensor) -> int:
+    """Elements of the whole parameter, also when an engine holds only a shard of it here
+    (DeepSpeed ZeRO-3 leaves a 0-element placeholder between gathers)."""
+    return math.prod(_full_shape(p))
 
 
 def _dist_info():

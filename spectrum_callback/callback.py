@@ -13,7 +13,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from ._trainer_access import find_trainer
-from .analyzer import SHARDED_HELP, SpectrumAnalyzer
+from .analyzer import SHARDED_HELP, SpectrumAnalyzer, full_numel
 from .analyzer import compile_patterns as _compile_list
 from .backends import make_backend
 from .selection import load_snr_json, parse_snr_mapping, select_top, validate_top_pct
@@ -318,8 +318,8 @@ class SpectrumCallback(TrainerCallback):
             "source": source,
         }
         self.history.append(entry)
-        n_train = sum(p.numel() for p in trainable)
-        n_total = sum(p.numel() for p in {id(p): p for p in self._model.parameters()}.values())
+        n_train = sum(full_numel(p) for p in trainable)
+        n_total = sum(full_numel(p) for p in {id(p): p for p in self._model.parameters()}.values())
         metrics = {
             "spectrum/selected_modules": float(len(self.selected)),
             "spectrum/changes": float(changes),

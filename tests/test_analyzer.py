@@ -224,3 +224,40 @@ def test_busy_cores_sees_another_process():
     finally:
         child.kill()
         child.wait()
+
+
+def test_auto_method_solves_in_float64_on_cuda_and_float32_on_cpu():
+    # The choice only (no GPU here): on CUDA, fp64 straight away beat fp32 + fp64 fallbacks
+    # (docs/gpu.md); on CPU fp32 stays.  Explicit settings are kept as given.
+    model = tiny_model("llama", layers=1)
+    w = model.model.layers[0].self_attn.q_proj.weight
+    cpu = SpectrumAnalyzer(model, progress=False)
+    assert cpu._resolve(w)[1:] == ("fast", torch.float32)
+    cuda = SpectrumAnalyzer(model, device="cuda", progress=False)
+    assert cuda._resolve(w)[1:] == ("fast", torch.float64)
+    assert SpectrumAnalyzer(model, method="fast", device="cuda", progress=False)._resolve(w)[1:] == ("fast", torch.float32)
+    assert SpectrumAnalyzer(model, device="cuda", dtype=torch.float32, progress=False)._resolve(w)[1:] == (
+        "fast", torch.float32)
+
+
+def test_scan_progress_bar_follows_disable_tqdm(monkeypatch, tmp_path):
+    # The callback shows the scan's tqdm bar unless TrainingArguments(disable_tqdm=True).
+    import transformers
+    from tiny import RandomTokens, training_args
+
+    from spectrum_callback import SpectrumCallback
+
+    seen = []
+    real_init = SpectrumAnalyzer.__init__
+
+    def spy(self, *a, **kw):
+        seen.append(kw.get("progress"))
+        real_init(self, *a, **kw)
+
+    monkeypatch.setattr(SpectrumAnalyzer, "__init__", spy)
+    for disable in (True, False):
+        trainer = transformers.Trainer(model=tiny_model("llama", layers=1), train_dataset=RandomTokens(n=8),
+                                       args=training_args(tmp_path / str(disable), max_steps=1, disable_tqdm=disable),
+                                       callbacks=[SpectrumCallback(top_pct=0.25, verbose=False)])
+        trainer.train()
+    assert seen == [False, True]

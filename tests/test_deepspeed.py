@@ -136,6 +136,16 @@ def test_optimizer_state_only_for_selected(ds_results, name):
     assert max(n for e in r["numel"] for n in e["per_rank"]) < 3 * full / world / 2
 
 
+@pytest.mark.parametrize("name", ["z2_dynamic", "z3_dynamic"])
+def test_logged_trainable_params_count_whole_parameters(ds_results, name):
+    # ZeRO-3 leaves 0-element placeholders between gathers: the metric must count the whole
+    # parameters, as the trainable_numel recorded beside it does (it read 0 before).
+    r = _get(ds_results, name)
+    assert r["trainable_logged"], "no spectrum/trainable_params metric was logged"
+    assert all(v > 0 for v in r["trainable_logged"])
+    assert set(r["trainable_logged"]) <= {float(n) for n in r["trainable_numel"]}
+
+
 def test_no_growth_over_20_switches(ds_results):
     r = _get(ds_results, "z3_switch20")
     assert r["rebuilds"] >= 20

@@ -151,10 +151,13 @@ class Recorder(TrainerCallback):
 class LossLog(TrainerCallback):
     def __init__(self):
         self.losses = {}
+        self.trainable_logged = []  # SpectrumCallback's "spectrum/trainable_params" metric
 
     def on_log(self, args, state, control, logs=None, **kw):
         if logs and "loss" in logs:
             self.losses[int(state.global_step)] = float(logs["loss"])
+        if logs and "spectrum/trainable_params" in logs:
+            self.trainable_logged.append(float(logs["spectrum/trainable_params"]))
 
 
 def make_trainer(name, s, out, reference, max_steps=None, save=False):
@@ -251,6 +254,7 @@ def run(name, out, reference=False):
         selected=rec.selected,
         scan_stats=rec.scan_stats,
         trainable_numel=rec.trainable_numel,
+        trainable_logged=losses.trainable_logged,
         lrs=rec.lrs,
         history=[{"step": h["step"], "selected": h["selected"]} for h in spectrum.history],
         rebuilds=getattr(spectrum.backend, "rebuilds", None),
