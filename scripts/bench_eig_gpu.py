@@ -1,10 +1,9 @@
 #!/usr/bin/env python
 """Micro-benchmark of the eigen-solve behind the fast scan, for a GPU session.
 
-The fast route's time is almost all ``eigvalsh`` of a ``k x k`` Gram matrix
-(../shared/design/landscape.md: 89 ms fp32 for k = 4096 on an H100, ~17 s for an 8B
-model).  Issue 4 asks for <= 8 s, so this measures what torch offers for that solve on
-the machine at hand, per matrix, in one run:
+The fast route's time is almost all ``eigvalsh`` of a ``k x k`` Gram matrix, so this
+measures what torch (and cupy, where installed) offers for that solve on the machine at
+hand, per matrix, in one run:
 
 * linear-algebra backend: ``torch.backends.cuda.preferred_linalg_library`` "cusolver"
   vs "magma" (CUDA only);
