@@ -1,33 +1,41 @@
 """Spectrum for the Hugging Face Trainer: train the highest-SNR weight matrices.
 
     trainer.add_callback(SpectrumCallback(top_pct=0.25))
+
+The names below are imported on first use, so that light entry points (``spectrum-scan
+--help``, reading an SNR JSON) do not pay for importing torch and transformers.
 """
-from .analyzer import SpectrumAnalyzer, find_candidates, module_type
-from .callback import SpectrumCallback, apply_selection, spectrum_freeze
-from .selection import (
-    load_snr_json,
-    save_snr_json,
-    select_top,
-    sorted_snr,
-    unfrozen_parameters_yaml,
-    write_unfrozen_parameters_yaml,
-)
-from .snr import compute_snr
+from importlib import import_module
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "SpectrumCallback",
-    "SpectrumAnalyzer",
-    "compute_snr",
-    "select_top",
-    "spectrum_freeze",
-    "apply_selection",
-    "find_candidates",
-    "module_type",
-    "load_snr_json",
-    "save_snr_json",
-    "sorted_snr",
-    "unfrozen_parameters_yaml",
-    "write_unfrozen_parameters_yaml",
-]
+# public name -> submodule that defines it
+_EXPORTS = {
+    "SpectrumCallback": "callback",
+    "spectrum_freeze": "callback",
+    "apply_selection": "callback",
+    "SpectrumAnalyzer": "analyzer",
+    "find_candidates": "analyzer",
+    "module_type": "analyzer",
+    "compute_snr": "snr",
+    "select_top": "selection",
+    "load_snr_json": "selection",
+    "save_snr_json": "selection",
+    "sorted_snr": "selection",
+    "unfrozen_parameters_yaml": "selection",
+    "write_unfrozen_parameters_yaml": "selection",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

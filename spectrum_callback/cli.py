@@ -1,8 +1,23 @@
-"""``spectrum-scan``: scan a model (or read an SNR JSON) and write the original tool's files."""
+"""``spectrum-scan``: scan a model (or read an SNR JSON) and write the original tool's files.
+
+Layout, as the original Spectrum scanner writes it and axolotl's Spectrum plugin reads it
+(``--output-dir`` defaults to the current folder):
+
+* ``<output-dir>/model_snr_results/snr_results_<slug>.json`` and ``..._sorted.json``;
+* ``<output-dir>/snr_results_<slug>_unfrozenparameters_<P>percent.yaml``.
+
+``<slug>`` is the hub id with ``/`` as ``-`` (``meta-llama/Meta-Llama-3-8B`` ->
+``meta-llama-Meta-Llama-3-8B``); for a local folder, the folder's name.
+
+Every user error is one line on stderr with exit code 2, and nothing is written.
+"""
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
+import re
 import sys
 from typing import Optional, Sequence
 
@@ -11,21 +26,34 @@ from .selection import (
     model_slug,
     save_snr_json,
     select_top,
+    sorted_snr,
+    types_keeping_none,
     write_unfrozen_parameters_yaml,
 )
+
+RESULTS_DIR = "model_snr_results"
+# The offline default model's alias (spectrum_callback.assets) and the hub id it stands for.
+ALIASES = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+class CliError(Exception):
+    """A user error: printed as one line, exit code 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="spectrum-scan",
-        description="Compute Spectrum SNR per weight matrix and write the SNR JSON and the axolotl "
-        "unfrozen_parameters YAML, as the original Spectrum tool names them.",
+        description="Compute Spectrum SNR per weight matrix and write the SNR JSON files and the axolotl "
+        "unfrozen_parameters YAML where the original Spectrum tool writes them (axolotl finds them as-is).",
     )
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="hub id or local path, loaded with AutoModelForCausalLM.from_pretrained")
-    src.add_argument("--snr-json", help="an existing SNR JSON (either original format); no scan")
-    p.add_argument("--top-percent", type=float, default=25, help="percentage kept per type (default 25)")
-    p.add_argument("--output-dir", default=".", help="where to write the files (default: .)")
+    src.add_argument("--model", help="hub id, local folder, or smollm2-135m-instruct (the offline default model); "
+                                     "loaded with AutoModelForCausalLM.from_pretrained")
+    src.add_argument("--snr-json", help="an existing SNR JSON (either original format): write the YAML, no scan")
+    p.add_argument("--top-percent", type=float, default=25, help="percentage kept per type, 0-100 (default 25)")
+    p.add_argument("--output-dir", default=".", help=f"the YAML goes here, the JSON files to {RESULTS_DIR}/ "
+                                                      "inside it (default: the current folder)")
     p.add_argument("--gguf-file", default=None, help="GGUF file inside --model (dequantized on load)")
     p.add_argument("--include", action="append", default=None, help="regex of module names to scan (repeatable)")
     p.add_argument("--exclude", action="append", default=None, help="regex of module names to skip (repeatable)")
@@ -37,47 +65,130 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    if not (0 < args.top_percent <= 100):
-        print(f"spectrum-scan: --top-percent {args.top_percent} must be in (0, 100]", file=sys.stderr)
+    try:
+        return _run(args)
+    except CliError as exc:
+        print(f"spectrum-scan: {exc}", file=sys.stderr)
         return 2
-    os.makedirs(args.output_dir, exist_ok=True)
+
+
+def _check_percent(snr, pct: float) -> None:
+    """Refuse a percentage that keeps no matrix of some type (before anything is written)."""
+    empty = types_keeping_none(snr, pct / 100.0)
+    if empty:
+        typ, n = empty[0]
+        smallest = min(m for _, m in empty)
+        hint = (f"did you mean --top-percent {pct * 100:g}?" if pct < 1
+                else f"use --top-percent {math.ceil(10000 / smallest) / 100:g} or more")
+        raise CliError(f"--top-percent {pct:g} keeps no matrix of {len(empty)} type(s), e.g. {typ} "
+                       f"({n} matrices; {pct:g} % of {n} rounds down to 0): {hint}")
+
+
+def _read_snr_json(path: str):
+    if not os.path.isfile(path):
+        raise CliError(f"--snr-json {path}: no such file")
+    try:
+        return load_snr_json(path)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CliError(str(exc).splitlines()[0]) from None
+
+
+def resolve_model(name: str):
+    """``(path_or_id, slug)``: the alias, a local folder or a hub id; refuses what is none of them."""
+    if name in ALIASES:
+        from .assets import smollm2_dir
+
+        try:
+            return smollm2_dir(), model_slug(ALIASES[name])
+        except FileNotFoundError as exc:
+            raise CliError(f"--model {name}: {exc}") from None
+    path = os.path.expanduser(name)
+    if os.path.isdir(path):
+        return path, model_slug(os.path.basename(os.path.abspath(path)))
+    if os.path.exists(path):
+        raise CliError(f"--model {name}: a file, not a model folder; pass the folder that holds config.json "
+                       "(and --gguf-file for a GGUF file in it)")
+    looks_like_path = name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+    if looks_like_path or not _HUB_ID.match(name):
+        raise CliError(f"--model {name}: no such folder, and not a hub id (owner/name)")
+    return name, model_slug(name)
+
+
+def _offline() -> bool:
+    return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
+               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _load_model(ref: str, name: str, gguf_file: Optional[str]):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kw = {"dtype": torch.float32}
+    if gguf_file:
+        kw["gguf_file"] = gguf_file
+    try:
+        model = AutoModelForCausalLM.from_pretrained(ref, **kw)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if not os.path.isdir(ref):
+            how = (f"download it where there is a network (e.g. `hf download {ref} --local-dir DIR`) and pass "
+                   "--model DIR")
+            if _offline():
+                raise CliError(f"--model {name}: not found locally and the hub is switched off "
+                               f"(HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE): {how}") from None
+            raise CliError(f"--model {name}: could not load it from the hub ({first}); if this machine is offline, "
+                           f"{how}") from None
+        raise CliError(f"--model {name}: could not load the model in this folder: {first}") from None
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None  # scanning dequantized weights is fine; training them is another matter
+    return model
+
+
+def _run(args) -> int:
+    pct = args.top_percent
+    if not (0 < pct <= 100) or math.isnan(pct):
+        raise CliError(f"--top-percent {pct:g} must be in (0, 100], e.g. 25")
+    results_dir = os.path.join(args.output_dir, RESULTS_DIR)
     if args.snr_json:
-        if not os.path.isfile(args.snr_json):
-            print(f"spectrum-scan: --snr-json {args.snr_json}: no such file", file=sys.stderr)
-            return 2
-        snr = load_snr_json(args.snr_json)
-        json_path = args.snr_json
-        base = os.path.splitext(os.path.basename(json_path))[0]
+        snr = _read_snr_json(args.snr_json)
+        _check_percent(snr, pct)
+        base = os.path.splitext(os.path.basename(args.snr_json))[0]
         if base.endswith("_sorted"):
             base = base[: -len("_sorted")]
-        json_path = os.path.join(args.output_dir, base + ".json")
+        json_path = os.path.join(results_dir, base + ".json")
     else:
-        import torch
-        from transformers import AutoModelForCausalLM
-
+        ref, slug = resolve_model(args.model)
+        model = _load_model(ref, args.model, args.gguf_file)
         from .analyzer import SpectrumAnalyzer
 
-        kw = {"dtype": torch.float32}
-        if args.gguf_file:
-            kw["gguf_file"] = args.gguf_file
-        model = AutoModelForCausalLM.from_pretrained(args.model, **kw)
-        if getattr(model, "hf_quantizer", None) is not None:
-            model.hf_quantizer = None  # scanning dequantized weights is fine; training them is another matter
-        analyzer = SpectrumAnalyzer(model, include=args.include, exclude=args.exclude, method=args.method, device=args.device)
+        try:
+            analyzer = SpectrumAnalyzer(model, include=args.include, exclude=args.exclude, method=args.method,
+                                        device=args.device)
+        except ValueError as exc:
+            raise CliError(str(exc).splitlines()[0]) from None
         snr = analyzer.scan()
-        json_path = os.path.join(args.output_dir, f"snr_results_{model_slug(args.model)}.json")
+        _check_percent(snr, pct)
+        os.makedirs(results_dir, exist_ok=True)
+        json_path = os.path.join(results_dir, f"snr_results_{slug}.json")
         save_snr_json(snr, json_path)
-        print(f"SNR results saved to {json_path}")
-    yaml_path = write_unfrozen_parameters_yaml(snr, args.top_percent, json_path, args.output_dir)
-    print(f"Top {args.top_percent:g}% SNR layers saved to {yaml_path}")
+        sorted_path = os.path.join(results_dir, f"snr_results_{slug}_sorted.json")
+        _write_sorted(snr, sorted_path)
+        print(f"SNR results saved to {json_path} and {sorted_path}")
+    os.makedirs(args.output_dir, exist_ok=True)
+    yaml_path = write_unfrozen_parameters_yaml(snr, pct, json_path, args.output_dir)
+    print(f"Top {pct:g}% SNR layers saved to {yaml_path}")
     if args.plot:
         from .plotting import plot_snr_heatmap
 
-        png = os.path.splitext(json_path)[0] + ".png"
-        png = os.path.join(args.output_dir, os.path.basename(png))
-        plot_snr_heatmap(snr, select_top(snr, args.top_percent / 100, min_per_type=0), png)
+        png = os.path.join(args.output_dir, os.path.splitext(os.path.basename(json_path))[0] + ".png")
+        plot_snr_heatmap(snr, select_top(snr, pct / 100, min_per_type=0), png)
         print(f"Heatmap saved to {png}")
     return 0
+
+
+def _write_sorted(snr, path: str) -> None:
+    with open(path, "w") as fh:
+        json.dump(sorted_snr(snr), fh, indent=4)
 
 
 if __name__ == "__main__":  # pragma: no cover

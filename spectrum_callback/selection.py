@@ -18,6 +18,7 @@ __all__ = [
     "write_unfrozen_parameters_yaml",
     "model_slug",
     "validate_top_pct",
+    "types_keeping_none",
 ]
 
 SnrMap = Mapping[str, Mapping[str, object]]
@@ -49,6 +50,17 @@ def _keep_count(group_len: int, top_pct: float) -> int:
     return int(group_len * percent / 100)
 
 
+def types_keeping_none(snr: SnrMap, top_pct: float, min_per_type: int = 0) -> List[tuple]:
+    """``[(type, size), ...]`` of the types of two or more matrices that would keep none.
+
+    A type of one matrix (``model.norm``, ``lm_head`` in some original files) keeps none
+    under the original's truncation at any percentage below 100, as in the original tool;
+    those are not reported.
+    """
+    return [(typ, len(members)) for typ, members in group_by_type(snr).items()
+            if len(members) >= 2 and max(_keep_count(len(members), top_pct), min_per_type) == 0]
+
+
 def select_top(
     snr: SnrMap,
     top_pct: float,
@@ -61,10 +73,20 @@ def select_top(
     original tool exactly, where a group of 1 keeps nothing).  NaN entries and names
     matching a ``never`` regex are never selected (they still count in the group size).
     Ties keep the input order (stable sort, as the original).  Returns sorted names.
+
+    Raises ``ValueError`` when a type of two or more matrices would keep none
+    (``min_per_type=0`` with a small ``top_pct``): that run would train less than asked.
     """
     top_pct = validate_top_pct(top_pct)
     if min_per_type < 0:
         raise ValueError(f"min_per_type={min_per_type} must be >= 0")
+    empty = types_keeping_none(snr, top_pct, min_per_type)
+    if empty:
+        typ, n = empty[0]
+        raise ValueError(
+            f"top_pct={top_pct:g} keeps no matrix of {len(empty)} type(s), e.g. {typ!r} ({n} matrices: "
+            f"int({n} x {top_pct:g}) = 0); use top_pct >= {1 / min(m for _, m in empty):.3g} or min_per_type=1"
+        )
     never_re = [re.compile(p) for p in (never or [])]
     selected: List[str] = []
     for _, members in group_by_type(snr).items():
@@ -83,7 +105,11 @@ def load_snr_json(path: str | os.PathLike) -> "OrderedDict[str, dict]":
     ``{name: {"snr": x, "type": t}}`` or the sorted ``{type: {name: x}}``.
     """
     with open(path) as fh:
-        data = json.load(fh)
+        try:
+            data = json.load(fh)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); "
+                             "is the file complete?") from None
     return parse_snr_mapping(data, source=str(path))
 
 
@@ -96,16 +122,23 @@ def parse_snr_mapping(data: object, source: str = "SNR data") -> "OrderedDict[st
         for name, info in data.items():
             if not isinstance(info, dict) or "snr" not in info or "type" not in info:
                 raise ValueError(f"{source}: entry {name!r} lacks 'snr'/'type'; not an original Spectrum SNR file")
-            out[name] = {"snr": float(info["snr"]), "type": str(info["type"])}
+            out[name] = {"snr": _number(info["snr"], source, name), "type": str(info["type"])}
     elif isinstance(first, dict):
         for typ, members in data.items():
             if not isinstance(members, dict):
                 raise ValueError(f"{source}: type {typ!r} maps to {type(members).__name__}, expected {{name: snr}}")
             for name, value in members.items():
-                out[name] = {"snr": float(value), "type": str(typ)}
+                out[name] = {"snr": _number(value, source, name), "type": str(typ)}
     else:
         raise ValueError(f"{source}: unrecognised layout; expected {{name: {{snr, type}}}} or {{type: {{name: snr}}}}")
     return out
+
+
+def _number(value, source: str, name: str) -> float:
+    # bool is an int in Python; the original writes numbers, NaN or Infinity only
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{source}: entry {name!r} has snr {value!r}, which is not a number")
+    return float(value)
 
 
 def save_snr_json(snr: SnrMap, path: str | os.PathLike) -> str:
@@ -133,11 +166,22 @@ def unfrozen_parameters_yaml(
 
     Same rule as the original (truncation, no minimum per type), same lines: the two
     regexes first, then per type a ``# <type> layers`` comment and the kept names,
-    highest SNR first.
+    highest SNR first.  Raises ``ValueError`` when a type of two or more matrices would
+    keep none (e.g. ``top_percent=0.25`` meant as 25 %): axolotl would then train only
+    the embeddings and the head there.
     """
     pct = float(top_percent)
     if not (0 < pct <= 100):
         raise ValueError(f"top_percent={top_percent!r} must be in (0, 100]")
+    empty = types_keeping_none(snr, pct / 100.0)
+    if empty:
+        typ, n = empty[0]
+        smallest = min(m for _, m in empty)
+        hint = f"did you mean {pct * 100:g}?" if pct < 1 else f"use at least {math.ceil(10000 / smallest) / 100:g}"
+        raise ValueError(
+            f"top percent {pct:g} keeps no matrix of {len(empty)} type(s), e.g. {typ!r} ({n} matrices: "
+            f"{pct:g} % of {n} rounds down to 0); {hint}"
+        )
     lines = ["unfrozen_parameters:"]
     lines += [f"- {a}" for a in always]
     for typ, members in group_by_type(snr).items():

@@ -10,11 +10,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-REFERENCE_DIR = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference", "spectrum_snr"))
+# The original tool's published SNR files, vendored (see tests/data/spectrum_snr/README.md).
+REFERENCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "spectrum_snr")
 
 
 @pytest.fixture
 def reference_dir():
-    if not os.path.isdir(REFERENCE_DIR):
-        pytest.fail(f"reference SNR files not found at {REFERENCE_DIR}; CI lays shared/ beside the checkout")
     return REFERENCE_DIR

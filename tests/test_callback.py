@@ -355,3 +355,11 @@ def test_trainer_optim_choices_dynamic(tmp_path, monkeypatch, optim):
     assert watch.frozen_changed == []
     assert watch.stale_state == []
     assert {n.rsplit(".", 1)[0] for n in watch.moved} >= {n for h in cb.history for n in h["selected"]}
+
+
+def test_callback_refuses_a_selection_that_leaves_types_empty(tmp_path):
+    # The same trap through the callback: min_per_type=0 and a fraction below 1/layers.
+    trainer = make_trainer(tmp_path, callbacks=[SpectrumCallback(top_pct=0.1, min_per_type=0, verbose=False)],
+                           max_steps=1)
+    with pytest.raises(ValueError, match="keeps no matrix"):
+        trainer.train()

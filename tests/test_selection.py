@@ -120,3 +120,15 @@ def test_bad_json(tmp_path):
     p.write_text(json.dumps({"a": {"type": "t"}}))
     with pytest.raises(ValueError):
         load_snr_json(p)
+
+
+def test_select_top_refuses_a_type_left_empty():
+    # min_per_type=0 (the original's truncation) with a small fraction would freeze whole types
+    snr = {f"m.layers.{i}.{t}": {"snr": float(i), "type": t} for i in range(30) for t in ("a", "b")}
+    with pytest.raises(ValueError, match=r"keeps no matrix of 2 type\(s\).*top_pct >= 0.0333"):
+        select_top(snr, 0.025, min_per_type=0)
+    assert len(select_top(snr, 0.025)) == 2  # min_per_type=1 (the default) keeps one per type
+    assert len(select_top(snr, 0.034, min_per_type=0)) == 2
+    # a type of one matrix keeps nothing under the original rule, as the original does
+    single = {"lm_head": {"snr": 1.0, "type": "lm_head"}, **snr}
+    assert "lm_head" not in select_top(single, 0.25, min_per_type=0)
