@@ -14,8 +14,10 @@ import json
 import math
 import os
 import resource
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -69,8 +71,11 @@ def run_one(args):
     torch.manual_seed(0)
     use_cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
     model, train_ds, held_ds = build(args)
+    # The Trainer saves nothing here (save_strategy="no"); a throw-away output_dir leaves no
+    # empty folders behind.
+    scratch = tempfile.mkdtemp(prefix=f"spectrum_demo_{args._run}_")
     targs = transformers.TrainingArguments(
-        output_dir=os.path.join(args.output_dir, args._run),
+        output_dir=scratch,
         per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.batch_size,
         learning_rate=args.lr,
@@ -131,6 +136,7 @@ def run_one(args):
         out["selected"] = cb.selected
         out["snr"] = {n: {"snr": v, "type": last["types"][n]} for n, v in last["snr"].items()}
         out["scans"] = len(cb.history)
+    shutil.rmtree(scratch, ignore_errors=True)
     print("DEMO_RESULT " + json.dumps(out), flush=True)
 
 

@@ -9,7 +9,6 @@ entry is computed by exactly one rank).
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import os
 import re
@@ -23,8 +22,9 @@ from torch import nn
 
 from .fast_snr import snr_batched
 from .snr import as_matrix
+from ._logging import get_logger
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 __all__ = ["SpectrumAnalyzer", "module_type", "find_candidates", "check_model_supported", "sharding_engine"]
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import statistics
@@ -17,8 +16,9 @@ from .analyzer import SHARDED_HELP, SpectrumAnalyzer, full_numel
 from .analyzer import compile_patterns as _compile_list
 from .backends import make_backend
 from .selection import load_snr_json, parse_snr_mapping, select_top, validate_top_pct
+from ._logging import follow_trainer, get_logger
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 STATE_FILE = "spectrum_state.json"
 STATE_FORMAT = "spectrum_callback.state"
@@ -99,24 +99,60 @@ def _snr_from_json(snr_json, analyzer: SpectrumAnalyzer):
 
 
 class SpectrumCallback(TrainerCallback):
-    """Spectrum as a Trainer callback.
+    """Spectrum as a Trainer callback: train the highest-SNR matrices of each type, freeze the rest.
+
+    Example::
+
+        from spectrum_callback import SpectrumCallback
+
+        spectrum = SpectrumCallback(top_pct=0.25, update_every=200)
+        trainer = Trainer(model=model, args=args, train_dataset=ds)
+        trainer.add_callback(spectrum)          # or Trainer(..., callbacks=[spectrum])
+        trainer.train()
+        spectrum.selected                        # the modules trainable now
+
+    When freezing happens: at ``on_train_begin``, after the Trainer built its optimizer
+    (and DeepSpeed its engine) from every trainable parameter.  The callback scans, then
+    sets ``requires_grad=False`` and ``grad=None`` on everything outside the selection and
+    drops their optimizer state; under DeepSpeed it rebuilds the ZeRO optimizer over the
+    selection.  In dynamic mode the same happens at ``on_step_begin`` of every
+    ``update_every``-th optimizer step (never inside an accumulation cycle): leavers lose
+    their state, joiners start fresh, stayers keep theirs.  To freeze before the Trainer
+    exists (your own optimizer, FSDP), use :func:`spectrum_freeze` instead.
 
     Args:
         top_pct: fraction of each matrix type kept trainable, in (0, 1].
         update_every: ``None`` for static Spectrum (one scan at ``on_train_begin``); an
             integer N re-scans every N optimizer steps at ``on_step_begin`` and moves the
             optimizer state with the selection.
-        include / exclude: regexes on module names defining the candidate matrices.
+        include / exclude: regexes on module names defining the candidate matrices
+            (default: every 2-D Linear/Conv1D weight inside numbered layers).
         always_train: regexes on parameter names kept trainable and never scanned, e.g.
             ``[r"^lm_head\\.weight$", r"^model\\.embed_tokens\\.weight$"]`` (what the
             original tool's YAML unfreezes); off by default.
         never_train: regexes on candidate module names that are scanned but never selected.
-        min_per_type: at least this many matrices per type (1; 0 = original truncation).
+        min_per_type: at least this many matrices per type (1; 0 = the original's
+            truncation, refused where it would leave a type of several matrices empty).
         snr_json: an SNR file (either original format) or mapping to use for the first
             selection instead of a scan.
-        method / dtype / chunk_mb: analyzer settings (see :class:`SpectrumAnalyzer`).
-        plot_dir: write the SNR heatmap and selection-over-time PNGs there at train end.
-        verbose: log the selection table at every scan.
+        method: SNR route, ``"auto"`` (fast, checked against an error model, exact
+            fallback; float64 on CUDA), ``"fast"``, ``"gram"`` or ``"svd"`` (the original's).
+        dtype: precision of the SNR work (``None``: per method and device).
+        chunk_mb: most MiB of matrix copies one solver call holds.
+        plot_dir: write the SNR heatmap (``spectrum_snr.png``) there at train end, and for a
+            run with more than one scan the selection over time (``spectrum_selection.png``).
+        verbose: log a one-line summary at every scan (INFO, through the package's logger,
+            whose level follows ``TrainingArguments.log_level``).
+
+    Attributes:
+        selected: sorted names of the modules trainable now.
+        history: one dict per scan: ``step``, ``selected``, ``snr`` (name -> SNR), ``types``,
+            ``joined``, ``left``, ``source`` (``"scan"`` or ``"snr_json"``).
+        analyzer: the :class:`SpectrumAnalyzer` (from ``on_train_begin`` on).
+        backend: the optimizer backend of the engine in use (torch or DeepSpeed ZeRO).
+
+    Every scan's metrics go through ``trainer.log`` (``spectrum/...``), and the state is
+    saved with each checkpoint as ``spectrum_state.json`` (see :meth:`state_dict`).
     """
 
     def __init__(
@@ -198,6 +234,7 @@ class SpectrumCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if model is None:
             raise ValueError("SpectrumCallback needs the model at on_train_begin; use it with transformers.Trainer")
+        follow_trainer(args)  # routine messages at INFO, shown with TrainingArguments(log_level="info")
         self.trainer, resume_dir = find_trainer(self)
         if getattr(self.trainer, "is_fsdp_enabled", False):
             # transformers 5.24 hands callbacks the FSDP-wrapped model, which the analyzer refuses
@@ -259,7 +296,8 @@ class SpectrumCallback(TrainerCallback):
             last = self.history[-1]
             snr = {n: {"snr": v, "type": last["types"][n]} for n, v in last["snr"].items()}
             plot_snr_heatmap(snr, self.selected, os.path.join(self.plot_dir, "spectrum_snr.png"))
-            plot_selection_history(self.history, os.path.join(self.plot_dir, "spectrum_selection.png"))
+            if len(self.history) > 1:  # a single scan: the heatmap's frames already show the selection
+                plot_selection_history(self.history, os.path.join(self.plot_dir, "spectrum_selection.png"))
         return control
 
     # ------------------------------------------------------------------ core
@@ -334,7 +372,7 @@ class SpectrumCallback(TrainerCallback):
                 metrics[f"spectrum/snr_mean/{typ}"] = statistics.fmean(finite)
         self._emit(metrics)
         if self.verbose and _is_main():
-            logger.warning(
+            logger.info(
                 "Spectrum %s at step %d: %d/%d modules trainable (%d params, %.1f%% of the model), %d changed",
                 source, step, len(self.selected), len(snr), n_train, 100 * n_train / max(n_total, 1), changes,
             )
@@ -347,6 +385,10 @@ class SpectrumCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
+        """What a checkpoint needs to resume the same Spectrum run: the settings that shape
+        the selection (``top_pct``, ``update_every``, ``min_per_type``), the step of the last
+        scan, the current selection and the whole ``history``, tagged with a format name and
+        version (a newer version is refused on load)."""
         return {
             "format": STATE_FORMAT,
             "version": STATE_VERSION,
@@ -359,6 +401,9 @@ class SpectrumCallback(TrainerCallback):
         }
 
     def save_state(self, path: str, global_step: Optional[int] = None) -> str:
+        """Write :meth:`state_dict` (plus ``global_step``) to ``path`` as JSON, atomically
+        (a temporary file, then a rename). The callback calls it at every checkpoint
+        (``checkpoint-N/spectrum_state.json``, main process only). Returns ``path``."""
         data = self.state_dict()
         data["global_step"] = global_step
         tmp = path + ".tmp"
@@ -406,7 +451,7 @@ class SpectrumCallback(TrainerCallback):
         self.selected = sorted(selected)
         self.analyzer.mark_dirty(self.selected)
         if _is_main():
-            logger.warning("Spectrum: restored selection of %d modules from %s", len(self.selected), path)
+            logger.info("Spectrum: restored selection of %d modules from %s", len(self.selected), path)
         return True
 
 

@@ -39,27 +39,48 @@ def snr_grid(snr: Mapping[str, object]):
 
 
 def plot_snr_heatmap(snr, selected: Sequence[str], path: str, title: str = "Spectrum SNR (log10)") -> str:
-    """Heatmap of log10 SNR, types x layers; selected cells framed."""
+    """Heatmap of log10 SNR, types x layers; selected cells framed.
+
+    Only modules inside numbered layers are drawn; those outside (``embed_tokens``,
+    ``lm_head``, the final norm, as some original files list) are counted in the title.
+    An infinite SNR (no singular value at or below the threshold, e.g. a 1-D norm weight)
+    is drawn as a hatched cell marked "inf".
+    """
     import numpy as np
 
     plt = _pyplot()
     if snr and not isinstance(next(iter(snr.values())), Mapping):
         raise ValueError("plot_snr_heatmap needs {name: {'snr', 'type'}}")
-    types, layers, grid, names = snr_grid(snr)
+    inside = {n: i for n, i in snr.items() if _layer_index(n) is not None}
+    outside = len(snr) - len(inside)
+    if not inside:
+        raise ValueError("no module of the SNR data sits inside numbered layers: nothing to draw per layer")
+    types, layers, grid, names = snr_grid(inside)
     arr = np.array(grid, dtype=float)
     with np.errstate(divide="ignore", invalid="ignore"):
         logv = np.log10(np.where(np.isfinite(arr) & (arr > 0), arr, np.nan))
     fig, ax = plt.subplots(figsize=(max(6, 0.32 * len(layers) + 3), max(2.5, 0.45 * len(types) + 1.5)))
     im = ax.imshow(logv, aspect="auto", cmap="viridis", interpolation="nearest")
     sel = set(selected)
+    n_inf = 0
     for ti, row in enumerate(names):
         for li, n in enumerate(row):
+            if np.isinf(arr[ti, li]):
+                n_inf += 1
+                ax.add_patch(plt.Rectangle((li - 0.5, ti - 0.5), 1, 1, facecolor="white", edgecolor="grey",
+                                           hatch="////", lw=0.5))
+                ax.text(li, ti, "inf", ha="center", va="center", fontsize=5, color="black")
             if n in sel:
                 ax.add_patch(plt.Rectangle((li - 0.5, ti - 0.5), 1, 1, fill=False, edgecolor="red", lw=1.6))
     ax.set_yticks(range(len(types)), types, fontsize=8)
     ax.set_xticks(range(len(layers)), [str(l) for l in layers], fontsize=7)
     ax.set_xlabel("layer")
-    ax.set_title(f"{title}; red frame = trainable")
+    notes = ["red frame = trainable"]
+    if n_inf:
+        notes.append("inf = nothing at or below the noise threshold")
+    if outside:
+        notes.append(f"{outside} module(s) outside the numbered layers not shown")
+    ax.set_title(f"{title}\n" + "; ".join(notes), fontsize=9)
     fig.colorbar(im, ax=ax, label="log10 SNR")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -68,21 +89,43 @@ def plot_snr_heatmap(snr, selected: Sequence[str], path: str, title: str = "Spec
 
 
 def plot_selection_history(history: Sequence[Mapping], path: str) -> str:
-    """One row per module, one column per scan; filled = trainable after that scan."""
+    """Which layers of each type were trainable after each scan: one panel per type,
+    layers down, scans across (black = trainable).  Meant for dynamic runs (for a single
+    scan the SNR heatmap already shows the selection)."""
     import numpy as np
 
     plt = _pyplot()
     if not history:
         raise ValueError("no scans in history to plot")
-    names = list(history[-1]["snr"].keys())
-    mat = np.array([[1.0 if n in set(h["selected"]) else 0.0 for h in history] for n in names])
-    fig, ax = plt.subplots(figsize=(max(5, 0.25 * len(history) + 3), max(3, 0.09 * len(names) + 1.5)))
-    ax.imshow(mat, aspect="auto", cmap="Greys", interpolation="nearest", vmin=0, vmax=1)
-    ax.set_xticks(range(len(history)), [str(h["step"]) for h in history], fontsize=7, rotation=90)
-    step = max(1, len(names) // 40)
-    ax.set_yticks(range(0, len(names), step), names[::step], fontsize=5)
-    ax.set_xlabel("scan at optimizer step")
-    ax.set_title("Selection over time (black = trainable)", fontsize=10)
+    last = history[-1]
+    types: List[str] = []
+    for name in last["snr"]:
+        typ = str(last["types"][name])
+        if typ not in types:
+            types.append(typ)
+    layers = sorted({_layer_index(n) for n in last["snr"] if _layer_index(n) is not None})
+    row = {l: i for i, l in enumerate(layers)}
+    scans = len(history)
+    panel_w = max(1.3, 0.12 * scans + 0.9)
+    fig, axes = plt.subplots(1, len(types), figsize=(panel_w * len(types) + 0.8, max(3.0, 0.14 * len(layers) + 1.6)),
+                             squeeze=False, sharey=True)
+    for ax, typ in zip(axes[0], types):
+        mat = np.zeros((len(layers), scans))
+        for j, h in enumerate(history):
+            for n in h["selected"]:
+                li = _layer_index(n)
+                if li is not None and str(last["types"].get(n, h["types"].get(n))) == typ:
+                    mat[row[li], j] = 1.0
+        ax.imshow(mat, aspect="auto", cmap="Greys", interpolation="nearest", vmin=0, vmax=1)
+        ax.set_title(typ, fontsize=7)
+        step = max(1, scans // 6)
+        ax.set_xticks(range(0, scans, step), [str(history[j]["step"]) for j in range(0, scans, step)], fontsize=6,
+                      rotation=90)
+    lstep = max(1, len(layers) // 16)
+    axes[0][0].set_yticks(range(0, len(layers), lstep), [str(l) for l in layers[::lstep]], fontsize=6)
+    axes[0][0].set_ylabel("layer")
+    fig.supxlabel("scan at optimizer step", fontsize=8)
+    fig.suptitle("Selection over time (black = trainable)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

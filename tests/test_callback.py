@@ -182,8 +182,12 @@ def test_resume_without_state_file_scans_afresh(tmp_path, caplog):
     assert not (ckpt / STATE_FILE).exists()
     cb = SpectrumCallback(top_pct=0.25)
     tr2 = make_trainer(tmp_path, None, [cb], max_steps=3)
-    with caplog.at_level(logging.WARNING):
+    pkg = logging.getLogger("spectrum_callback")  # does not propagate (like transformers' loggers)
+    pkg.addHandler(caplog.handler)
+    try:
         tr2.train(resume_from_checkpoint=str(ckpt))
+    finally:
+        pkg.removeHandler(caplog.handler)
     assert "has no spectrum_state.json" in caplog.text
     assert [h["step"] for h in cb.history] == [2] and len(cb.selected) == 7
 
@@ -280,6 +284,36 @@ def test_plots_written(tmp_path, monkeypatch):
     for f in ("spectrum_snr.png", "spectrum_selection.png"):
         p = tmp_path / "plots" / f
         assert p.exists() and p.stat().st_size > 5000
+    # static: one scan, the heatmap shows the selection; no one-column selection plot
+    static = SpectrumCallback(top_pct=0.25, plot_dir=str(tmp_path / "static"))
+    make_trainer(tmp_path, None, [static], max_steps=1).train()
+    assert sorted(p.name for p in (tmp_path / "static").iterdir()) == ["spectrum_snr.png"]
+
+
+def test_heatmap_leaves_out_modules_outside_layers_and_marks_inf(tmp_path, reference_dir):
+    from spectrum_callback import load_snr_json, select_top
+    from spectrum_callback.plotting import plot_snr_heatmap, snr_grid
+
+    # SmolLM-135M's published file lists embed_tokens, lm_head and model.norm (no layer index)
+    # and 1-D norms with SNR inf
+    snr = load_snr_json(f"{reference_dir}/snr_results_HuggingFaceTB-SmolLM-135M.json")
+    seen = {}
+    real = snr_grid
+
+    def spy(data):
+        out = real(data)
+        seen["layers"] = out[1]
+        return out
+
+    import spectrum_callback.plotting as plotting
+
+    plotting.snr_grid = spy
+    try:
+        path = plot_snr_heatmap(snr, select_top(snr, 0.25, min_per_type=0), str(tmp_path / "h.png"))
+    finally:
+        plotting.snr_grid = real
+    assert -1 not in seen["layers"] and seen["layers"] == list(range(30))
+    assert (tmp_path / "h.png").stat().st_size > 5000 and path.endswith("h.png")
 
 
 @pytest.mark.parametrize("arch", ["mistral", "qwen2", "phi3", "gpt2"])
@@ -355,6 +389,20 @@ def test_trainer_optim_choices_dynamic(tmp_path, monkeypatch, optim):
     assert watch.frozen_changed == []
     assert watch.stale_state == []
     assert {n.rsplit(".", 1)[0] for n in watch.moved} >= {n for h in cb.history for n in h["selected"]}
+
+
+@pytest.mark.parametrize("log_level,shown", [("info", True), ("warning", False)])
+def test_scan_summary_is_info_and_follows_the_trainer_log_level(tmp_path, caplog, log_level, shown):
+    pkg = logging.getLogger("spectrum_callback")
+    pkg.addHandler(caplog.handler)
+    caplog.handler.setLevel(logging.DEBUG)
+    try:
+        make_trainer(tmp_path, None, [SpectrumCallback(top_pct=0.25)], max_steps=1, log_level=log_level).train()
+    finally:
+        pkg.removeHandler(caplog.handler)
+    summaries = [r for r in caplog.records if "modules trainable" in r.getMessage()]
+    assert bool(summaries) == shown
+    assert all(r.levelno == logging.INFO for r in summaries)
 
 
 def test_callback_refuses_a_selection_that_leaves_types_empty(tmp_path):

@@ -39,7 +39,6 @@ refuses other major.minor versions unless ``SPECTRUM_ALLOW_UNTESTED_DEEPSPEED=1`
 from __future__ import annotations
 
 import gc
-import logging
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -48,8 +47,9 @@ from torch import nn
 
 from .base import OptimizerBackend
 from .torch_backend import unwrap_optimizer
+from .._logging import get_logger
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 TESTED_DEEPSPEED = ((0, 19),)
 TESTED_DEEPSPEED_STR = "0.19.8"
@@ -685,7 +685,7 @@ def prepare_resume_layout(trainer, engine, checkpoint_path: str) -> bool:
     new_params = [p for _, _, ps in spec for p in ps]
     backend._rebuild(new_params, old_groups, force_fresh={id(p) for p in new_params}, layout=spec)
     if dist_rank() == 0:
-        logger.warning("Spectrum/DeepSpeed: optimizer laid out as saved in %s (%d groups) before loading it",
+        logger.info("Spectrum/DeepSpeed: optimizer laid out as saved in %s (%d groups) before loading it",
                        checkpoint_path, len(spec))
     return True
 

@@ -12,15 +12,15 @@
 """
 from __future__ import annotations
 
-import logging
 from typing import Dict, List, Sequence
 
 import torch
 from torch import nn
 
 from .base import OptimizerBackend
+from .._logging import get_logger
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 
 def unwrap_optimizer(optimizer):
