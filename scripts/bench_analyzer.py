@@ -256,7 +256,8 @@ def main(argv=None):
     snrs = [ref[n] for n in names if math.isfinite(ref[n])]
     partial.update(
         layers=len(model.model.layers),
-        device_name=torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
+        device_name=(torch.cuda.get_device_name() if device.type == "cuda"
+                     else platform.processor() or platform.machine()),
         cpu_count=os.cpu_count(),
         torch=torch.__version__,
         method=args.method,

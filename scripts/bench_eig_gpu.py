@@ -95,7 +95,8 @@ def bench_cupy_syevj(k, g, ref, device, repeat):
         import cupy
         from cupyx import cusolver
     except Exception as exc:  # not installed
-        return [dict(k=k, backend="cupy-syevj", dtype="float32", mode="loop", error=f"{type(exc).__name__}: {exc}"[:200])]
+        return [dict(k=k, backend="cupy-syevj", dtype="float32", mode="loop",
+                     error=f"{type(exc).__name__}: {exc}"[:200])]
     rows = []
     for dtype in (torch.float32, torch.float64):
         x = g.to(dtype)

@@ -15,7 +15,8 @@ Reported per method: median step time, tokens/s, peak memory (CPU: peak RSS of t
 process and an estimate of parameter + gradient + optimizer-state bytes; CUDA:
 ``torch.cuda.max_memory_allocated``), trainable parameters, ratios to full fine-tuning.
 
-    nice -n 5 python scripts/bench_train.py --device cpu --json docs/bench_train_cpu.json --plot docs/bench_train_cpu.png
+    nice -n 5 python scripts/bench_train.py --device cpu \
+        --json docs/bench_train_cpu.json --plot docs/bench_train_cpu.png
     python scripts/bench_train.py --device cuda --json docs/bench_train_cuda.json --plot docs/bench_train_cuda.png
 """
 from __future__ import annotations
@@ -31,6 +32,8 @@ import tempfile
 import time
 
 METHODS = ["full", "spectrum_static", "spectrum_dynamic", "lora"]
+# this benchmark's labels -> spectrum_study.methods names
+BUILDER_NAMES = {"full": "full", "spectrum_static": "spectrum", "spectrum_dynamic": "spectrum-dynamic", "lora": "lora"}
 
 PRESETS = {
     # small Llama for a 2-core CPU
@@ -72,19 +75,10 @@ def run_one(args) -> dict:
             x = self.x[i]
             return {"input_ids": x, "labels": x.clone(), "attention_mask": torch.ones_like(x)}
 
-    callbacks = []
-    spectrum_cb = None
-    if args.method.startswith("spectrum"):
-        from spectrum_callback import SpectrumCallback
+    from spectrum_study.methods import PeakMemory, build_method
 
-        spectrum_cb = SpectrumCallback(top_pct=0.25, update_every=args.update_every if args.method == "spectrum_dynamic" else None,
-                                       verbose=False)
-        callbacks.append(spectrum_cb)
-    if args.method == "lora":
-        import peft
-
-        model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
-                                                           task_type="CAUSAL_LM"))
+    model, callbacks, spectrum_cb = build_method(BUILDER_NAMES[args.method], model, top_pct=0.25,
+                                                 update_every=args.update_every)
 
     # Time every scan of the analyzer (initial and re-scans).
     from spectrum_callback import analyzer as analyzer_mod
@@ -137,12 +131,11 @@ def run_one(args) -> dict:
         disable_tqdm=True, dataloader_num_workers=0, bf16=device == "cuda", optim=args.optim,
         lr_scheduler_type="constant",
     )
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     trainer = transformers.Trainer(model=model, args=targs, train_dataset=Tokens(batch * args.steps),
                                    callbacks=callbacks)
     t0 = time.perf_counter()
-    trainer.train()
+    with PeakMemory(cuda=device == "cuda") as probe:
+        trainer.train()
     train_s = time.perf_counter() - t0
     n_total = sum(q.numel() for q in {id(q): q for q in model.parameters()}.values())
     n_train = sum(q.numel() for q in {id(q): q for q in model.parameters()}.values() if q.requires_grad)
@@ -159,12 +152,12 @@ def run_one(args) -> dict:
         "train_s": train_s,
         "trainable_params": n_train,
         "total_params": n_total,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # whole process
         **mem,
     }
-    res["state_bytes_estimate"] = mem.get("param_bytes", 0) + mem.get("grad_bytes", 0) + mem.get("optimizer_state_bytes", 0)
+    res["state_bytes_estimate"] = sum(mem.get(k, 0) for k in ("param_bytes", "grad_bytes", "optimizer_state_bytes"))
     if device == "cuda":
-        res["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
+        res["peak_cuda_bytes"] = probe.peak_bytes
     if scans:
         res["scans"] = scans
         res["initial_scan_s"] = scans[0]["seconds"]
@@ -270,7 +263,7 @@ def main(argv=None):
     out = {
         "device": args.device,
         "preset": args.preset,
-        "model": {k: v for k, v in PRESETS[args.preset].items()} | ({"num_hidden_layers": args.layers} if args.layers else {}),
+        "model": dict(PRESETS[args.preset]) | ({"num_hidden_layers": args.layers} if args.layers else {}),
         "steps": args.steps,
         "update_every": args.update_every,
         "threads": args.threads,
@@ -285,14 +278,16 @@ def main(argv=None):
     dyn = next((r for r in results if r["method"] == "spectrum_dynamic"), None)
     if dyn and "rescan_fraction_of_training" in dyn:
         print(f"dynamic re-scan: {dyn['rescan_s_total']:.3f} s for {dyn['rescans']} re-scan(s) of "
-              f"{dyn['rescanned_matrices']} matrices = {100 * dyn['rescan_fraction_of_training']:.2f} % of training time "
+              f"{dyn['rescanned_matrices']} matrices = "
+              f"{100 * dyn['rescan_fraction_of_training']:.2f} % of training time "
               f"(update_every={args.update_every}); initial scan {dyn['initial_scan_s']:.3f} s")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as fh:
             json.dump(out, fh, indent=1)
     if args.plot and results:
-        plot(results, args.plot, f"{args.preset} preset on {args.device}, {args.steps} steps, torch {torch.__version__}")
+        plot(results, args.plot,
+             f"{args.preset} preset on {args.device}, {args.steps} steps, torch {torch.__version__}")
     if failed:
         raise SystemExit(f"failed: {', '.join(f['method'] for f in failed)}")
 

@@ -13,7 +13,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -47,7 +46,7 @@ def parse():
 
 def build(args):
 
-    from spectrum_callback.assets import BlockDataset, load_model_and_tokenizer, load_texts, token_blocks
+    from spectrum_study.assets import BlockDataset, load_model_and_tokenizer, load_texts, token_blocks
 
     model, tok = load_model_and_tokenizer(args.model)
     train_texts, held_texts = load_texts(args.dataset, text_field=args.text_field)
@@ -62,9 +61,8 @@ def run_one(args):
     import torch
     import transformers
 
-    from spectrum_callback import SpectrumCallback
-
     from spectrum_callback.analyzer import idle_cpu_threads
+    from spectrum_study.methods import PeakMemory, build_method
 
     torch.set_num_threads(args.threads or idle_cpu_threads(os.cpu_count()))
     print(f"[{args._run}] torch threads: {torch.get_num_threads()}", flush=True)
@@ -91,15 +89,12 @@ def run_one(args):
         disable_tqdm=False,
         dataloader_num_workers=0,
     )
-    trainer = transformers.Trainer(model=model, args=targs, train_dataset=train_ds, eval_dataset=held_ds)
-    cb = None
-    if args._run == "spectrum":
-        cb = SpectrumCallback(top_pct=args.top_pct, update_every=args.update_every,
-                              plot_dir=args.output_dir, verbose=False)
-        trainer.add_callback(cb)
+    method = "full" if args._run == "full" else ("spectrum-dynamic" if args.update_every else "spectrum")
+    model, callbacks, cb = build_method(method, model, top_pct=args.top_pct, update_every=args.update_every,
+                                        plot_dir=args.output_dir)
+    trainer = transformers.Trainer(model=model, args=targs, train_dataset=train_ds, eval_dataset=held_ds,
+                                   callbacks=callbacks)
     before = trainer.evaluate()["eval_loss"]
-    if use_cuda:
-        torch.cuda.reset_peak_memory_stats()
     step_times = []
 
     class Timer(transformers.TrainerCallback):
@@ -111,7 +106,8 @@ def run_one(args):
 
     trainer.add_callback(Timer())
     t0 = time.perf_counter()
-    trainer.train()
+    with PeakMemory(cuda=use_cuda) as mem:
+        trainer.train()
     train_s = time.perf_counter() - t0
     after = trainer.evaluate()["eval_loss"]
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -125,8 +121,9 @@ def run_one(args):
         "total_params": total,
         "step_s_median": sorted(steady)[len(steady) // 2],
         "train_s": train_s,
-        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-        "peak_cuda_gib": torch.cuda.max_memory_allocated() / 2**30 if use_cuda else None,
+        # the same probe as the study and the benchmarks (spectrum_study.methods.PeakMemory)
+        "peak_rss_gib": (PeakMemory.rss() if use_cuda else mem.peak_bytes) / 2**30,
+        "peak_cuda_gib": mem.peak_bytes / 2**30 if use_cuda else None,
         "threads": torch.get_num_threads(),
         "optimizer_state_numel": int(sum(v.numel() for s in trainer.optimizer.state.values() for v in s.values()
                                          if torch.is_tensor(v) and v.ndim > 0)),

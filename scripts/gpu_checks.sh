@@ -106,7 +106,7 @@ if [ "$what" = B ]; then
     gunzip -c .gpu_assets/B/kjv.jsonl.gz >"$STASH/kjv.jsonl"
     export SPECTRUM_SMOLLM2_GGUF=$gguf SPECTRUM_KJV_JSONL=$STASH/kjv.jsonl SPECTRUM_CACHE=$STASH/cache
     # Dequantize once (the three engines then load the cached plain checkpoint).
-    step dequantize 120 $PY -c "from spectrum_callback.assets import smollm2_dir; print(smollm2_dir())"
+    step dequantize 120 $PY -c "from spectrum_study.assets import smollm2_dir; print(smollm2_dir())"
     trainer_checks smollm2 trainer --steps "${TRAINER_STEPS:-40}" --update-every "${TRAINER_UPDATE_EVERY:-8}" \
         --batch "${TRAINER_BATCH:-8}" --seq "${TRAINER_SEQ:-256}" --full-steps "${TRAINER_FULL_STEPS:-12}"
 fi

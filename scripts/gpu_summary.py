@@ -12,6 +12,7 @@ import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIB = 2**30
+ENGINES = ("torch", "zero2", "zero3")
 
 
 def load(folder, name):
@@ -116,8 +117,8 @@ def main(argv=None):
         "versions": versions,
         "scan_8b_shapes": scan_summary(an, load(f, f"bench_eig_{c}.json")),
         "training_step_2b": train_summary(load(f, f"bench_train_{c}.json")),
-        "trainer_smollm2": trainer_summary({e: load(f, f"trainer_smollm2_{e}_{c}.json") for e in ("torch", "zero2", "zero3")}),
-        "trainer_tiny_rehearsal": trainer_summary({e: load(f, f"trainer_tiny_{e}_{c}.json") for e in ("torch", "zero2", "zero3")}),
+        "trainer_smollm2": trainer_summary({e: load(f, f"trainer_smollm2_{e}_{c}.json") for e in ENGINES}),
+        "trainer_tiny_rehearsal": trainer_summary({e: load(f, f"trainer_tiny_{e}_{c}.json") for e in ENGINES}),
         "notes": load(f, f"notes_{c}.json"),
         "raw_files": sorted(x for x in os.listdir(f) if x.endswith(f"_{c}.json") or x.endswith(f"_{c}.txt")),
     }

@@ -22,13 +22,14 @@ optimizer (``adamw_torch_fused`` on CUDA), weight decay 0.1:
 * losses (finite, and the last 5 steps' mean below the first 5 steps'; fewer for short runs);
 * the selection after every scan and the switches (joined / left).
 
-Model: ``--model smollm2`` (real SmolLM2-135M-Instruct weights, spectrum_callback.assets;
+Model: ``--model smollm2`` (real SmolLM2-135M-Instruct weights, spectrum_study.assets;
 ``SPECTRUM_SMOLLM2_GGUF`` / ``SPECTRUM_KJV_JSONL`` point at copied files on an offline GPU
 box) trained on KJV text, or ``--model tiny`` (a small random Llama on random tokens,
 for rehearsals).  DeepSpeed runs in this one process (world size 1, ``configs/ds_zero<N>.json``).
 
     python scripts/gpu_trainer_check.py --engine zero3 --json runs/gpu/trainer_zero3.json
-    DS_ACCELERATOR=cpu python scripts/gpu_trainer_check.py --device cpu --model tiny --engine zero3 --steps 8 --update-every 2
+    DS_ACCELERATOR=cpu python scripts/gpu_trainer_check.py --device cpu --model tiny --engine zero3 \
+        --steps 8 --update-every 2
 """
 from __future__ import annotations
 
@@ -76,25 +77,19 @@ def _reset_accelerate():
 
 
 def _forget_zero3_modules():
-    """Let a destroyed ZeRO-3 engine's model and optimizer state be freed (DeepSpeed 0.19.8).
+    """Let a destroyed ZeRO-3 engine's model and optimizer state be freed between modes.
 
-    Two process-wide references keep them alive after ``engine.destroy()``: the root module
-    of every ZeRO-3 engine stays on ``parameter_offload.FWD_MODULE_STACK``, and
-    ``PartitionedParameterCoordinator.__params_to_release`` has a class-level unbounded
-    ``functools.lru_cache`` keyed by (coordinator, module, step).  In one process each mode
-    then ran with the memory of the modes before it (seen on an H200: about +600 MiB per
-    ZeRO-3 mode of SmolLM2).  Clear both between modes; no forward pass runs then.
-    """
+    DeepSpeed (0.19.8) keeps every ZeRO-3 engine of a process alive after ``destroy()``
+    (spectrum_callback._fence.deepspeed_internals.forget_zero3_engines says how); in one
+    process each mode then ran with the memory of the modes before it (seen on an H200:
+    about +600 MiB per ZeRO-3 mode of SmolLM2)."""
     try:
-        from deepspeed.runtime.zero import parameter_offload
-        from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+        import deepspeed  # noqa: F401
     except ImportError:
         return
-    parameter_offload.FWD_MODULE_STACK.clear()
-    fn = PartitionedParameterCoordinator.__dict__.get("_PartitionedParameterCoordinator__params_to_release")
-    for cell in getattr(fn, "__closure__", None) or ():  # instrument_w_nvtx wraps the lru_cache
-        if hasattr(cell.cell_contents, "cache_clear"):
-            cell.cell_contents.cache_clear()
+    from spectrum_callback._fence.deepspeed_internals import forget_zero3_engines
+
+    forget_zero3_engines()
 
 
 def _live_tensor_bytes(torch):
@@ -131,7 +126,7 @@ def load(args, torch):
         start = torch.randint(0, cfg.vocab_size, (args.batch * args.steps, 1), generator=g)
         blocks = (start + torch.arange(args.seq) * 7) % cfg.vocab_size  # a learnable pattern
         return model, blocks
-    from spectrum_callback import assets
+    from spectrum_study import assets
 
     model, tok = assets.load_model_and_tokenizer(None, dtype=torch.float32)
     train, _ = assets.kjv_texts()
@@ -150,7 +145,7 @@ def ds_config(stage, out_dir):
 
 def run_mode(args, mode, torch, transformers):
     from spectrum_callback import SpectrumCallback
-    from spectrum_callback.assets import BlockDataset
+    from spectrum_study.assets import BlockDataset
     from spectrum_callback.backends import make_backend
 
     cuda = args.device == "cuda"
@@ -373,7 +368,8 @@ def main(argv=None):
             "device_name": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
             "torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
             "settings": {k: v for k, v in vars(args).items() if k != "json"},
-            "command": "python " + " ".join([os.path.relpath(__file__, ROOT)] + (argv if argv is not None else sys.argv[1:]))}
+            "command": " ".join(["python", os.path.relpath(__file__, ROOT)] + list(argv if argv is not None
+                                                                                   else sys.argv[1:]))}
     try:
         import deepspeed
 
@@ -402,7 +398,8 @@ def main(argv=None):
         print(f"{args.engine:6s} {mode:8s} ok={r['ok']}  state max {r['state_numel_max']} "
               f"(x{r.get('state_ratio_to_full', float('nan')):.3f} of full)  "
               f"peak {(r['peak_bytes_max'] or 0) / 2**20:.0f} MiB (x{r.get('peak_ratio_to_full', float('nan')):.3f})  "
-              f"step {1e3 * (r['step_s_median'] or 0):.1f} ms  switches {len(r['selections']) - 1 if r['selections'] else 0}",
+              f"step {1e3 * (r['step_s_median'] or 0):.1f} ms  "
+              f"switches {len(r['selections']) - 1 if r['selections'] else 0}",
               flush=True)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

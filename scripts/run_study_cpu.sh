@@ -15,7 +15,7 @@ COMMON=(--out "$OUT" --steps 60 --batch-size 4 --block-size 128 --eval-every 15 
         --eval-batch-size 8 --update-every 15 --random-seeds 0 --threads ${OMP_NUM_THREADS})
 run() {  # a failing stage is reported and the next one still runs
   echo "=== stage: $* ($(date +%T))"
-  python -m spectrum_callback.compare "${COMMON[@]}" "$@" || echo "=== stage FAILED with status $?: $*"
+  python -m spectrum_study.compare "${COMMON[@]}" "$@" || echo "=== stage FAILED with status $?: $*"
 }
 # 1. one lr per method (5e-5; LoRA 10x)
 run --methods spectrum,full,random,lora,bottom,spectrum-dynamic --lrs 5e-5 --lora-lrs 5e-4

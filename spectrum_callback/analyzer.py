@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import re
 import time
 import warnings
 from collections import OrderedDict
@@ -23,6 +22,10 @@ from torch import nn
 from .fast_snr import snr_batched
 from .snr import as_matrix
 from ._logging import get_logger
+from . import _dist
+from ._fence.deepspeed_internals import full_ndim, full_shape, local_tensor
+from ._fence.torch_internals import is_fsdp1_flattened
+from .config import check_chunk_mb, check_dtype, check_method, compile_patterns
 
 logger = get_logger(__name__)
 
@@ -62,20 +65,6 @@ def _linear_types() -> tuple:
     return tuple(types)
 
 
-def compile_patterns(patterns: Optional[Iterable[str]], arg: str) -> List[re.Pattern]:
-    if patterns is None:
-        return []
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    out = []
-    for p in patterns:
-        try:
-            out.append(re.compile(p))
-        except re.error as exc:
-            raise ValueError(f"{arg}: {p!r} is not a valid regular expression ({exc}); fix the pattern") from exc
-    return out
-
-
 SHARDED_HELP = (
     "SpectrumCallback reads each weight matrix whole and moves matrices in and out of a plain torch or "
     "DeepSpeed ZeRO optimizer; it does neither for FSDP's sharded parameters. For static Spectrum under FSDP, "
@@ -106,8 +95,8 @@ def sharding_engine(model: nn.Module) -> Optional[str]:
         DTensor = ()
     for p in model.parameters():
         # The inner module of a root-only FSDP1 wrap holds no FSDP object, but FSDP marks the
-        # parameters it flattened (private attribute, checked with torch 2.13).
-        if getattr(p, "_fsdp_flattened", False):
+        # parameters it flattened (a private attribute: spectrum_callback._fence).
+        if is_fsdp1_flattened(p):
             return "FSDP (FullyShardedDataParallel)"
         if isinstance(p, DTensor):
             return "DTensor (tensor parallelism or a device mesh)"
@@ -165,9 +154,9 @@ def find_candidates(
         if not isinstance(w, torch.Tensor) or id(w) in seen:
             continue
         if inc:
-            ok = any(p.search(name) for p in inc) and _weight_ndim(w) == 2
+            ok = any(p.search(name) for p in inc) and full_ndim(w) == 2
         else:
-            ok = isinstance(mod, linear) and _weight_ndim(w) == 2 and module_type(name) is not None
+            ok = isinstance(mod, linear) and full_ndim(w) == 2 and module_type(name) is not None
         if ok and exc and any(p.search(name) for p in exc):
             ok = False
         if ok:
@@ -179,12 +168,6 @@ def find_candidates(
             out[name] = mod
             seen.add(id(w))
     return out
-
-
-def _weight_ndim(w: torch.Tensor) -> int:
-    # DeepSpeed ZeRO-3 keeps the full shape in ds_shape while .data is a 0-size placeholder.
-    shape = getattr(w, "ds_shape", None)
-    return len(shape) if shape is not None else w.ndim
 
 
 def _fused_expert_params(model: nn.Module) -> List[str]:
@@ -216,6 +199,9 @@ class SpectrumAnalyzer:
             or fused kernels that do not bump the tensor version counter, so the version
             counter alone cannot tell.
         progress: show a tqdm bar.
+        gather: ``gather(modules)`` returns a context in which those modules' weights are
+            whole (the engine backend's :meth:`~spectrum_callback.backends.base.OptimizerBackend.gather`;
+            ZeRO-3 collects the partitions, collectively); default: the weights are whole.
         cpu_threads: threads for CPU solver calls.  ``None``: torch's setting, lowered to
             the cores other processes leave idle (sampled from /proc for 50 ms; this
             process's own threads don't count) and shared between the ranks of this
@@ -236,13 +222,11 @@ class SpectrumAnalyzer:
         skip_unchanged: bool = True,
         progress: bool = True,
         cpu_threads: Optional[int] = None,
+        gather: Optional[Callable[[List[nn.Module]], contextlib.AbstractContextManager]] = None,
     ):
-        if method not in ("auto", "svd", "gram", "fast"):
-            raise ValueError(f"method={method!r} is not supported; use 'auto', 'fast', 'svd' or 'gram'")
-        if dtype not in (None, torch.float32, torch.float64):
-            raise ValueError(f"dtype={dtype} is not supported; use torch.float32 or torch.float64")
-        if chunk_mb <= 0:
-            raise ValueError(f"chunk_mb={chunk_mb} must be > 0 (MiB of matrix copies per solver call)")
+        check_method(method)
+        dtype = check_dtype(dtype)
+        chunk_mb = check_chunk_mb(chunk_mb)
         check_model_supported(model)
         self.model = model
         self.method = method
@@ -281,7 +265,9 @@ class SpectrumAnalyzer:
         self._cache: Dict[str, tuple] = {}
         self._dirty: set = set()
         # Context factory that makes a module's weight whole on this rank (DeepSpeed ZeRO-3 sets it).
-        self.gather: Callable[[List[nn.Module]], contextlib.AbstractContextManager] = lambda mods: contextlib.nullcontext()
+        # How to read whole weights: the backend's gather (ZeRO-3 collects partitions), given here.
+        self.gather: Callable[[List[nn.Module]], contextlib.AbstractContextManager] = (
+            gather if gather is not None else (lambda mods: contextlib.nullcontext()))
         self.last_scan_stats: Dict[str, float] = {}
 
     # ------------------------------------------------------------------ helpers
@@ -310,8 +296,7 @@ class SpectrumAnalyzer:
         return dev, method, dtype
 
     def _key(self, w: torch.Tensor):
-        base = getattr(w, "ds_tensor", None)
-        t = base if base is not None else w
+        t = local_tensor(w)
         return (t.data_ptr(), tuple(t.shape), t.dtype)
 
     # ------------------------------------------------------------------ scan
@@ -326,7 +311,7 @@ class SpectrumAnalyzer:
         unknown = [n for n in names if n not in self.modules]
         if unknown:
             raise ValueError(f"not candidate modules: {unknown[:5]}; see analyzer.names")
-        rank, world = _dist_info()
+        rank, world = _dist.rank(), _dist.world()
         todo = [n for n in names if not self._is_cached(n)]
         if world > 1:
             # Ranks may disagree on what is cached; scan the union so every entry has an owner.
@@ -387,7 +372,7 @@ class SpectrumAnalyzer:
         return idle_cpu_threads()
 
     def _cost(self, name: str) -> float:
-        shape = _full_shape(self.modules[name].weight)
+        shape = full_shape(self.modules[name].weight)
         k, big = min(shape), max(shape)
         return float(k) ** 3 + float(k) ** 2 * big
 
@@ -401,8 +386,8 @@ class SpectrumAnalyzer:
 
         groups: "OrderedDict[tuple, List[str]]" = OrderedDict()
         for n in todo:
-            groups.setdefault(tuple(_full_shape(self.modules[n].weight)), []).append(n)
-        rank, _ = _dist_info()
+            groups.setdefault(tuple(full_shape(self.modules[n].weight)), []).append(n)
+        rank = _dist.rank()
         threads = self._solver_threads(todo) if any(
             (self.device or self.modules[n].weight.device).type == "cpu" for n in todo[:1]) else None
         bar = tqdm(
@@ -517,23 +502,6 @@ def _threads(n: Optional[int]):
         yield
     finally:
         torch.set_num_threads(old)
-
-
-def _full_shape(w: torch.Tensor):
-    shape = getattr(w, "ds_shape", None)
-    return tuple(shape) if shape is not None else tuple(w.shape)
-
-
-def full_numel(p: torch.Tensor) -> int:
-    """Elements of the whole parameter, also when an engine holds only a shard of it here
-    (DeepSpeed ZeRO-3 leaves a 0-element placeholder between gathers)."""
-    return math.prod(_full_shape(p))
-
-
-def _dist_info():
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def _split_by_cost(names: List[str], cost: Dict[str, float], world: int) -> List[List[str]]:

@@ -11,11 +11,14 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from ._trainer_access import find_trainer
-from .analyzer import SHARDED_HELP, SpectrumAnalyzer, full_numel
-from .analyzer import compile_patterns as _compile_list
+from . import _dist
+from ._fence import check_versions
+from ._fence.deepspeed_internals import full_numel
+from ._fence.transformers_internals import find_trainer
+from .analyzer import SHARDED_HELP, SpectrumAnalyzer
 from .backends import make_backend
-from .selection import load_snr_json, parse_snr_mapping, select_top, validate_top_pct
+from .config import SpectrumConfig, compile_patterns
+from .selection import load_snr_json, parse_snr_mapping, select_top
 from ._logging import follow_trainer, get_logger
 
 logger = get_logger(__name__)
@@ -35,7 +38,7 @@ def apply_selection(
 ) -> List[nn.Parameter]:
     """Set ``requires_grad``: parameters of selected modules and ``always_train`` matches
     train, everything else freezes.  Returns the trainable parameters."""
-    always = _compile_list(always_train, "always_train")
+    always = compile_patterns(always_train, "always_train")
     keep = {id(p) for n in selected for p in analyzer.params_of(n)}
     for name, p in model.named_parameters(remove_duplicate=False):
         if any(r.search(name) for r in always):
@@ -72,11 +75,13 @@ def spectrum_freeze(
     Use this when you build the optimizer yourself or want DDP/DeepSpeed to never see
     the frozen weights.  Returns the selected module names.
     """
-    validate_top_pct(top_pct)
-    analyzer = SpectrumAnalyzer(model, include=include, exclude=exclude, method=method)
-    snr = _snr_from_json(snr_json, analyzer) if snr_json else analyzer.scan()
-    selected = select_top(snr, top_pct, min_per_type=min_per_type, never=never_train)
-    apply_selection(model, analyzer, selected, always_train)
+    cfg = SpectrumConfig(top_pct=top_pct, include=include, exclude=exclude, always_train=list(always_train or []),
+                         never_train=list(never_train or []), min_per_type=min_per_type, snr_json=snr_json,
+                         method=method)
+    analyzer = SpectrumAnalyzer(model, include=cfg.include, exclude=cfg.exclude, method=cfg.method)
+    snr = _snr_from_json(cfg.snr_json, analyzer) if cfg.snr_json is not None else analyzer.scan()
+    selected = select_top(snr, cfg.top_pct, min_per_type=cfg.min_per_type, never=cfg.never_train)
+    apply_selection(model, analyzer, selected, cfg.always_train)
     return selected
 
 
@@ -171,31 +176,11 @@ class SpectrumCallback(TrainerCallback):
         plot_dir: Optional[str] = None,
         verbose: bool = True,
     ):
-        self.top_pct = validate_top_pct(top_pct)
-        if update_every is not None:
-            if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
-                raise ValueError(
-                    f"update_every={update_every!r} must be None (static Spectrum) or an integer >= 1 "
-                    "(re-scan every that many optimizer steps)"
-                )
-        if not isinstance(min_per_type, int) or min_per_type < 0:
-            raise ValueError(f"min_per_type={min_per_type!r} must be an integer >= 0")
-        _compile_list(include, "include")
-        _compile_list(exclude, "exclude")
-        _compile_list(always_train, "always_train")
-        _compile_list(never_train, "never_train")
-        self.update_every = update_every
-        self.include = include
-        self.exclude = exclude
-        self.always_train = list(always_train or [])
-        self.never_train = list(never_train or [])
-        self.min_per_type = min_per_type
-        self.snr_json = snr_json
-        self.method = method
-        self.dtype = dtype
-        self.chunk_mb = chunk_mb
-        self.plot_dir = plot_dir
-        self.verbose = verbose
+        self.config = SpectrumConfig(
+            top_pct=top_pct, update_every=update_every, include=include, exclude=exclude,
+            always_train=list(always_train or []), never_train=list(never_train or []), min_per_type=min_per_type,
+            snr_json=snr_json, method=method, dtype=dtype, chunk_mb=chunk_mb, plot_dir=plot_dir, verbose=verbose,
+        )
         _install_deepspeed_resume_hook()
 
         self.selected: List[str] = []
@@ -210,17 +195,17 @@ class SpectrumCallback(TrainerCallback):
     # ------------------------------------------------------------------ helpers
     @property
     def dynamic(self) -> bool:
-        return self.update_every is not None
+        return self.config.dynamic
 
     def _validate_patterns(self, model: nn.Module) -> None:
         names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
-        for p in _compile_list(self.always_train, "always_train"):
+        for p in compile_patterns(self.config.always_train, "always_train"):
             if not any(p.search(n) for n in names):
                 raise ValueError(
                     f"always_train pattern {p.pattern!r} matches no parameter of the model "
                     f"(parameter names look like {names[0]!r}); fix or drop it"
                 )
-        for p in _compile_list(self.never_train, "never_train"):
+        for p in compile_patterns(self.config.never_train, "never_train"):
             if not any(p.search(n) for n in self.analyzer.names):
                 raise ValueError(
                     f"never_train pattern {p.pattern!r} matches no candidate module "
@@ -235,7 +220,9 @@ class SpectrumCallback(TrainerCallback):
         if model is None:
             raise ValueError("SpectrumCallback needs the model at on_train_begin; use it with transformers.Trainer")
         follow_trainer(args)  # routine messages at INFO, shown with TrainingArguments(log_level="info")
-        self.trainer, resume_dir = find_trainer(self)
+        check_versions()  # a warning for versions the fenced internals were not checked on
+        # The running Trainer, found once (no public API hands it to callbacks) and passed down.
+        self.trainer, resume_dir = find_trainer(lambda t: self in getattr(t.callback_handler, "callbacks", []))
         if getattr(self.trainer, "is_fsdp_enabled", False):
             # transformers 5.24 hands callbacks the FSDP-wrapped model, which the analyzer refuses
             # too; this check also covers versions that hand over the inner module (whose
@@ -244,13 +231,14 @@ class SpectrumCallback(TrainerCallback):
                 f"the Trainer runs FSDP (TrainingArguments.fsdp or an accelerate FSDP config): {SHARDED_HELP}"
             )
         self._model = model
+        # Data flows one way: model -> analyzer -> selection -> callback -> backend -> optimizer.
+        self.backend = make_backend(optimizer, model, self.trainer, kwargs.get("lr_scheduler"))
         self.analyzer = SpectrumAnalyzer(
-            model, include=self.include, exclude=self.exclude, method=self.method, dtype=self.dtype,
-            chunk_mb=self.chunk_mb, progress=not getattr(args, "disable_tqdm", False),
+            model, include=self.config.include, exclude=self.config.exclude, method=self.config.method,
+            dtype=self.config.torch_dtype, chunk_mb=self.config.chunk_mb,
+            progress=not getattr(args, "disable_tqdm", False), gather=self.backend.gather,
         )
         self._validate_patterns(model)
-        self.backend = make_backend(optimizer, model, self.trainer)
-        self.backend.attach_analyzer(self.analyzer)
         self.backend.prepare(self._candidate_params(), dynamic=self.dynamic)
         self._gradient_checkpointing_inputs(model, args)
 
@@ -258,8 +246,8 @@ class SpectrumCallback(TrainerCallback):
         if state.global_step > 0:
             restored = self._restore(args, state, resume_dir)
         if not restored:
-            if self.snr_json is not None and not self.history:
-                snr = _snr_from_json(self.snr_json, self.analyzer)
+            if self.config.snr_json is not None and not self.history:
+                snr = _snr_from_json(self.config.snr_json, self.analyzer)
                 self._apply(state.global_step, snr, source="snr_json")
             else:
                 self._scan_and_apply(state.global_step)
@@ -269,7 +257,7 @@ class SpectrumCallback(TrainerCallback):
         if not self.dynamic or self.analyzer is None:
             return control
         step = state.global_step
-        if step > 0 and step % self.update_every == 0 and step != self.last_scan_step:
+        if step > 0 and step % self.config.update_every == 0 and step != self.last_scan_step:
             self._scan_and_apply(step)
         return control
 
@@ -289,15 +277,15 @@ class SpectrumCallback(TrainerCallback):
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self.plot_dir and state.is_world_process_zero and self.history:
+        if self.config.plot_dir and state.is_world_process_zero and self.history:
             from .plotting import plot_selection_history, plot_snr_heatmap
 
-            os.makedirs(self.plot_dir, exist_ok=True)
+            os.makedirs(self.config.plot_dir, exist_ok=True)
             last = self.history[-1]
             snr = {n: {"snr": v, "type": last["types"][n]} for n, v in last["snr"].items()}
-            plot_snr_heatmap(snr, self.selected, os.path.join(self.plot_dir, "spectrum_snr.png"))
+            plot_snr_heatmap(snr, self.selected, os.path.join(self.config.plot_dir, "spectrum_snr.png"))
             if len(self.history) > 1:  # a single scan: the heatmap's frames already show the selection
-                plot_selection_history(self.history, os.path.join(self.plot_dir, "spectrum_selection.png"))
+                plot_selection_history(self.history, os.path.join(self.config.plot_dir, "spectrum_selection.png"))
         return control
 
     # ------------------------------------------------------------------ core
@@ -310,7 +298,7 @@ class SpectrumCallback(TrainerCallback):
         emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         if not checkpointing or emb is None or not hasattr(model, "enable_input_require_grads"):
             return
-        always = _compile_list(self.always_train, "always_train")
+        always = compile_patterns(self.config.always_train, "always_train")
         emb_trainable = any(
             p is emb.weight and any(r.search(n) for r in always)
             for n, p in model.named_parameters(remove_duplicate=False)
@@ -324,29 +312,13 @@ class SpectrumCallback(TrainerCallback):
         self._apply(step, snr, source="scan")
 
     def _apply(self, step: int, snr, source: str) -> None:
-        selected = select_top(snr, self.top_pct, min_per_type=self.min_per_type, never=self.never_train)
-        if not selected:
-            raise ValueError(
-                "Spectrum selected no module (every SNR is NaN or excluded by never_train); "
-                "check the weights for NaN/Inf and the never_train patterns"
-            )
-        selected, snr = self.backend.sync_selection((selected, dict(snr)))
-        old = set(self.selected)
-        new = set(selected)
-        leaving = [p for n in sorted(old - new) for p in self.analyzer.params_of(n)]
-        joining = [p for n in sorted(new - old) for p in self.analyzer.params_of(n)]
+        """A new selection from ``snr``: select, agree across ranks, switch, record, report."""
+        selected, snr = self.backend.sync_selection((self._select(snr), dict(snr)))
         first = not self.history
-        trainable = apply_selection(self._model, self.analyzer, selected, self.always_train)
-        if first:
-            # Static start or resume: nothing outside the selection may keep optimizer state.
-            self.backend.switch([p for p in self._model.parameters() if not p.requires_grad], joining=[])
-        else:
-            self.backend.switch(leaving, joining)
-        self.selected = sorted(selected)
-        self.analyzer.mark_dirty(self.selected)
+        old, new = set(self.selected), set(selected)
+        trainable = self._switch(selected, first)
         self.last_scan_step = step
-        changes = len(old ^ new) // 2 if not first else 0
-        entry = {
+        self.history.append({
             "step": int(step),
             "selected": list(self.selected),
             "snr": {n: float(i["snr"]) for n, i in snr.items()},
@@ -354,8 +326,40 @@ class SpectrumCallback(TrainerCallback):
             "joined": sorted(new - old) if not first else [],
             "left": sorted(old - new) if not first else [],
             "source": source,
-        }
-        self.history.append(entry)
+        })
+        self._report(step, snr, source, trainable, changes=len(old ^ new) // 2 if not first else 0)
+
+    def _select(self, snr) -> List[str]:
+        cfg = self.config
+        selected = select_top(snr, cfg.top_pct, min_per_type=cfg.min_per_type, never=cfg.never_train)
+        if not selected:
+            raise ValueError(
+                "Spectrum selected no module (every SNR is NaN or excluded by never_train); "
+                "check the weights for NaN/Inf and the never_train patterns"
+            )
+        return selected
+
+    def _switch(self, selected: Sequence[str], first: bool) -> List[nn.Parameter]:
+        """Freeze / unfreeze for ``selected`` and let the backend move the optimizer state.
+        On the first selection (a start or a resume) nothing outside it may keep state."""
+        old, new = set(self.selected), set(selected)
+        joining = [p for n in sorted(new - old) for p in self.analyzer.params_of(n)]
+        trainable = apply_selection(self._model, self.analyzer, selected, self.config.always_train)
+        if first:
+            leaving, joining = [p for p in self._model.parameters() if not p.requires_grad], []
+        else:
+            leaving = [p for n in sorted(old - new) for p in self.analyzer.params_of(n)]
+        result = self.backend.switch(leaving, joining)
+        if result.moved:
+            # Storage moved with the same values (an engine re-flattened its buffers): the
+            # analyzer keeps the SNRs of matrices that did not train.
+            self.analyzer.refresh_keys(
+                [n for n, m in self.analyzer.modules.items() if id(getattr(m, "weight", None)) in result.moved])
+        self.selected = sorted(selected)
+        self.analyzer.mark_dirty(self.selected)
+        return trainable
+
+    def _report(self, step: int, snr, source: str, trainable, changes: int) -> None:
         n_train = sum(full_numel(p) for p in trainable)
         n_total = sum(full_numel(p) for p in {id(p): p for p in self._model.parameters()}.values())
         metrics = {
@@ -365,13 +369,14 @@ class SpectrumCallback(TrainerCallback):
             "spectrum/trainable_fraction": n_train / max(n_total, 1),
             "spectrum/optimizer_state_numel": float(self.backend.state_numel()),
         }
-        metrics.update({f"spectrum/{k}": float(v) for k, v in self.analyzer.last_scan_stats.items()} if source == "scan" else {})
+        if source == "scan":
+            metrics.update({f"spectrum/{k}": float(v) for k, v in self.analyzer.last_scan_stats.items()})
         for typ, vals in _snr_by_type(snr).items():
             finite = [v for v in vals if math.isfinite(v)]
             if finite:
                 metrics[f"spectrum/snr_mean/{typ}"] = statistics.fmean(finite)
         self._emit(metrics)
-        if self.verbose and _is_main():
+        if self.config.verbose and _dist.is_main():
             logger.info(
                 "Spectrum %s at step %d: %d/%d modules trainable (%d params, %.1f%% of the model), %d changed",
                 source, step, len(self.selected), len(snr), n_train, 100 * n_train / max(n_total, 1), changes,
@@ -392,9 +397,10 @@ class SpectrumCallback(TrainerCallback):
         return {
             "format": STATE_FORMAT,
             "version": STATE_VERSION,
-            "top_pct": self.top_pct,
-            "update_every": self.update_every,
-            "min_per_type": self.min_per_type,
+            "top_pct": self.config.top_pct,
+            "update_every": self.config.update_every,
+            "min_per_type": self.config.min_per_type,
+            "config": self.config.to_dict(),
             "last_scan_step": self.last_scan_step,
             "selected": list(self.selected),
             "history": self.history,
@@ -419,7 +425,8 @@ class SpectrumCallback(TrainerCallback):
         if isinstance(getattr(args, "resume_from_checkpoint", None), str):
             candidates.append(args.resume_from_checkpoint)
         candidates.append(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
-        path = next((os.path.join(c, STATE_FILE) for c in candidates if os.path.isfile(os.path.join(c, STATE_FILE))), None)
+        found = [os.path.join(c, STATE_FILE) for c in candidates]
+        path = next((f for f in found if os.path.isfile(f)), None)
         if path is None:
             logger.warning(
                 "Spectrum: resuming at step %d but the checkpoint has no %s (trained without Spectrum?); "
@@ -429,7 +436,8 @@ class SpectrumCallback(TrainerCallback):
         with open(path) as fh:
             data = json.load(fh)
         if data.get("format") != STATE_FORMAT or not isinstance(data.get("version"), int):
-            raise ValueError(f"{path} is not a spectrum_callback state file; remove it or resume from another checkpoint")
+            raise ValueError(
+                f"{path} is not a spectrum_callback state file; remove it or resume from another checkpoint")
         if data["version"] > STATE_VERSION:
             raise ValueError(
                 f"{path} has state version {data['version']}, newer than this spectrum_callback "
@@ -443,26 +451,21 @@ class SpectrumCallback(TrainerCallback):
             )
         self.history = list(data.get("history", []))
         self.last_scan_step = data.get("last_scan_step")
-        selected = list(data["selected"])
         self.selected = []
-        trainable = apply_selection(self._model, self.analyzer, selected, self.always_train)
-        keep = {id(p) for p in trainable}
-        self.backend.switch([p for p in self._model.parameters() if id(p) not in keep], joining=[])
-        self.selected = sorted(selected)
-        self.analyzer.mark_dirty(self.selected)
-        if _is_main():
+        self._switch(list(data["selected"]), first=True)
+        if _dist.is_main():
             logger.info("Spectrum: restored selection of %d modules from %s", len(self.selected), path)
         return True
 
 
 def _install_deepspeed_resume_hook() -> None:
     """Under DeepSpeed the Trainer loads a checkpoint before any callback event; let the
-    DeepSpeed backend lay the optimizer out as saved first (see deepspeed_backend)."""
+    DeepSpeed backend lay the optimizer out as saved first (backends/deepspeed/resume.py)."""
     import importlib.util
 
     if importlib.util.find_spec("deepspeed") is None:
         return
-    from .backends.deepspeed_backend import install_resume_hook
+    from .backends.deepspeed.resume import install_resume_hook
 
     install_resume_hook()
 
@@ -473,8 +476,3 @@ def _snr_by_type(snr) -> Dict[str, List[float]]:
         out.setdefault(str(info["type"]), []).append(float(info["snr"]))
     return out
 
-
-def _is_main() -> bool:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank() == 0
-    return True

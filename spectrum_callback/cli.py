@@ -32,7 +32,7 @@ from .selection import (
 )
 
 RESULTS_DIR = "model_snr_results"
-# The offline default model's alias (spectrum_callback.assets) and the hub id it stands for.
+# The offline default model's alias (spectrum_study.assets) and the hub id it stands for.
 ALIASES = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -96,7 +96,7 @@ def _read_snr_json(path: str):
 def resolve_model(name: str):
     """``(path_or_id, slug)``: the alias, a local folder or a hub id; refuses what is none of them."""
     if name in ALIASES:
-        from .assets import smollm2_dir
+        from spectrum_study.assets import smollm2_dir
 
         try:
             return smollm2_dir(), model_slug(ALIASES[name])

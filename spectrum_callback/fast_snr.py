@@ -57,7 +57,7 @@ import math
 from dataclasses import dataclass
 import torch
 
-from .snr import singular_values, snr_from_singular_values_batched
+from .snr import IQR_TO_SIGMA, singular_values, snr_from_singular_values_batched
 
 __all__ = [
     "FastSNRResult",
@@ -68,15 +68,15 @@ __all__ = [
     "singular_value_bounds",
     "ERROR_MODEL_C",
     "DEFAULT_RTOL",
-    "METHODS",
+    "SOLVERS",
     "ROUTE_COUNTS",
 ]
 
-_IQR_TO_SIGMA = 1.349
 ERROR_MODEL_C = 2.0
 SMALL_K = 512
 DEFAULT_RTOL = 5e-4
-METHODS = ("svd", "gram", "fast")
+# What snr_batched() computes with (the analyzer's "auto" resolves to "fast").
+SOLVERS = ("svd", "gram", "fast")
 
 # How many matrices took each route since the last reset (read by scripts/bench_analyzer.py).
 ROUTE_COUNTS = {"gram32": 0, "gram64": 0, "svd64": 0}
@@ -153,11 +153,11 @@ def _stats_with_bound(lam: torch.Tensor, n: int, m: int, eps: float, c: float):
     for p in (0.25 * (k - 1), 0.75 * (k - 1)):
         lo, hi = int(math.floor(p)), int(math.ceil(p))
         dq.append(torch.maximum(asc[:, lo], asc[:, hi]))
-    sigma = (q[1] - q[0]) / _IQR_TO_SIGMA
+    sigma = (q[1] - q[0]) / IQR_TO_SIGMA
     beta = min(n, m) / max(n, m)
     scale = 1.0 + math.sqrt(beta)
     t = (sigma * scale).unsqueeze(-1)
-    dt = ((dq[0] + dq[1]) / _IQR_TO_SIGMA * scale).unsqueeze(-1)
+    dt = ((dq[0] + dq[1]) / IQR_TO_SIGMA * scale).unsqueeze(-1)
     above = s > t
     zero = torch.zeros_like(s)
     signal = torch.where(above, s, zero).sum(-1)
@@ -245,7 +245,7 @@ def snr_batched(w: torch.Tensor, method: str, dtype: torch.dtype) -> torch.Tenso
         return fast_snr_batched(w, dtype=dtype).snr
     if method in ("svd", "gram"):
         return snr_from_singular_values_batched(singular_values(w, method=method, dtype=dtype), n, m)
-    raise ValueError(f"unknown SNR method {method!r}; use one of {METHODS}")
+    raise ValueError(f"unknown SNR method {method!r}; use one of {SOLVERS}")
 
 
 def fast_snr(weight: torch.Tensor, *, rtol: float = DEFAULT_RTOL) -> float:

@@ -8,7 +8,13 @@ from .analyzer import _layer_index
 
 
 def _pyplot():
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError(
+            "the Spectrum plots need matplotlib: pip install 'spectrum_callback[plot]' (or matplotlib), "
+            "or leave plot_dir unset / drop --plot"
+        ) from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -33,8 +39,8 @@ def snr_grid(snr: Mapping[str, object]):
         layers.add(layer)
         cells[(typ, layer)] = (value, name)
     layer_list = sorted(layers)
-    grid = [[cells.get((t, l), (math.nan, None))[0] for l in layer_list] for t in types]
-    names = [[cells.get((t, l), (math.nan, None))[1] for l in layer_list] for t in types]
+    grid = [[cells.get((t, layer), (math.nan, None))[0] for layer in layer_list] for t in types]
+    names = [[cells.get((t, layer), (math.nan, None))[1] for layer in layer_list] for t in types]
     return types, layer_list, grid, names
 
 
@@ -73,7 +79,7 @@ def plot_snr_heatmap(snr, selected: Sequence[str], path: str, title: str = "Spec
             if n in sel:
                 ax.add_patch(plt.Rectangle((li - 0.5, ti - 0.5), 1, 1, fill=False, edgecolor="red", lw=1.6))
     ax.set_yticks(range(len(types)), types, fontsize=8)
-    ax.set_xticks(range(len(layers)), [str(l) for l in layers], fontsize=7)
+    ax.set_xticks(range(len(layers)), [str(layer) for layer in layers], fontsize=7)
     ax.set_xlabel("layer")
     notes = ["red frame = trainable"]
     if n_inf:
@@ -104,7 +110,7 @@ def plot_selection_history(history: Sequence[Mapping], path: str) -> str:
         if typ not in types:
             types.append(typ)
     layers = sorted({_layer_index(n) for n in last["snr"] if _layer_index(n) is not None})
-    row = {l: i for i, l in enumerate(layers)}
+    row = {layer: i for i, layer in enumerate(layers)}
     scans = len(history)
     panel_w = max(1.3, 0.12 * scans + 0.9)
     fig, axes = plt.subplots(1, len(types), figsize=(panel_w * len(types) + 0.8, max(3.0, 0.14 * len(layers) + 1.6)),
@@ -122,7 +128,7 @@ def plot_selection_history(history: Sequence[Mapping], path: str) -> str:
         ax.set_xticks(range(0, scans, step), [str(history[j]["step"]) for j in range(0, scans, step)], fontsize=6,
                       rotation=90)
     lstep = max(1, len(layers) // 16)
-    axes[0][0].set_yticks(range(0, len(layers), lstep), [str(l) for l in layers[::lstep]], fontsize=6)
+    axes[0][0].set_yticks(range(0, len(layers), lstep), [str(layer) for layer in layers[::lstep]], fontsize=6)
     axes[0][0].set_ylabel("layer")
     fig.supxlabel("scan at optimizer step", fontsize=8)
     fig.suptitle("Selection over time (black = trainable)", fontsize=10)

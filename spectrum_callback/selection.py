@@ -8,6 +8,8 @@ import re
 from collections import OrderedDict
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
+from .config import validate_top_pct  # the one rule for top_pct, re-exported here
+
 __all__ = [
     "select_top",
     "group_by_type",
@@ -22,17 +24,6 @@ __all__ = [
 ]
 
 SnrMap = Mapping[str, Mapping[str, object]]
-
-
-def validate_top_pct(top_pct: float, arg: str = "top_pct") -> float:
-    try:
-        value = float(top_pct)
-    except (TypeError, ValueError):
-        raise ValueError(f"{arg}={top_pct!r} must be a number in (0, 1], e.g. 0.25 for the top 25 %") from None
-    if not (0.0 < value <= 1.0) or math.isnan(value):
-        hint = f"; did you mean {value / 100:g}?" if 1.0 < value <= 100.0 else ""
-        raise ValueError(f"{arg}={top_pct!r} must be a fraction in (0, 1], e.g. 0.25 for the top 25 %{hint}")
-    return value
 
 
 def group_by_type(snr: SnrMap) -> "OrderedDict[str, List[tuple]]":

@@ -27,7 +27,7 @@ __all__ = [
     "as_matrix",
 ]
 
-_IQR_TO_SIGMA = 1.349
+IQR_TO_SIGMA = 1.349  # interquartile range of a standard normal: sigma = IQR / 1.349
 
 
 def as_matrix(weight: torch.Tensor) -> torch.Tensor:
@@ -58,7 +58,7 @@ def snr_from_singular_values_batched(s: torch.Tensor, n: int, m: int) -> torch.T
         raise ValueError(f"expected a (batch, k) tensor of singular values, got {tuple(s.shape)}")
     s = torch.sort(s, dim=-1, descending=True).values
     q = torch.quantile(s, torch.tensor([0.25, 0.75], dtype=s.dtype, device=s.device), dim=-1)
-    sigma = (q[1] - q[0]) / _IQR_TO_SIGMA
+    sigma = (q[1] - q[0]) / IQR_TO_SIGMA
     beta = min(n, m) / max(n, m)
     threshold = (sigma * (1.0 + math.sqrt(beta))).unsqueeze(-1)
     above = s > threshold

@@ -235,7 +235,8 @@ def test_auto_method_solves_in_float64_on_cuda_and_float32_on_cpu():
     assert cpu._resolve(w)[1:] == ("fast", torch.float32)
     cuda = SpectrumAnalyzer(model, device="cuda", progress=False)
     assert cuda._resolve(w)[1:] == ("fast", torch.float64)
-    assert SpectrumAnalyzer(model, method="fast", device="cuda", progress=False)._resolve(w)[1:] == ("fast", torch.float32)
+    explicit = SpectrumAnalyzer(model, method="fast", device="cuda", progress=False)
+    assert explicit._resolve(w)[1:] == ("fast", torch.float32)
     assert SpectrumAnalyzer(model, device="cuda", dtype=torch.float32, progress=False)._resolve(w)[1:] == (
         "fast", torch.float32)
 

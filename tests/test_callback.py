@@ -105,7 +105,8 @@ def test_dynamic_moves_optimizer_state_with_selection(tmp_path, monkeypatch):
     # joiners start from fresh state: their Adam step counter is 1 after their first step
     assert rec.fresh_steps and set(rec.fresh_steps) == {1.0}
     # optimizer memory follows the (constant-size) selection: never more than one set of moments
-    numels = [h["spectrum/optimizer_state_numel"] for h in tr.state.log_history if "spectrum/optimizer_state_numel" in h]
+    key = "spectrum/optimizer_state_numel"
+    numels = [h[key] for h in tr.state.log_history if key in h]
     assert len(numels) == 4 and max(numels[1:]) == numels[1]
     # the lr schedule is untouched by switches
     lrs = [h["learning_rate"] for h in tr.state.log_history if "learning_rate" in h]

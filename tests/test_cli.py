@@ -25,7 +25,8 @@ def test_yaml_from_each_published_json(tmp_path, reference_dir):
         if "snr" in next(iter(raw.values())):
             assert open(yaml_files[0]).read() == original_yaml(raw, 50)
         else:  # sorted format: same names as the flat equivalent
-            names = [l[2:] for l in open(yaml_files[0]).read().splitlines() if l.startswith("- ") and "^" not in l]
+            lines = open(yaml_files[0]).read().splitlines()
+            names = [line[2:] for line in lines if line.startswith("- ") and "^" not in line]
             assert sorted(names) == select_top(load_snr_json(src), 0.5, min_per_type=0)
 
 
@@ -51,11 +52,12 @@ def test_scan_writes_the_layout_axolotl_reads(tmp_path):
 
 
 def test_offline_alias_resolves_to_the_hub_slug(monkeypatch, tmp_path):
-    from spectrum_callback import assets
+    from spectrum_study import assets
 
     monkeypatch.setattr(assets, "smollm2_dir", lambda: str(tmp_path))
     assert cli.resolve_model("smollm2-135m-instruct") == (str(tmp_path), "HuggingFaceTB-SmolLM2-135M-Instruct")
-    assert cli.resolve_model("meta-llama/Meta-Llama-3-8B") == ("meta-llama/Meta-Llama-3-8B", "meta-llama-Meta-Llama-3-8B")
+    hub = "meta-llama/Meta-Llama-3-8B"
+    assert cli.resolve_model(hub) == (hub, "meta-llama-Meta-Llama-3-8B")
 
 
 def _bad_inputs(tmp_path, reference_dir):
@@ -101,7 +103,8 @@ def test_console_script_help_is_light_and_errors_have_no_traceback(tmp_path):
     exe = shutil.which("spectrum-scan")
     assert exe, "console script spectrum-scan not installed (pip install -e .)"
     # --help must not import torch, transformers or deepspeed (7 s before; well under 1 s now)
-    probe = "import sys, spectrum_callback.cli; print(sorted(m for m in ('torch', 'transformers', 'deepspeed') if m in sys.modules))"
+    probe = ("import sys, spectrum_callback.cli; "
+             "print(sorted(m for m in ('torch', 'transformers', 'deepspeed') if m in sys.modules))")
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "[]"
     proc = subprocess.run([exe, "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "model_snr_results" in proc.stdout

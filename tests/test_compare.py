@@ -1,13 +1,13 @@
-"""The quality harness (spectrum_callback.compare) on a tiny random model."""
+"""The quality harness (spectrum_study.compare) on a tiny random model."""
 import json
 import os
 
 import pytest
 import torch
 
-from spectrum_callback import compare
+from spectrum_study import compare
 from spectrum_callback.analyzer import SpectrumAnalyzer
-from spectrum_callback.compare import Config, StudySettings, expand_configs, run_study
+from spectrum_study.compare import Config, StudySettings, expand_configs, run_study
 from tiny import RandomTokens, tiny_model
 
 SETTINGS = dict(max_steps=3, batch_size=4, block_size=16, eval_every=2, eval_batch_size=8, warmup=0.0)
@@ -69,7 +69,8 @@ def test_study_runs_resumes_and_reports(tmp_path):
     for key, r in runs.items():
         i = min(range(1, len(r["steps"])), key=lambda j: r["heldout"][j])
         forgetting = r["other"][i] - rep["baseline"]["other"]
-        row = next(line for line in table.splitlines() if line.startswith(f"| {r['label']} | 0.005 | {r['heldout'][i]:.4f}"))
+        start = f"| {r['label']} | 0.005 | {r['heldout'][i]:.4f}"
+        row = next(line for line in table.splitlines() if line.startswith(start))
         assert f"{forgetting:+.4f}" in row
         assert f"({r['steps'][i]})" in row
         assert f"| {r['trainable_params'] * 12 / 2**20:.1f} |" in row

@@ -5,6 +5,8 @@ import sys
 
 import pytest
 
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
 HERE = os.path.dirname(__file__)
 
 

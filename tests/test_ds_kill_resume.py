@@ -16,6 +16,8 @@ import pytest
 from dsrun import WORLD, torchrun
 from dsrun import read_rank_results as _read
 
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
 pytest.importorskip("deepspeed", reason="deepspeed is a test dependency of the DeepSpeed backend")
 
 

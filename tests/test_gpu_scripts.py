@@ -24,9 +24,9 @@ def _run(args, timeout=240):
 @pytest.mark.parametrize("engine", ["torch", "zero3"])
 def test_trainer_check_script_on_cpu(tmp_path, engine):
     out = tmp_path / f"{engine}.json"
-    proc = _run([os.path.join(SCRIPTS, "gpu_trainer_check.py"), "--device", "cpu", "--model", "tiny", "--engine", engine,
-                 "--modes", "full,static,dynamic", "--steps", "8", "--full-steps", "4", "--update-every", "2",
-                 "--batch", "4", "--seq", "32", "--lr", "3e-3", "--json", str(out)])
+    proc = _run([os.path.join(SCRIPTS, "gpu_trainer_check.py"), "--device", "cpu", "--model", "tiny",
+                 "--engine", engine, "--modes", "full,static,dynamic", "--steps", "8", "--full-steps", "4",
+                 "--update-every", "2", "--batch", "4", "--seq", "32", "--lr", "3e-3", "--json", str(out)])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     runs = json.loads(out.read_text())["runs"]
     assert all(r["ok"] for r in runs.values()), {m: (r["error"], r["n_violations"]) for m, r in runs.items()}

@@ -20,6 +20,7 @@ def run_script(mode, out):
                           env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     full, broken = tmp_path / "full", tmp_path / "broken"
     p = run_script("full", full)

@@ -47,7 +47,8 @@ def test_yaml_matches_original_rule_on_published_files(reference_dir, pct):
 def test_select_top_with_original_truncation_equals_yaml(reference_dir):
     for f in flat_files(reference_dir):
         snr = load_snr_json(f)
-        yaml_names = [l[2:] for l in unfrozen_parameters_yaml(snr, 25).splitlines() if l.startswith("- ") and "^" not in l]
+        lines = unfrozen_parameters_yaml(snr, 25).splitlines()
+        yaml_names = [line[2:] for line in lines if line.startswith("- ") and "^" not in line]
         assert select_top(snr, 0.25, min_per_type=0) == sorted(yaml_names)
 
 

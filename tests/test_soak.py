@@ -15,6 +15,8 @@ import pytest
 
 from dsrun import WORLD, read_rank_results, torchrun
 
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
 pytest.importorskip("deepspeed", reason="deepspeed is a test dependency of the DeepSpeed backend")
 
 STEPS, EVERY = 200, 5

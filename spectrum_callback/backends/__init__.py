@@ -1,26 +1,23 @@
 """Optimizer backends: how a change of the trainable set reaches the optimizer.
 
-One backend per engine.  ``TorchBackend`` covers plain torch optimizers (single
-process, DDP); the DeepSpeed ZeRO backend lives in :mod:`.deepspeed_backend`.
+One backend per engine, behind :class:`~spectrum_callback.backends.base.OptimizerBackend`:
+:class:`TorchBackend` (plain torch optimizers, one process or DDP) and
+:class:`~spectrum_callback.backends.deepspeed.DeepSpeedBackend` (ZeRO-1/2/3, imported only
+when a ZeRO optimizer is in use).
 """
 from __future__ import annotations
 
-from .base import OptimizerBackend
+from .._fence.deepspeed_internals import is_zero_optimizer
+from .base import OptimizerBackend, SwitchResult
 from .torch_backend import TorchBackend, unwrap_optimizer
 
-__all__ = ["OptimizerBackend", "TorchBackend", "make_backend", "unwrap_optimizer"]
+__all__ = ["OptimizerBackend", "SwitchResult", "TorchBackend", "make_backend", "unwrap_optimizer"]
 
 
-def make_backend(optimizer, model, trainer=None) -> OptimizerBackend:
-    """Pick the backend for ``optimizer`` (accelerate's wrapper is looked through)."""
-    inner = unwrap_optimizer(optimizer)
-    if _is_deepspeed_optimizer(inner):
-        from .deepspeed_backend import DeepSpeedBackend
+def make_backend(optimizer, model, trainer=None, lr_scheduler=None) -> OptimizerBackend:
+    """The backend for ``optimizer`` (accelerate's wrapper is looked through)."""
+    if is_zero_optimizer(unwrap_optimizer(optimizer)):
+        from .deepspeed import backend_for
 
-        return DeepSpeedBackend(optimizer, model, trainer)
-    return TorchBackend(optimizer, model, trainer)
-
-
-def _is_deepspeed_optimizer(opt) -> bool:
-    mod = type(opt).__module__ or ""
-    return mod.startswith("deepspeed.")
+        return backend_for(optimizer, model, trainer, lr_scheduler)
+    return TorchBackend(optimizer, model, trainer, lr_scheduler)

@@ -1,43 +1,101 @@
+"""The interface between :class:`~spectrum_callback.SpectrumCallback` and an engine's optimizer.
+
+One backend per engine: :class:`~spectrum_callback.backends.torch_backend.TorchBackend`
+(plain torch optimizers, one process or DDP) and
+:class:`~spectrum_callback.backends.deepspeed.DeepSpeedBackend` (ZeRO-1/2/3).  A new engine
+(for example FSDP2, whose parameters are sharded DTensors) plugs in by subclassing
+:class:`OptimizerBackend` and adding a branch to :func:`~spectrum_callback.backends.make_backend`.
+
+The callback drives a backend in this order, always between optimizer steps:
+
+1. construction at ``on_train_begin`` with the Trainer's optimizer, model, Trainer and lr
+   scheduler (as the callback handler passes them);
+2. :meth:`~OptimizerBackend.gather` is handed to the analyzer when it is built: how to
+   read whole weight matrices (sharded engines gather them, collectively);
+3. :meth:`~OptimizerBackend.prepare` once, with every candidate matrix's parameters;
+4. :meth:`~OptimizerBackend.sync_selection` at every selection, so that all ranks agree;
+5. :meth:`~OptimizerBackend.switch` after ``requires_grad`` was set for the new selection;
+   the :class:`SwitchResult` says which parameters' storage moved, so that the callback can
+   tell the analyzer (the values did not change);
+6. :meth:`~OptimizerBackend.state_numel` for the metrics.
+"""
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+import abc
+import contextlib
+from dataclasses import dataclass, field
+from typing import ContextManager, Dict, List, Sequence, Set
 
-import torch
 from torch import nn
 
+from .. import _dist
 
-class OptimizerBackend:
-    """What the callback needs from an engine.
 
-    ``prepare`` runs once at ``on_train_begin``; ``switch`` runs at ``on_step_begin``
-    (between optimizer steps) after ``requires_grad`` was updated, with the
-    parameters that left and joined the trainable set.
+@dataclass
+class SwitchResult:
+    """What a switch did.
+
+    Attributes:
+        rebuilt: the engine's optimizer was replaced (DeepSpeed) rather than edited in place.
+        moved: ``id()`` of the parameters whose storage moved with unchanged values; the
+            analyzer re-keys its cached SNRs of those matrices.
+    """
+
+    rebuilt: bool = False
+    moved: Set[int] = field(default_factory=set)
+
+
+class OptimizerBackend(abc.ABC):
+    """How a change of the trainable set reaches one engine's optimizer.
+
+    Args:
+        optimizer: the optimizer the callback event passes (accelerate's wrapper included).
+        model: the model the callback event passes.
+        trainer: the running ``transformers.Trainer`` (``None`` if it could not be found).
+        lr_scheduler: the scheduler the callback event passes (``None`` if none).
     """
 
     name = "base"
 
-    def __init__(self, optimizer, model: nn.Module, trainer=None):
+    def __init__(self, optimizer, model: nn.Module, trainer=None, lr_scheduler=None):
         self.optimizer = optimizer
         self.model = model
         self.trainer = trainer
+        self.lr_scheduler = lr_scheduler
 
-    def attach_analyzer(self, analyzer) -> None:
-        """Give the engine a say in how the analyzer reads weights (ZeRO-3 gathers shards)."""
+    def gather(self, modules: Sequence[nn.Module]) -> ContextManager:
+        """A context in which the weights of ``modules`` are whole on this rank.
 
+        Called by the analyzer around each chunk of a scan, in the same order on every rank.
+        The default does nothing (the weights are whole already).
+        """
+        return contextlib.nullcontext()
+
+    @abc.abstractmethod
     def prepare(self, candidates: Dict[str, List[nn.Parameter]], dynamic: bool) -> None:
-        raise NotImplementedError
+        """Get ready to train any of ``candidates`` (module name -> its parameters).
 
-    def switch(self, leaving: Sequence[nn.Parameter], joining: Sequence[nn.Parameter]) -> None:
-        raise NotImplementedError
+        Called once, before the first selection.  In dynamic mode every candidate may join
+        later, so the engine must be able to train each (e.g. the torch backend adds
+        candidates the optimizer was built without to a param group).  Static mode may
+        refuse candidates that could never train.
+        """
 
+    @abc.abstractmethod
+    def switch(self, leaving: Sequence[nn.Parameter], joining: Sequence[nn.Parameter]) -> SwitchResult:
+        """Make the optimizer follow the new trainable set.
+
+        ``requires_grad`` is already set on every parameter.  Afterwards: ``leaving`` have no
+        optimizer state and no gradient, and no optimizer step can change a bit of them;
+        ``joining`` start with fresh state; parameters that stay keep their state exactly.
+        Called between optimizer steps only, on every rank with the same arguments.
+        """
+
+    @abc.abstractmethod
     def state_numel(self) -> int:
-        """Elements held in optimizer state on this rank (Adam moments, master copies)."""
-        raise NotImplementedError
+        """Elements of optimizer state on this rank (moments, and master copies where the
+        engine keeps them)."""
 
     def sync_selection(self, obj):
-        """Make ``obj`` identical on all ranks (rank 0's copy wins)."""
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            box = [obj]
-            torch.distributed.broadcast_object_list(box, src=0)
-            return box[0]
-        return obj
+        """``obj`` (the selection and its SNRs) as rank 0 has it, on every rank."""
+        return _dist.broadcast_from_main(obj)

@@ -17,7 +17,7 @@ from typing import Dict, List, Sequence
 import torch
 from torch import nn
 
-from .base import OptimizerBackend
+from .base import OptimizerBackend, SwitchResult
 from .._logging import get_logger
 
 logger = get_logger(__name__)
@@ -39,8 +39,8 @@ def unwrap_optimizer(optimizer):
 class TorchBackend(OptimizerBackend):
     name = "torch"
 
-    def __init__(self, optimizer, model: nn.Module, trainer=None):
-        super().__init__(optimizer, model, trainer)
+    def __init__(self, optimizer, model: nn.Module, trainer=None, lr_scheduler=None):
+        super().__init__(optimizer, model, trainer, lr_scheduler)
         if optimizer is None:
             raise ValueError(
                 "SpectrumCallback got no optimizer at on_train_begin; use it with transformers.Trainer "
@@ -85,20 +85,14 @@ class TorchBackend(OptimizerBackend):
         zero = [i for i, w in enumerate(wds) if w == 0.0]
         return decay, (zero[0] if zero else decay)
 
-    def switch(self, leaving: Sequence[nn.Parameter], joining: Sequence[nn.Parameter]) -> None:
+    def switch(self, leaving: Sequence[nn.Parameter], joining: Sequence[nn.Parameter]) -> SwitchResult:
         for p in leaving:
             p.grad = None
             self.opt.state.pop(p, None)
         for p in joining:
             # Fresh state: whatever the optimizer held (e.g. restored from an old checkpoint) goes.
             self.opt.state.pop(p, None)
-
-    def drop_state_except(self, trainable: Sequence[nn.Parameter]) -> int:
-        keep = {id(p) for p in trainable}
-        dropped = [p for p in list(self.opt.state.keys()) if id(p) not in keep]
-        for p in dropped:
-            self.opt.state.pop(p, None)
-        return len(dropped)
+        return SwitchResult()  # edited in place: no storage moved
 
     def state_numel(self) -> int:
         total = 0

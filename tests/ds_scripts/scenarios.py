@@ -104,7 +104,7 @@ class Recorder(TrainerCallback):
         # Runs after SpectrumCallback.on_step_begin (added later): the selection for this step is set.
         b = self.spectrum.backend
         if b is None:  # no Spectrum (full fine-tuning): count the same way
-            from spectrum_callback.backends.deepspeed_backend import _ds_param_groups
+            from spectrum_callback._fence.deepspeed_internals import param_groups as _ds_param_groups
             from spectrum_callback.backends.torch_backend import unwrap_optimizer
 
             if self.trainer_optimizer is None:
@@ -207,9 +207,9 @@ def _current_zero_stage(spectrum):
     zero = getattr(spectrum.backend, "zero", None) if spectrum is not None else None
     if zero is None:
         return None
-    from spectrum_callback.backends.deepspeed_backend import _ds_stage
+    from spectrum_callback._fence.deepspeed_internals import stage
 
-    return _ds_stage(zero)
+    return stage(zero)
 
 
 def run(name, out, reference=False):
@@ -262,7 +262,8 @@ def run(name, out, reference=False):
         backend_stage=_current_zero_stage(spectrum),
     )
     gc.collect()
-    result["live_old_optimizers"] = sum(1 for r in rec.refs[:-1] if r() is not None and r() is not spectrum.backend.zero)
+    current = spectrum.backend.zero
+    result["live_old_optimizers"] = sum(1 for r in rec.refs[:-1] if r() is not None and r() is not current)
     weights = full_state(model)
     if rank() == 0:
         torch.save(weights, os.path.join(out, f"{name}{'.ref' if reference else ''}.weights.pt"))

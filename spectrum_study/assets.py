@@ -1,4 +1,5 @@
-"""Real weights and real text that work offline, plus the generic hub/local loaders.
+"""Real weights and real text that work offline, plus the generic hub/local loaders (for the
+demo, the study and the benchmarks; not part of the library).
 
 Offline defaults (see the README):
 
@@ -41,6 +42,7 @@ __all__ = [
     "pydoc_texts",
     "load_texts",
     "token_blocks",
+    "BlockDataset",
 ]
 
 
@@ -128,7 +130,8 @@ def pydoc_texts() -> List[str]:
     return [topics[k] for k in sorted(topics)]
 
 
-def load_texts(dataset: Optional[str] = None, text_field: str = "text", split: str = "train") -> Tuple[List[str], List[str]]:
+def load_texts(dataset: Optional[str] = None, text_field: str = "text",
+               split: str = "train") -> Tuple[List[str], List[str]]:
     """``(train, heldout)`` texts.
 
     ``None``/``"kjv"``: KJV with John and Acts held out.  A ``.txt`` file: paragraphs,
@@ -148,7 +151,8 @@ def load_texts(dataset: Optional[str] = None, text_field: str = "text", split: s
         else:
             ds = load_dataset(dataset, split=split)
         if text_field not in ds.column_names:
-            raise ValueError(f"dataset {dataset!r} has no column {text_field!r} (columns: {ds.column_names}); pass --text-field")
+            raise ValueError(f"dataset {dataset!r} has no column {text_field!r} (columns: {ds.column_names}); "
+                             "pass --text-field")
         texts = [t for t in ds[text_field] if t]
     if len(texts) < 2:
         raise ValueError(f"dataset {dataset!r} has fewer than 2 texts")
@@ -176,10 +180,12 @@ def token_blocks(tokenizer, texts: Sequence[str], block_size: int, max_blocks: O
 
 
 class BlockDataset(torch.utils.data.Dataset):
-    """Causal-LM examples from a ``(N, L)`` token tensor."""
+    """Causal-LM examples from a ``(N, L)`` tensor of token ids."""
 
     def __init__(self, blocks: torch.Tensor):
-        self.blocks = blocks
+        if blocks.ndim != 2:
+            raise ValueError(f"token blocks must be (N, L), got shape {tuple(blocks.shape)}")
+        self.blocks = blocks.long()
 
     def __len__(self):
         return self.blocks.shape[0]

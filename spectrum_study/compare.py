@@ -2,7 +2,7 @@
 same budget, and compare held-out loss (training domain) against forgetting (loss on a
 second domain).
 
-    python -m spectrum_callback.compare --quick
+    python -m spectrum_study.compare --quick
     spectrum-compare --model HF_ID_OR_PATH --dataset DATA --other-dataset DATA2 --out runs/compare
 
 Methods (each over a learning-rate grid, all with ``transformers.Trainer``):
@@ -35,12 +35,14 @@ import os
 import random
 import statistics
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
+
+from .assets import BlockDataset
+from .methods import METHODS, PeakMemory, build_method
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +60,6 @@ __all__ = [
     "main",
 ]
 
-METHODS = ("full", "spectrum", "spectrum-dynamic", "random", "bottom", "lora")
 HELD = "heldout"
 OTHER = "other"
 
@@ -108,7 +109,8 @@ class Config:
 
 
 def expand_configs(
-    methods: Sequence[str], lrs: Sequence[float], lora_lrs: Optional[Sequence[float]] = None, random_seeds: Sequence[int] = (0,)
+    methods: Sequence[str], lrs: Sequence[float], lora_lrs: Optional[Sequence[float]] = None,
+    random_seeds: Sequence[int] = (0,),
 ) -> List[Config]:
     out: List[Config] = []
     for m in methods:
@@ -125,84 +127,8 @@ def expand_configs(
 
 
 # ---------------------------------------------------------------------------- datasets
-class Blocks(torch.utils.data.Dataset):
-    """Causal-LM examples from a ``(N, L)`` long tensor of token ids."""
-
-    def __init__(self, blocks: torch.Tensor):
-        if blocks.ndim != 2:
-            raise ValueError(f"token blocks must be (N, L), got shape {tuple(blocks.shape)}")
-        self.blocks = blocks.long()
-
-    def __len__(self):
-        return self.blocks.shape[0]
-
-    def __getitem__(self, i):
-        x = self.blocks[i]
-        return {"input_ids": x, "labels": x.clone(), "attention_mask": torch.ones_like(x)}
-
-
 def _as_dataset(d):
-    return Blocks(d) if isinstance(d, torch.Tensor) else d
-
-
-# ---------------------------------------------------------------------------- memory
-class _PeakMemory:
-    """Peak memory of one training: CUDA allocated bytes, or on CPU the peak resident set
-    size (sampled every 20 ms) above the resident size at the start."""
-
-    def __init__(self):
-        self.cuda = torch.cuda.is_available()
-        self._stop = threading.Event()
-        self._peak = 0
-        self._start = 0
-        self._thread = None
-
-    @staticmethod
-    def _rss() -> int:
-        try:
-            with open("/proc/self/statm") as fh:
-                return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except Exception:
-            try:
-                import psutil
-
-                return psutil.Process().memory_info().rss
-            except Exception:
-                return 0
-
-    def __enter__(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self._start = torch.cuda.memory_allocated()
-        else:
-            self._start = self._peak = self._rss()
-
-            def loop():
-                while not self._stop.wait(0.02):
-                    self._peak = max(self._peak, self._rss())
-
-            self._thread = threading.Thread(target=loop, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.cuda:
-            torch.cuda.synchronize()
-            self._peak = torch.cuda.max_memory_allocated()
-        else:
-            self._stop.set()
-            self._thread.join()
-            self._peak = max(self._peak, self._rss())
-
-    @property
-    def kind(self) -> str:
-        return "cuda_max_allocated" if self.cuda else "cpu_rss_above_start"
-
-    @property
-    def mb(self) -> float:
-        value = self._peak if self.cuda else self._peak - self._start
-        return value / 2**20
+    return BlockDataset(d) if isinstance(d, torch.Tensor) else d
 
 
 # ---------------------------------------------------------------------------- one config
@@ -214,25 +140,6 @@ def _atomic_json(path: str, data) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-
-
-def _snr_for(cfg: Config, model, settings: StudySettings, scan_cache: Dict[str, dict]):
-    """snr_json mapping for random / bottom selection (None for the scanning methods)."""
-    from .analyzer import SpectrumAnalyzer
-
-    if cfg.method == "random":
-        an = SpectrumAnalyzer(model, progress=False)
-        rng = random.Random(1000 + cfg.seed)
-        return {n: {"snr": rng.random(), "type": an.types[n]} for n in an.names}
-    if cfg.method == "bottom":
-        if "snr" not in scan_cache:
-            scan_cache["snr"] = {n: dict(i) for n, i in SpectrumAnalyzer(model, progress=False).scan().items()}
-        out = {}
-        for n, i in scan_cache["snr"].items():
-            v = float(i["snr"])
-            out[n] = {"snr": -v if math.isfinite(v) else float("nan"), "type": i["type"]}
-        return out
-    return None
 
 
 def _training_args(out_dir: str, cfg: Config, settings: StudySettings):
@@ -324,37 +231,20 @@ def run_config(
     """Train one configuration with ``transformers.Trainer`` and return its record."""
     from tqdm.auto import tqdm
 
-    from .callback import SpectrumCallback
-
     scan_cache = {} if scan_cache is None else scan_cache
     torch.manual_seed(settings.seed)
     model = model_factory()
     total_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    callbacks = []
-    spectrum_cb = None
-    if cfg.method == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        lcfg = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=0.0,
-                          target_modules="all-linear", task_type="CAUSAL_LM")
-        model = get_peft_model(model, lcfg)
-    elif cfg.method != "full":
-        snr = _snr_for(cfg, model, settings, scan_cache)
-        spectrum_cb = SpectrumCallback(
-            top_pct=settings.top_pct,
-            update_every=settings.dynamic_every() if cfg.method == "spectrum-dynamic" else None,
-            snr_json=snr,
-            verbose=False,
-        )
+    model, method_callbacks, spectrum_cb = build_method(
+        cfg.method, model, top_pct=settings.top_pct, update_every=settings.dynamic_every(), seed=cfg.seed,
+        lora_r=settings.lora_r, lora_alpha=settings.lora_alpha, scan_cache=scan_cache)
 
     bar = tqdm(total=settings.max_steps, desc=f"{cfg.key:>28}", unit="step", position=position, leave=False,
                dynamic_ncols=True)
-    callbacks.append(_make_progress_callback(bar))
-    if spectrum_cb is not None:
-        callbacks.append(spectrum_cb)
+    callbacks = [_make_progress_callback(bar), *method_callbacks]
     args = _training_args(os.path.join(work_dir, "trainer", cfg.key), cfg, settings)
     trainer = _trainer(model, args, train_ds, eval_sets, callbacks)
-    mem = _PeakMemory()
+    mem = PeakMemory()
     t0 = time.perf_counter()
     try:
         with mem:
@@ -571,7 +461,8 @@ def best_per_method(rows: Sequence[dict]) -> List[dict]:
     return sorted(best.values(), key=lambda r: (order.get(r["method"], 99), r["label"]))
 
 
-def markdown_table(rows: Sequence[dict], baseline: Dict[str, float], target: Optional[float], settings: StudySettings) -> str:
+def markdown_table(rows: Sequence[dict], baseline: Dict[str, float], target: Optional[float],
+                   settings: StudySettings) -> str:
     per = best_per_method(rows)
     lines = [
         f"Baseline (untouched model): held-out loss {baseline.get(HELD, float('nan')):.4f}, "
@@ -582,7 +473,7 @@ def markdown_table(rows: Sequence[dict], baseline: Dict[str, float], target: Opt
         "",
         "### Best learning rate per method",
         "",
-        "| method | lr | best held-out loss (step) | 2nd-domain loss there | forgetting (Δ vs base) | steps to target | trainable params | grad+Adam state (MB) | train time (s) | peak mem (MB) |",
+        "| method | lr | best held-out loss (step) | 2nd-domain loss there | forgetting (Δ vs base) | steps to target | trainable params | grad+Adam state (MB) | train time (s) | peak mem (MB) |",  # noqa: E501  (a Markdown table header)
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
 
@@ -590,7 +481,8 @@ def markdown_table(rows: Sequence[dict], baseline: Dict[str, float], target: Opt
         reach = "—" if r["steps_to_target"] is None else str(r["steps_to_target"])
         return (
             f"| {r['label']} | {r['lr']:g} | {r['best_heldout']:.4f} ({r['best_step']}) | {r['other_at_best']:.4f} | "
-            f"{r['forgetting']:+.4f} | {reach} | {_fmt_params(r['trainable_params'])} ({100 * r['trainable_frac']:.1f} %) | "
+            f"{r['forgetting']:+.4f} | {reach} | "
+            f"{_fmt_params(r['trainable_params'])} ({100 * r['trainable_frac']:.1f} %) | "
             f"{r['grad_adam_mb']:.1f} | "
             f"{_fmt_s(r['train_seconds'])} | {r['peak_mem_mb']:.0f} |"
         )
@@ -615,7 +507,7 @@ def markdown_table(rows: Sequence[dict], baseline: Dict[str, float], target: Opt
         "",
         "### Every configuration",
         "",
-        "| method | lr | best held-out (step) | 2nd-domain there | final held-out | final 2nd-domain | steps to target | train time (s) |",
+        "| method | lr | best held-out (step) | 2nd-domain there | final held-out | final 2nd-domain | steps to target | train time (s) |",  # noqa: E501  (a Markdown table header)
         "|---|---|---|---|---|---|---|---|",
     ]
     order = {m: i for i, m in enumerate(METHODS)}
@@ -664,7 +556,8 @@ def plot_study(records: Sequence[dict], baseline: Dict[str, float], path: str, t
         m = r["method"]
         lab = m if m not in seen else None
         seen.add(m)
-        ax.scatter(r["forgetting"], r["best_heldout"], c=_COLORS.get(m, "k"), marker=_MARKERS.get(m, "o"), s=60, label=lab)
+        ax.scatter(r["forgetting"], r["best_heldout"], c=_COLORS.get(m, "k"), marker=_MARKERS.get(m, "o"), s=60,
+                   label=lab)
         ax.annotate(f"{r['lr']:g}", (r["forgetting"], r["best_heldout"]), fontsize=7, xytext=(3, 3),
                     textcoords="offset points")
     ax.axvline(0.0, color="k", lw=0.6, ls=":")
@@ -673,7 +566,8 @@ def plot_study(records: Sequence[dict], baseline: Dict[str, float], path: str, t
     ax.set_title("held-out loss vs forgetting (one point per method and lr; lower-left is better)")
     ax.title.set_fontsize(9)
     ax.legend(fontsize=8)
-    for ax, metric, name in ((axes[1], HELD, "held-out loss (training domain)"), (axes[2], OTHER, "2nd-domain loss (forgetting)")):
+    panels = ((axes[1], HELD, "held-out loss (training domain)"), (axes[2], OTHER, "2nd-domain loss (forgetting)"))
+    for ax, metric, name in panels:
         for rec in records:
             if rec["key"] not in best:
                 continue
@@ -737,8 +631,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--other-dataset", default="pydoc", help="second domain for forgetting (default: pydoc topics)")
     p.add_argument("--text-field", default="text")
     p.add_argument("--out", default="spectrum_compare", help="output folder (resumable)")
-    p.add_argument("--quick", action="store_true", help="tiny budget: 8 steps of 2x64 tokens, one lr per method, dynamic re-scan every 4 steps "
-                   "(under 20 minutes on 2 CPU cores)")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny budget: 8 steps of 2x64 tokens, one lr per method, dynamic re-scan every 4 steps "
+                        "(under 20 minutes on 2 CPU cores)")
     p.add_argument("--methods", default=None, help=f"comma list of {','.join(METHODS)} (default: all)")
     p.add_argument("--lrs", default=None, help="lr grid (default 1e-5,3e-5,1e-4)")
     p.add_argument("--lora-lrs", default=None, help="lr grid for LoRA (default 1e-4,3e-4,1e-3)")
@@ -749,11 +644,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=None, help="evaluate every N steps (default 25)")
     p.add_argument("--eval-blocks", type=int, default=None, help="blocks per eval set (default 64)")
     p.add_argument("--eval-batch-size", type=int, default=8)
-    p.add_argument("--update-every", type=int, default=None, help="spectrum-dynamic re-scan interval (default steps//5)")
+    p.add_argument("--update-every", type=int, default=None,
+                   help="spectrum-dynamic re-scan interval (default steps//5)")
     p.add_argument("--top-pct", type=float, default=0.25)
     p.add_argument("--target-loss", type=float, default=None,
                    help="held-out loss for 'steps to target' (default: 80%% of the best improvement of any run)")
-    p.add_argument("--max-train-blocks", type=int, default=None, help="cap on training blocks (default: enough for the budget)")
+    p.add_argument("--max-train-blocks", type=int, default=None,
+                   help="cap on training blocks (default: enough for the budget)")
     p.add_argument("--bf16", action="store_true", help="bf16 mixed precision on CUDA")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--dry-run", action="store_true", help="list the configurations and exit")

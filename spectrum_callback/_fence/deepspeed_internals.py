@@ -1,0 +1,278 @@
+"""DeepSpeed internals (checked with DeepSpeed 0.19.8).
+
+No public DeepSpeed API changes the trainable set of a ZeRO optimizer after
+``deepspeed.initialize`` (docs/deepspeed.md), so the backend
+(:mod:`spectrum_callback.backends.deepspeed`) rebuilds it, and everything it needs that is
+not public lives here:
+
+* the ZeRO optimizers' flat groups and partitions (stage 1/2: ``bit16_groups``,
+  ``single_partition_of_fp32_groups``; stage 3: ``fp16_groups``,
+  ``fp32_partitioned_groups_flat``, ``sub_group_to_group_id``), their destruction, the
+  lazy mapping of Adam state to parameter fragments, and the optimizer state keyed by a
+  flat partition;
+* the engine's ``_configure_optimizer`` and config;
+* ZeRO-3's attributes on each parameter (``ds_shape``, ``ds_numel``, ``ds_tensor``) and the
+  module state a destroyed stage-3 optimizer leaves behind;
+* the checkpoint file names of a ZeRO optimizer state.
+
+The public ``deepspeed.utils.safe_get_*``/``safe_set_*`` move the values.
+:func:`check_deepspeed_version` refuses other major.minor versions unless
+``SPECTRUM_ALLOW_UNTESTED_DEEPSPEED=1``; ``tests/test_fence.py`` fails when a name moves.
+"""
+from __future__ import annotations
+
+import gc
+import glob
+import math
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+TESTED_DEEPSPEED = ((0, 19),)
+TESTED_DEEPSPEED_STR = "0.19.8"
+ALLOW_ENV = "SPECTRUM_ALLOW_UNTESTED_DEEPSPEED"
+
+
+# ------------------------------------------------------------------ parameters (no import of deepspeed)
+def full_shape(p: torch.Tensor) -> tuple:
+    """The whole parameter's shape (ZeRO-3 keeps it in ``ds_shape``; ``.data`` is a
+    0-element placeholder between gathers)."""
+    shape = getattr(p, "ds_shape", None)
+    return tuple(shape) if shape is not None else tuple(p.shape)
+
+
+def full_ndim(p: torch.Tensor) -> int:
+    return len(full_shape(p))
+
+
+def full_numel(p: torch.Tensor) -> int:
+    return math.prod(full_shape(p))
+
+
+def local_tensor(p: torch.Tensor) -> torch.Tensor:
+    """What this rank holds of ``p``: its ZeRO-3 partition (``ds_tensor``) or ``p`` itself."""
+    t = getattr(p, "ds_tensor", None)
+    return t if t is not None else p
+
+
+def device_of(p: torch.Tensor) -> torch.device:
+    return local_tensor(p).device
+
+
+def is_partitioned(p: torch.Tensor) -> bool:
+    """A ZeRO-3 parameter (``ds_id`` set by ``zero.Init`` or the stage-3 optimizer)."""
+    return hasattr(p, "ds_id")
+
+
+def gathered(params: Sequence[nn.Parameter]):
+    """Context in which ZeRO-3 ``params`` are whole on every rank (collective)."""
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(params), modifier_rank=None)
+
+
+def check_deepspeed_version(version: Optional[str] = None) -> str:
+    """Raise on a DeepSpeed major.minor this backend was not checked against."""
+    if version is None:
+        import deepspeed
+
+        version = deepspeed.__version__
+    try:
+        parts = tuple(int(x) for x in version.split("+")[0].split(".")[:2])
+    except ValueError:
+        parts = None
+    if parts not in TESTED_DEEPSPEED and os.environ.get(ALLOW_ENV, "") != "1":
+        raise RuntimeError(
+            f"spectrum_callback's DeepSpeed backend uses ZeRO optimizer internals checked with DeepSpeed "
+            f"{TESTED_DEEPSPEED_STR}; this is DeepSpeed {version}. Install deepspeed=={TESTED_DEEPSPEED_STR}, or set "
+            f"{ALLOW_ENV}=1 to try anyway (then run tests/test_deepspeed.py on your setup first)"
+        )
+    return version
+
+
+def stage(zero) -> int:
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    if isinstance(zero, DeepSpeedZeroOptimizer_Stage3):
+        return 3
+    if isinstance(zero, DeepSpeedZeroOptimizer):
+        return 2 if zero.partition_gradients else 1
+    return 0
+
+
+def param_groups(zero) -> List[Tuple[List[nn.Parameter], int, torch.Tensor]]:
+    """``[(params, torch_group_index, fp32_flat_partition)]`` of a ZeRO optimizer.
+
+    Stage 1/2 (``DeepSpeedZeroOptimizer``): ``bit16_groups[i]`` pairs with
+    ``optimizer.param_groups[i]`` and ``single_partition_of_fp32_groups[i]``.
+    Stage 3: sub-group ``j`` has ``fp16_groups[j]``, ``fp32_partitioned_groups_flat[j]``
+    and torch group ``sub_group_to_group_id[j]``.
+    """
+    if stage(zero) == 3:
+        return [
+            (list(ps), int(zero.sub_group_to_group_id[j]), zero.fp32_partitioned_groups_flat[j])
+            for j, ps in enumerate(zero.fp16_groups)
+        ]
+    return [(list(ps), i, zero.single_partition_of_fp32_groups[i]) for i, ps in enumerate(zero.bit16_groups)]
+
+
+def release_storage(zero, params: Sequence[nn.Parameter]) -> None:
+    """Give ``params`` storage of their own: they are views into the optimizer's flat
+    low-precision buffer (stage 1/2: ``param.data``; stage 3: ``param.ds_tensor``), which
+    would otherwise stay alive after the optimizer is gone."""
+    stage3 = stage(zero) == 3
+    with torch.no_grad():
+        for p in params:
+            if stage3:
+                p.ds_tensor.data = p.ds_tensor.data.clone()
+            else:
+                p.data = p.data.clone()
+
+
+def destroy(zero) -> None:
+    """Remove the old optimizer's hooks (stage 3: also its module forward/backward hooks)."""
+    zero.destroy()
+    if stage(zero) == 3:
+        forget_stage3_module_state(zero)
+    else:
+        # destroy() clears _hp_mapping only for the groups; drop the bound helpers' target too.
+        for ps in zero.bit16_groups:
+            for p in ps:
+                p._hp_mapping = None
+
+
+def forget_stage3_module_state(zero) -> None:
+    """Drop what a destroyed stage-3 optimizer leaves on the model's modules.
+
+    ``DeepSpeedZeRoOffload._register_hooks_recursively`` creates, once per module, the
+    autograd Functions ``module.pre_bwd_fn`` / ``module.post_bwd_fn`` (pre-backward fetch,
+    post-backward release of the module's parameters).  Their closures hold the offload
+    object that created them, and a later offload reuses them
+    (``if "pre_bwd_fn" not in module.__dict__``).  Without this, after a rebuild every
+    backward fetch/release of parameters went through the *destroyed* optimizer's
+    parameter coordinator while forward (and the recomputation of non-reentrant
+    gradient checkpointing, which runs inside backward) went through the new one: the
+    recomputed weights came back empty (``CheckpointError ... shape [0]``), and the engine's
+    first offload stayed alive.  Removing them makes the new offload create its own.
+
+    ``setup_zero_stage3_hooks`` also pushes the root module onto the global
+    ``FWD_MODULE_STACK`` at every optimizer build; pop the destroyed one's entry.
+    """
+    from deepspeed.runtime.zero import parameter_offload as po
+
+    root = zero.parameter_offload.module
+    for m in root.modules():
+        m.__dict__.pop("pre_bwd_fn", None)
+        m.__dict__.pop("post_bwd_fn", None)
+    stack = po.FWD_MODULE_STACK
+    if len(stack) > 0 and stack[-1] is root:
+        stack.pop()
+
+
+def configure_optimizer(engine, torch_optimizer) -> object:
+    """Let the engine wrap a new basic optimizer exactly as ``deepspeed.initialize`` did."""
+    engine._configure_optimizer(torch_optimizer, None)
+    return engine.optimizer
+
+
+def link_optimizer_state(zero) -> None:
+    """Stage 1/2 maps each parameter's fragment of the flat Adam state lazily, at the
+    first step; we created the state ourselves, so link now (needed by
+    ``safe_set_full_optimizer_state``)."""
+    if stage(zero) != 3:
+        zero._hp_optimizer_states_linked = False
+        zero._lazy_init_hp_params_optimizer_state()
+
+
+def config_optimizer(engine) -> Optional[str]:
+    """Type named by the config's own ``optimizer`` block (``None`` without one)."""
+    cfg = getattr(engine, "config", None)
+    if isinstance(cfg, dict) and isinstance(cfg.get("optimizer"), dict):
+        return str(cfg["optimizer"].get("type", "?"))
+    return engine._config.optimizer_name
+
+
+def offload_enabled(engine) -> bool:
+    cfg = engine.zero_offload_optimizer()
+    dev = getattr(cfg, "device", None)
+    return dev is not None and str(getattr(dev, "value", dev)) not in ("none", "None")
+
+
+def set_flat_state(base_optimizer, flat: torch.Tensor, state: Dict[str, torch.Tensor]) -> None:
+    """The ZeRO optimizer's torch optimizer keys its state by the flat fp32 partition."""
+    base_optimizer.state[flat] = state
+
+
+def flat_state(base_optimizer, flat: torch.Tensor) -> Dict[str, torch.Tensor]:
+    return base_optimizer.state.get(flat, {})
+
+
+def checkpoint_param_groups(checkpoint_path: str) -> Optional[list]:
+    """The torch param groups stored in rank 0's ZeRO optimizer checkpoint under
+    ``checkpoint_path`` (``latest`` names the tag folder; files
+    ``*zero_pp_rank_0_mp_rank_*_optim_states.pt``); ``None`` when there is none."""
+    tag = None
+    latest = os.path.join(checkpoint_path, "latest")
+    if os.path.isfile(latest):
+        with open(latest) as fh:
+            tag = fh.read().strip()
+    folder = os.path.join(checkpoint_path, tag) if tag else checkpoint_path
+    files = sorted(glob.glob(os.path.join(folder, "*zero_pp_rank_0_mp_rank_*_optim_states.pt")))
+    if not files:
+        return None
+    sd = torch.load(files[0], map_location="cpu", weights_only=False, mmap=True)
+
+    def find_groups(obj, depth=0):
+        if isinstance(obj, dict) and depth < 4:
+            if isinstance(obj.get("param_groups"), list):
+                return obj["param_groups"]
+            for v in obj.values():
+                r = find_groups(v, depth + 1)
+                if r is not None:
+                    return r
+        return None
+
+    groups = find_groups(sd)
+    del sd
+    return groups
+
+
+def find_engine_of(trainer, zero):
+    """The ``DeepSpeedEngine`` whose optimizer is ``zero`` (the Trainer's, accelerate's, or
+    any live one)."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    for cand in (getattr(trainer, "model_wrapped", None), getattr(trainer, "deepspeed", None)):
+        if isinstance(cand, DeepSpeedEngine) and cand.optimizer is zero:
+            return cand
+    acc = getattr(trainer, "accelerator", None)
+    for cand in getattr(acc, "_models", []) or []:
+        if isinstance(cand, DeepSpeedEngine) and cand.optimizer is zero:
+            return cand
+    for obj in gc.get_objects():
+        if isinstance(obj, DeepSpeedEngine) and obj.optimizer is zero:
+            return obj
+    return None
+
+
+def is_zero_optimizer(opt) -> bool:
+    mod = type(opt).__module__ or ""
+    return mod.startswith("deepspeed.")
+
+
+def forget_zero3_engines() -> None:
+    """Let destroyed ZeRO-3 engines be freed: DeepSpeed keeps the root module of every one on
+    ``parameter_offload.FWD_MODULE_STACK`` and in the class-level ``functools.lru_cache`` of
+    ``PartitionedParameterCoordinator.__params_to_release`` (keyed by coordinator and module).
+    Only between trainings: no forward pass may be running."""
+    from deepspeed.runtime.zero import parameter_offload
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+
+    parameter_offload.FWD_MODULE_STACK.clear()
+    fn = PartitionedParameterCoordinator.__dict__.get("_PartitionedParameterCoordinator__params_to_release")
+    for cell in getattr(fn, "__closure__", None) or ():  # instrument_w_nvtx wraps the lru_cache
+        if hasattr(cell.cell_contents, "cache_clear"):
+            cell.cell_contents.cache_clear()

@@ -1,0 +1,401 @@
+"""DeepSpeed ZeRO (stages 1, 2 and 3) backend.
+
+What a change of the trainable set does here
+---------------------------------------------
+ZeRO optimizers take the trainable parameters when they are built and keep fp32
+master partitions and optimizer moments in flat per-group buffers (trap 3 in
+``docs/deepspeed.md``): a parameter frozen later would still get a zero gradient and
+Adam would keep moving it (trap 2).  So at every switch this backend **rebuilds the
+ZeRO optimizer over the new trainable set**:
+
+1. read the fp32 master and the moments of the parameters that stay
+   (``deepspeed.utils.safe_get_full_fp32_param`` / ``safe_get_full_optimizer_state``,
+   public, collective: all ranks walk the same parameters in the same order);
+2. give the parameters that leave their own storage (they pointed into the old
+   optimizer's flat buffers) and destroy the old optimizer (its gradient hooks, and
+   at stage 3 its module hooks);
+3. build a new torch optimizer of the same class and hyperparameters, one param group
+   per (original group, Adam step count) "cohort" so that every parameter keeps its
+   own bias-correction step exactly as plain ``torch.optim.AdamW`` would (a matrix that
+   joins starts at step 0, one that stays keeps its count);
+4. let the engine wrap it again (``DeepSpeedEngine._configure_optimizer``), create the
+   Adam state of every group (zeros, step = the cohort's count) and write the stayers'
+   master weights and moments back (``safe_set_full_fp32_param`` /
+   ``safe_set_full_optimizer_state``);
+5. re-point accelerate's optimizer wrapper (the Trainer and the lr scheduler hold that
+   wrapper) and fix the lr scheduler's per-group lists (trap 6).
+
+Frozen parameters are in no group: nothing touches their bits.  Memory follows the
+selection: after a switch the optimizer holds master partitions and moments of the
+selected parameters only (``state_numel``).
+
+Engine internals are fenced in :mod:`spectrum_callback._fence.deepspeed_internals`
+(checked with DeepSpeed 0.19.8); resume (laying the optimizer out as saved before
+DeepSpeed loads a checkpoint) is in :mod:`.resume`.
+"""
+from __future__ import annotations
+
+import gc
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ..._fence import deepspeed_internals as ds
+from ..._fence.torch_internals import adam_step_tensor, set_scheduler_last_lr
+from ..._logging import get_logger
+from ..base import OptimizerBackend, SwitchResult
+from ..torch_backend import unwrap_optimizer
+
+logger = get_logger(__name__)
+
+# Stored in each torch param group of a rebuilt optimizer (and so in DeepSpeed's checkpoint):
+# the class, the step cohort and the parameter names, which let a resumed run rebuild the
+# same layout before DeepSpeed loads the checkpoint (see .resume).
+LAYOUT_KEY = "spectrum_layout"
+
+# A stayer's values while the old optimizer is replaced: (step, fp32 master, moments).
+Kept = Tuple[int, Optional[torch.Tensor], Dict[str, torch.Tensor]]
+
+
+def _hp_of(group: dict) -> dict:
+    return {k: v for k, v in group.items() if k not in ("params", LAYOUT_KEY) and not str(k).startswith("_ds")}
+
+
+def _scalar(v) -> float:
+    return float(v.item()) if torch.is_tensor(v) else float(v)
+
+
+def _param_names(model) -> Dict[int, str]:
+    out = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        out.setdefault(id(p), n)
+    return out
+
+
+class DeepSpeedBackend(OptimizerBackend):
+    """SpectrumCallback's backend for DeepSpeed ZeRO stages 1, 2 and 3 (see the module doc)."""
+
+    name = "deepspeed"
+
+    def __init__(self, optimizer, model: nn.Module, trainer=None, lr_scheduler=None):
+        super().__init__(optimizer, model, trainer, lr_scheduler)
+        ds.check_deepspeed_version()
+        if optimizer is None:
+            raise ValueError("SpectrumCallback got no optimizer at on_train_begin under DeepSpeed")
+        self.wrapper = optimizer
+        self.zero = unwrap_optimizer(optimizer)
+        self.stage = ds.stage(self.zero)
+        self.engine = ds.find_engine_of(trainer, self.zero) if self.stage else None
+        self._refuse_unsupported()
+        base = self.zero.optimizer
+        self.base_cls = type(base)
+        self.base_defaults = dict(base.defaults)
+        # Class of a parameter = index of the torch param group it was in when the engine was
+        # built; the lr scheduler's per-group lists are indexed the same way.
+        self.classes = [_hp_of(g) for g in base.param_groups]
+        self._group_class: List[int] = list(range(len(self.classes)))
+        self.class_of: Dict[int, int] = {}
+        for params, gi, _ in ds.param_groups(self.zero):
+            for p in params:
+                self.class_of[id(p)] = gi
+        self.sched = None
+        self.sched_base: Optional[Tuple[list, list]] = None
+        self.rebuilds = 0
+
+    def _refuse_unsupported(self) -> None:
+        """Every configuration this backend does not support, refused in one place."""
+        if self.stage == 0:
+            raise ValueError(
+                f"unsupported DeepSpeed optimizer {type(self.zero).__name__}: SpectrumCallback supports ZeRO stages "
+                "1, 2 and 3 (zero_optimization.stage in the DeepSpeed config); for stage 0 drop DeepSpeed or freeze "
+                "before training with spectrum_freeze(model, ...)"
+            )
+        if self.engine is None:
+            raise ValueError(
+                "SpectrumCallback could not find the DeepSpeed engine that owns the optimizer; use it with "
+                "transformers.Trainer (trainer.add_callback(...)) so that trainer.model_wrapped is the engine"
+            )
+        opt_block = ds.config_optimizer(self.engine)
+        if opt_block is not None:
+            raise ValueError(
+                f"the DeepSpeed config has an 'optimizer' block ({opt_block}): SpectrumCallback "
+                "rebuilds the ZeRO optimizer when the selection changes and supports the Trainer's torch optimizer "
+                "only. Remove the 'optimizer' block from the DeepSpeed config (set the optimizer with "
+                "TrainingArguments(optim=..., learning_rate=..., weight_decay=...)) and add "
+                '"zero_allow_untested_optimizer": true'
+            )
+        if getattr(self.engine, "lr_scheduler", None) is not None:
+            raise ValueError(
+                "the DeepSpeed config has a 'scheduler' block: DeepSpeed's scheduler stays bound to the optimizer "
+                "that SpectrumCallback replaces at a switch. Remove the 'scheduler' block and set the schedule with "
+                "TrainingArguments(lr_scheduler_type=..., warmup_steps=...)"
+            )
+        if ds.offload_enabled(self.engine):
+            raise ValueError(
+                "zero_optimization.offload_optimizer is not supported by SpectrumCallback's DeepSpeed backend "
+                "(untested); remove offload_optimizer from the DeepSpeed config"
+            )
+        base = self.zero.optimizer
+        if not isinstance(base, (torch.optim.Adam, torch.optim.AdamW)):
+            raise ValueError(
+                f"SpectrumCallback under DeepSpeed supports torch Adam/AdamW (the Trainer's default adamw_torch); "
+                f"got {type(base).__name__}. Use TrainingArguments(optim='adamw_torch')"
+            )
+
+    # ------------------------------------------------------------------ analyzer
+    def gather(self, modules):
+        if self.stage == 3:
+            return ds.gathered([m.weight for m in modules])
+        return super().gather(modules)
+
+    # ------------------------------------------------------------------ setup
+    def prepare(self, candidates: Dict[str, List[nn.Parameter]], dynamic: bool) -> None:
+        decay, no_decay = self._decay_classes()
+        for _, ps in candidates.items():
+            for p in ps:
+                if id(p) not in self.class_of:
+                    self.class_of[id(p)] = decay if ds.full_ndim(p) >= 2 else no_decay
+        self._find_scheduler()
+
+    def _decay_classes(self):
+        wds = [c.get("weight_decay", 0.0) for c in self.classes]
+        decay = max(range(len(wds)), key=lambda i: (wds[i], -i))
+        zero = [i for i, w in enumerate(wds) if w == 0.0]
+        return decay, (zero[0] if zero else decay)
+
+    def _find_scheduler(self):
+        sched = self.lr_scheduler
+        if sched is None and self.trainer is not None:
+            sched = getattr(self.trainer, "lr_scheduler", None)
+        while sched is not None and not hasattr(sched, "base_lrs") and hasattr(sched, "scheduler"):
+            sched = sched.scheduler  # accelerate's AcceleratedScheduler
+        if sched is None or not hasattr(sched, "base_lrs"):
+            logger.warning(
+                "Spectrum/DeepSpeed: no lr scheduler found; after a switch every param group keeps the lr of its class"
+            )
+            return
+        self.sched = sched
+        groups = self.zero.optimizer.param_groups
+        base = list(sched.base_lrs)
+        lambdas = list(getattr(sched, "lr_lambdas", []) or [])
+        if len(base) != len(groups):
+            raise ValueError(
+                f"the lr scheduler has {len(base)} param groups but the DeepSpeed optimizer {len(groups)}: it was "
+                "built before DeepSpeed dropped empty groups; let the Trainer create the scheduler (no 'scheduler' "
+                "block and no custom scheduler built before Trainer(...))"
+            )
+        # Per class: base lr and lr lambda (the scheduler's lists are per param group).
+        cls_base, cls_lambda = [], []
+        for c, hp in enumerate(self.classes):
+            idx = [i for i, gc_ in enumerate(self._group_class) if gc_ == c and i < len(base)]
+            cls_base.append(base[idx[0]] if idx else float(hp.get("initial_lr", hp.get("lr", 0.0))))
+            if lambdas:
+                cls_lambda.append(lambdas[idx[0]] if idx else lambdas[0])
+        self.sched_base = (cls_base, cls_lambda)
+
+    # ------------------------------------------------------------------ switch
+    def switch(self, leaving: Sequence[nn.Parameter], joining: Sequence[nn.Parameter]) -> SwitchResult:
+        for p in leaving:
+            p.grad = None
+        old_groups = ds.param_groups(self.zero)
+        old_ids = {id(p) for ps, _, _ in old_groups for p in ps}
+        new_params = self._trainable_in_order()
+        if {id(p) for p in new_params} == old_ids and not joining:
+            return SwitchResult()  # the optimizer already holds exactly the selection (e.g. resume)
+        return self.rebuild(new_params, force_fresh={id(p) for p in joining})
+
+    def _trainable_in_order(self) -> List[nn.Parameter]:
+        out, seen = [], set()
+        for p in self.model.parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            if p.requires_grad:
+                out.append(p)
+        return out
+
+    def rebuild(self, new_params: List[nn.Parameter], force_fresh, layout=None) -> SwitchResult:
+        """Replace the ZeRO optimizer by one over ``new_params`` (module doc, steps 1-5).
+
+        ``force_fresh``: ids of parameters that start with fresh state even if the old
+        optimizer held them.  ``layout``: ``[(class, step, params)]`` to reproduce exactly
+        (resume) instead of grouping by (class, step) cohort.
+        """
+        old_zero = self.zero
+        old_groups = ds.param_groups(old_zero)
+        class_lr = self._class_lrs(old_zero.optimizer)  # the lr the scheduler set for the coming step
+        keys = self._state_keys(old_zero.optimizer)
+        kept = self._read_stayers(old_groups, new_params, force_fresh, keys)
+        moved = {id(p) for ps, _, _ in old_groups for p in ps} | {id(p) for p in new_params}
+        self._retire(old_zero, old_groups, {id(p) for p in new_params})
+        del old_groups
+        order, cohorts = self._cohorts(new_params, kept, layout)
+        base = self._new_torch_optimizer(order, cohorts, class_lr)
+        new_zero = self._install(base, order, keys)
+        self._write_stayers(new_params, kept)
+        self._repoint(old_zero, new_zero, [c for c, _ in order], class_lr)
+        del old_zero
+        gc.collect()
+        self.rebuilds += 1
+        return SwitchResult(rebuilt=True, moved=moved)
+
+    def _read_stayers(self, old_groups, new_params, force_fresh, keys) -> Dict[int, Kept]:
+        """Step 1: step count, fp32 master and moments of the parameters that stay, copied to
+        the host (``safe_get_full_*``: collective, the same order on every rank)."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        base = self.zero.optimizer
+        where = {id(p): flat for ps, _, flat in old_groups for p in ps}
+        if keys:
+            # (Re)map fragments to the current state tensors: a checkpoint load replaces them.
+            ds.link_optimizer_state(self.zero)
+        kept: Dict[int, Kept] = {}
+        for p in new_params:
+            if id(p) not in where or id(p) in force_fresh:
+                continue
+            st = ds.flat_state(base, where[id(p)])
+            step = int(_scalar(st["step"])) if "step" in st else 0
+            master = safe_get_full_fp32_param(p)
+            moments = {}
+            if step > 0:
+                for k in keys:
+                    v = safe_get_full_optimizer_state(p, k)
+                    if v is not None:
+                        moments[k] = v.detach().to("cpu", copy=True)
+            kept[id(p)] = (step, None if master is None else master.detach().to("cpu", copy=True), moments)
+        return kept
+
+    @staticmethod
+    def _retire(old_zero, old_groups, new_ids) -> None:
+        """Step 2: leavers get storage of their own; the old optimizer and its hooks go."""
+        leavers = [p for ps, _, _ in old_groups for p in ps if id(p) not in new_ids]
+        ds.release_storage(old_zero, leavers)
+        ds.destroy(old_zero)
+        old_zero.optimizer.state.clear()
+
+    def _cohorts(self, new_params, kept, layout):
+        """Step 3a: one group per (class, Adam step) cohort, in model order (or ``layout``)."""
+        cohorts: Dict[Tuple[int, int], List[nn.Parameter]] = {}
+        if layout is not None:
+            for c, step, ps in layout:
+                cohorts[(c, step)] = ps
+            return [(c, step) for c, step, _ in layout], cohorts
+        for p in new_params:
+            c = self.class_of.get(id(p))
+            if c is None:
+                c = self._decay_classes()[0 if ds.full_ndim(p) >= 2 else 1]
+                self.class_of[id(p)] = c
+            step = kept[id(p)][0] if id(p) in kept else 0
+            cohorts.setdefault((c, step), []).append(p)
+        return sorted(cohorts, key=lambda cs: (cs[0], -cs[1])), cohorts
+
+    def _new_torch_optimizer(self, order, cohorts, class_lr):
+        """Step 3b: a torch optimizer of the original class and hyperparameters."""
+        names = _param_names(self.model)
+        groups = []
+        for c, step in order:
+            g = dict(self.classes[c])
+            g["lr"] = class_lr[c]
+            g["params"] = cohorts[(c, step)]
+            # Saved with the optimizer state by DeepSpeed: lets a resumed run rebuild this layout.
+            g[LAYOUT_KEY] = {"class": c, "step": step, "params": [names[id(p)] for p in g["params"]],
+                             "classes": [dict(x) for x in self.classes]}
+            groups.append(g)
+        if not groups:
+            raise ValueError("Spectrum selected no trainable parameter; nothing for the DeepSpeed optimizer to train")
+        base = self.base_cls(groups)
+        base.defaults.update(self.base_defaults)
+        return base
+
+    def _install(self, base, order, keys):
+        """Step 4a: the engine wraps it as ``deepspeed.initialize`` did; Adam state of every
+        group is created (zeros, ``step`` = the cohort's count)."""
+        new_zero = ds.configure_optimizer(self.engine, base)
+        self.zero = new_zero
+        for params, gi, flat in ds.param_groups(new_zero):
+            _, step = order[gi]
+            state = {"step": adam_step_tensor(step, base.param_groups[gi], flat)}
+            for k in keys or self._default_keys(base.param_groups[gi]):
+                state[k] = torch.zeros_like(flat, memory_format=torch.preserve_format)
+            ds.set_flat_state(base, flat, state)
+        ds.link_optimizer_state(new_zero)
+        return new_zero
+
+    @staticmethod
+    def _write_stayers(new_params, kept) -> None:
+        """Step 4b: the stayers' master weights and moments go back (``safe_set_full_*``)."""
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        for p in new_params:
+            if id(p) not in kept:
+                continue
+            _, master, moments = kept.pop(id(p))
+            if master is not None:
+                safe_set_full_fp32_param(p, master.to(ds.device_of(p)))
+            for k, v in moments.items():
+                safe_set_full_optimizer_state(p, v.to(ds.device_of(p)), k)
+
+    def _repoint(self, old_zero, new_zero, group_class, class_lr) -> None:
+        """Step 5: accelerate's wrapper (held by the Trainer and the scheduler) and the lr
+        scheduler's per-group lists follow the new optimizer."""
+        if self.wrapper is not old_zero and hasattr(self.wrapper, "optimizer"):
+            self.wrapper.optimizer = new_zero
+        elif self.trainer is not None and getattr(self.trainer, "optimizer", None) is old_zero:
+            self.trainer.optimizer = new_zero
+        self._fix_scheduler(group_class, class_lr)
+
+    def _class_lrs(self, old_base) -> List[float]:
+        n = len(self.classes)
+        lrs: List[Optional[float]] = [None] * n
+        for c, g in zip(self._group_class, old_base.param_groups):
+            lrs[c] = float(g["lr"])
+        # Classes without a group now: same schedule factor as a class that has one.
+        known = [(i, v) for i, v in enumerate(lrs) if v is not None]
+        base = self.sched_base[0] if self.sched_base else [c.get("initial_lr", c["lr"]) for c in self.classes]
+        for i in range(n):
+            if lrs[i] is None:
+                if known and base[known[0][0]]:
+                    lrs[i] = known[0][1] * base[i] / base[known[0][0]]
+                else:
+                    lrs[i] = float(self.classes[i]["lr"])
+        return [float(x) for x in lrs]
+
+    def _fix_scheduler(self, group_class: List[int], class_lr: List[float]) -> None:
+        self._group_class = list(group_class)
+        if self.sched is None or self.sched_base is None:
+            return
+        base, lambdas = self.sched_base
+        self.sched.base_lrs = [base[c] for c in group_class]
+        if lambdas:
+            self.sched.lr_lambdas = [lambdas[c] for c in group_class]
+        set_scheduler_last_lr(self.sched, [class_lr[c] for c in group_class])
+        for g, c in zip(self.zero.optimizer.param_groups, group_class):
+            g["initial_lr"] = base[c]
+            g["lr"] = class_lr[c]
+
+    @staticmethod
+    def _state_keys(base) -> List[str]:
+        for st in base.state.values():
+            ks = [k for k, v in st.items() if torch.is_tensor(v) and v.ndim > 0]
+            if ks:
+                return ks
+        return []
+
+    @staticmethod
+    def _default_keys(group) -> List[str]:
+        keys = ["exp_avg", "exp_avg_sq"]
+        if group.get("amsgrad"):
+            keys.append("max_exp_avg_sq")
+        return keys
+
+    # ------------------------------------------------------------------ accounting
+    def state_numel(self) -> int:
+        total = 0
+        base = self.zero.optimizer
+        for _, _, flat in ds.param_groups(self.zero):
+            total += flat.numel()
+            for v in ds.flat_state(base, flat).values():
+                if torch.is_tensor(v) and v.ndim > 0:
+                    total += v.numel()
+        return total

@@ -1,0 +1,199 @@
+"""``SpectrumConfig``: every setting of a Spectrum run, validated once.
+
+The callback, :func:`~spectrum_callback.spectrum_freeze`, the ``spectrum-scan`` CLI and the
+checkpoint state file all go through it, so a setting means the same thing and is checked
+by the same rule everywhere (the way peft's ``LoraConfig`` serves its tuners).
+
+Rules: numbers must be numbers (``True``/``False`` are refused where a number is expected,
+numpy integers and floats are accepted); patterns must compile; a ``snr_json`` path must
+exist.  :meth:`SpectrumConfig.to_dict` / :meth:`SpectrumConfig.from_dict` round-trip through
+JSON (``dtype`` as its name; a ``snr_json`` mapping is not stored, only a path is).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import os
+import re
+from dataclasses import asdict, dataclass, field, fields
+from typing import List, Mapping, Optional, Sequence, Union
+
+__all__ = ["SpectrumConfig", "METHODS", "validate_top_pct", "compile_patterns", "check_method", "check_dtype",
+           "check_chunk_mb"]
+
+# The SNR routes the analyzer offers (see spectrum_callback.analyzer).
+METHODS = ("auto", "fast", "gram", "svd")
+_DTYPES = ("float32", "float64")
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def validate_top_pct(top_pct, arg: str = "top_pct") -> float:
+    """``top_pct`` as a float in (0, 1]; a clear error otherwise (with a hint for percentages)."""
+    if not _is_number(top_pct):
+        raise ValueError(f"{arg}={top_pct!r} must be a number in (0, 1], e.g. 0.25 for the top 25 %")
+    value = float(top_pct)
+    if not (0.0 < value <= 1.0) or math.isnan(value):
+        hint = f"; did you mean {value / 100:g}?" if 1.0 < value <= 100.0 else ""
+        raise ValueError(f"{arg}={top_pct!r} must be a fraction in (0, 1], e.g. 0.25 for the top 25 %{hint}")
+    return value
+
+
+def compile_patterns(patterns: Optional[Sequence[str]], arg: str) -> List["re.Pattern"]:
+    """Compile regexes (one string counts as one pattern), naming the argument when one is bad."""
+    if patterns is None:
+        return []
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    out = []
+    for p in patterns:
+        if not isinstance(p, str):
+            raise ValueError(f"{arg}: {p!r} is not a regular expression string")
+        try:
+            out.append(re.compile(p))
+        except re.error as exc:
+            raise ValueError(f"{arg}: {p!r} is not a valid regular expression ({exc}); fix the pattern") from exc
+    return out
+
+
+@dataclass
+class SpectrumConfig:
+    """Settings of a Spectrum run (see :class:`~spectrum_callback.SpectrumCallback` for each).
+
+    Args:
+        top_pct: fraction of each matrix type kept trainable, in (0, 1].
+        update_every: ``None`` (static) or re-scan every N optimizer steps (N >= 1).
+        include: regexes on module names that make the candidates (``None``: the default rule).
+        exclude: regexes on module names left out of the candidates.
+        always_train: regexes on parameter names kept trainable and never scanned.
+        never_train: regexes on candidate module names never selected.
+        min_per_type: at least this many matrices per type (>= 0).
+        snr_json: an original SNR file (path) or mapping for the first selection.
+        method: SNR route, one of :data:`METHODS`.
+        dtype: ``None``, ``"float32"``/``"float64"`` or the torch dtypes.
+        chunk_mb: most MiB of matrix copies one solver call holds (> 0).
+        plot_dir: folder for the PNGs written at train end, or ``None``.
+        verbose: log a summary line at every scan.
+    """
+
+    top_pct: float = 0.25
+    update_every: Optional[int] = None
+    include: Optional[List[str]] = None
+    exclude: Optional[List[str]] = None
+    always_train: List[str] = field(default_factory=list)
+    never_train: List[str] = field(default_factory=list)
+    min_per_type: int = 1
+    snr_json: Union[None, str, os.PathLike, Mapping] = None
+    method: str = "auto"
+    dtype: object = None
+    chunk_mb: float = 512
+    plot_dir: Optional[str] = None
+    verbose: bool = True
+
+    def __post_init__(self):
+        self.top_pct = validate_top_pct(self.top_pct)
+        if self.update_every is not None:
+            if not _is_int(self.update_every) or self.update_every < 1:
+                raise ValueError(
+                    f"update_every={self.update_every!r} must be None (static Spectrum) or an integer >= 1 "
+                    "(re-scan every that many optimizer steps)"
+                )
+            self.update_every = int(self.update_every)
+        if not _is_int(self.min_per_type) or self.min_per_type < 0:
+            raise ValueError(f"min_per_type={self.min_per_type!r} must be an integer >= 0")
+        self.min_per_type = int(self.min_per_type)
+        for name in ("include", "exclude", "always_train", "never_train"):
+            value = getattr(self, name)
+            compile_patterns(value, name)
+            if value is not None:
+                setattr(self, name, [value] if isinstance(value, str) else list(value))
+        if self.always_train is None:
+            self.always_train = []
+        if self.never_train is None:
+            self.never_train = []
+        if isinstance(self.snr_json, (str, os.PathLike)):
+            if not os.path.isfile(self.snr_json):
+                raise ValueError(f"snr_json={str(self.snr_json)!r}: no such file (an original Spectrum SNR JSON)")
+            self.snr_json = os.fspath(self.snr_json)
+        elif self.snr_json is not None and not isinstance(self.snr_json, Mapping):
+            raise ValueError(f"snr_json must be a path or a mapping, got {type(self.snr_json).__name__}")
+        check_method(self.method)
+        self.dtype = _dtype_name(self.dtype)
+        self.chunk_mb = check_chunk_mb(self.chunk_mb)
+        if self.plot_dir is not None and not isinstance(self.plot_dir, (str, os.PathLike)):
+            raise ValueError(f"plot_dir={self.plot_dir!r} must be a folder path or None")
+        if not isinstance(self.verbose, bool):
+            raise ValueError(f"verbose={self.verbose!r} must be True or False")
+
+    @property
+    def dynamic(self) -> bool:
+        return self.update_every is not None
+
+    @property
+    def torch_dtype(self):
+        """The ``dtype`` setting as a torch dtype (or ``None``)."""
+        if self.dtype is None:
+            return None
+        import torch
+
+        return getattr(torch, self.dtype)
+
+    def to_dict(self) -> dict:
+        """JSON-able settings (a ``snr_json`` mapping is left out: only a path is kept)."""
+        d = asdict(self)
+        if isinstance(self.snr_json, Mapping):
+            d["snr_json"] = None
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "SpectrumConfig":
+        """Settings from :meth:`to_dict`; unknown keys (from a newer version) are refused."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown SpectrumConfig settings {unknown}; written by a newer spectrum_callback?")
+        return cls(**dict(data))
+
+    def selection_settings(self) -> dict:
+        """The settings that decide which matrices are selected (compared on resume)."""
+        return {"top_pct": self.top_pct, "min_per_type": self.min_per_type, "include": self.include,
+                "exclude": self.exclude, "never_train": self.never_train, "update_every": self.update_every}
+
+
+def check_method(method) -> str:
+    """The analyzer's ``method`` argument, checked."""
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not supported; use 'auto', 'fast', 'svd' or 'gram'")
+    return method
+
+
+def check_chunk_mb(chunk_mb) -> float:
+    """The analyzer's ``chunk_mb`` argument, checked."""
+    if not _is_number(chunk_mb) or not chunk_mb > 0:
+        raise ValueError(f"chunk_mb={chunk_mb!r} must be > 0 (MiB of matrix copies per solver call)")
+    return float(chunk_mb)
+
+
+def check_dtype(dtype):
+    """The analyzer's ``dtype`` argument as a torch dtype (or ``None``), checked."""
+    name = _dtype_name(dtype)
+    if name is None:
+        return None
+    import torch
+
+    return getattr(torch, name)
+
+
+def _dtype_name(dtype) -> Optional[str]:
+    if dtype is None:
+        return None
+    name = dtype if isinstance(dtype, str) else str(dtype).replace("torch.", "")
+    if name not in _DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not supported; use None, torch.float32 or torch.float64")
+    return name

@@ -1,0 +1,167 @@
+"""The fine-tuning methods the study, the demo and the benchmarks compare, built in one
+place, and the one memory probe they share.
+
+    model, callbacks, spectrum = build_method("spectrum", model, top_pct=0.25)
+    trainer = Trainer(model=model, ..., callbacks=callbacks)
+    with PeakMemory() as mem:
+        trainer.train()
+    mem.peak_bytes
+
+Methods (:data:`METHODS`):
+
+* ``full``: every parameter trains;
+* ``spectrum``: ``SpectrumCallback(top_pct)``, one scan (static);
+* ``spectrum-dynamic``: ``SpectrumCallback(top_pct, update_every=N)``;
+* ``random``: ``top_pct`` per type at random (``seed``), through ``snr_json``;
+* ``bottom``: the lowest ``top_pct`` per type by SNR (negated SNRs through ``snr_json``);
+* ``lora``: peft LoRA on all linear layers (``lora_r``, ``lora_alpha``).
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import threading
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+__all__ = ["METHODS", "build_method", "selection_snr", "PeakMemory"]
+
+METHODS = ("full", "spectrum", "spectrum-dynamic", "random", "bottom", "lora")
+
+
+def selection_snr(method: str, model, seed: int = 0, scan_cache: Optional[Dict[str, dict]] = None):
+    """``snr_json`` mapping that makes ``SpectrumCallback`` pick the ``random`` or ``bottom``
+    selection; ``None`` for the methods that scan."""
+    from spectrum_callback import SpectrumAnalyzer
+
+    if method == "random":
+        an = SpectrumAnalyzer(model, progress=False)
+        rng = random.Random(1000 + seed)
+        return {n: {"snr": rng.random(), "type": an.types[n]} for n in an.names}
+    if method == "bottom":
+        cache = {} if scan_cache is None else scan_cache
+        if "snr" not in cache:
+            cache["snr"] = {n: dict(i) for n, i in SpectrumAnalyzer(model, progress=False).scan().items()}
+        out = {}
+        for n, i in cache["snr"].items():
+            v = float(i["snr"])
+            out[n] = {"snr": -v if math.isfinite(v) else float("nan"), "type": i["type"]}
+        return out
+    return None
+
+
+def build_method(
+    method: str,
+    model,
+    *,
+    top_pct: float = 0.25,
+    update_every: Optional[int] = None,
+    seed: int = 0,
+    lora_r: int = 16,
+    lora_alpha: int = 32,
+    scan_cache: Optional[Dict[str, dict]] = None,
+    plot_dir: Optional[str] = None,
+    verbose: bool = False,
+) -> Tuple[torch.nn.Module, List[object], Optional[object]]:
+    """``(model, callbacks, spectrum_callback)`` for ``method``.
+
+    The model comes back wrapped for ``lora`` and unchanged otherwise; ``callbacks`` go to
+    the Trainer; ``spectrum_callback`` is the ``SpectrumCallback`` (``None`` for ``full``
+    and ``lora``).  ``update_every`` is required for ``spectrum-dynamic``.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if method == "full":
+        return model, [], None
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        cfg = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules="all-linear",
+                         task_type="CAUSAL_LM")
+        return get_peft_model(model, cfg), [], None
+    from spectrum_callback import SpectrumCallback
+
+    if method == "spectrum-dynamic" and not update_every:
+        raise ValueError("spectrum-dynamic needs update_every (re-scan every N optimizer steps)")
+    cb = SpectrumCallback(
+        top_pct=top_pct,
+        update_every=update_every if method == "spectrum-dynamic" else None,
+        snr_json=selection_snr(method, model, seed, scan_cache),
+        plot_dir=plot_dir,
+        verbose=verbose,
+    )
+    return model, [cb], cb
+
+
+class PeakMemory:
+    """Peak memory of a block of work.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` (reset on entry).  CPU: the resident set size,
+    sampled every 20 ms from ``/proc/self/statm`` (psutil elsewhere).  ``peak_bytes`` is the
+    absolute peak, ``above_start_bytes`` the rise over the value on entry.
+    """
+
+    def __init__(self, cuda: Optional[bool] = None, interval_s: float = 0.02):
+        self.cuda = torch.cuda.is_available() if cuda is None else cuda
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._peak = 0
+        self._start = 0
+        self._thread = None
+
+    @staticmethod
+    def rss() -> int:
+        try:
+            with open("/proc/self/statm") as fh:
+                return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except Exception:
+            try:
+                import psutil
+
+                return psutil.Process().memory_info().rss
+            except Exception:
+                return 0
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._start = torch.cuda.memory_allocated()
+        else:
+            self._start = self._peak = self.rss()
+
+            def loop():
+                while not self._stop.wait(self.interval_s):
+                    self._peak = max(self._peak, self.rss())
+
+            self._thread = threading.Thread(target=loop, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+            self._peak = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
+            self._peak = max(self._peak, self.rss())
+
+    @property
+    def kind(self) -> str:
+        return "cuda_max_allocated" if self.cuda else "cpu_rss_above_start"
+
+    @property
+    def peak_bytes(self) -> int:
+        return int(self._peak)
+
+    @property
+    def above_start_bytes(self) -> int:
+        return int(self._peak - self._start)
+
+    @property
+    def mb(self) -> float:
+        """The study's figure: CUDA peak allocated, or on CPU the rise of RSS over the start."""
+        return (self._peak if self.cuda else self._peak - self._start) / 2**20

@@ -1,0 +1,145 @@
+"""Contract test of the fence (spectrum_callback/_fence): every private name of torch,
+transformers, accelerate and DeepSpeed the package relies on is still where it was.  When an
+upstream release moves one, this fails and names it."""
+from __future__ import annotations
+
+import ast
+import inspect
+import os
+
+import pytest
+import torch
+
+from spectrum_callback import _fence
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_versions_in_use_are_the_tested_ones():
+    # CI installs the tested versions; a new release there makes this fail first.
+    found = _fence.check_versions()
+    for pkg in ("torch", "transformers", "accelerate"):
+        assert not _fence.untested(pkg, found[pkg]), (pkg, found[pkg], _fence.TESTED[pkg])
+
+
+def test_untested_version_warns_once(monkeypatch):
+    monkeypatch.setattr(_fence, "_warned", set())
+    monkeypatch.setitem(_fence.TESTED, "torch", ("0.1",))
+    with pytest.warns(RuntimeWarning, match="checked with torch 0.1"):
+        _fence.check_versions()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _fence.check_versions()  # no second warning
+
+
+def test_torch_internals():
+    from torch.optim.optimizer import _get_scalar_dtype
+
+    from spectrum_callback._fence.torch_internals import adam_step_tensor, set_scheduler_last_lr
+
+    assert _get_scalar_dtype() in (torch.float32, torch.float64)
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = torch.optim.AdamW([p], lr=1.0)
+    p.grad = torch.ones(3)
+    opt.step()
+    # the step tensor we create looks like the one torch's AdamW creates
+    ours = adam_step_tensor(1, opt.param_groups[0], p)
+    theirs = opt.state[p]["step"]
+    assert (ours.dtype, ours.device, ours.shape) == (theirs.dtype, theirs.device, theirs.shape)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5)
+    set_scheduler_last_lr(sched, [0.25])
+    assert sched.get_last_lr() == [0.25]
+    # FSDP1 marks the parameters it flattens
+    from torch.distributed.fsdp import _flat_param
+
+    assert "_fsdp_flattened" in inspect.getsource(_flat_param)
+
+
+def test_transformers_internals():
+    import transformers.trainer as tr
+    from transformers import Trainer
+
+    assert callable(getattr(tr, "deepspeed_load_checkpoint", None))
+    assert "deepspeed_load_checkpoint(" in inspect.getsource(tr.Trainer._prepare_for_training)
+    # find_trainer reads `self` and `resume_from_checkpoint` from the train() frame
+    assert "resume_from_checkpoint" in inspect.signature(Trainer.train).parameters
+
+
+def test_deepspeed_internals():
+    pytest.importorskip("deepspeed")
+    import deepspeed
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.zero import parameter_offload, partitioned_param_coordinator, stage3, stage_1_and_2
+    from deepspeed.utils import (  # noqa: F401  public API used for the state transfer
+        safe_get_full_fp32_param,
+        safe_get_full_optimizer_state,
+        safe_set_full_fp32_param,
+        safe_set_full_optimizer_state,
+    )
+
+    from spectrum_callback._fence.deepspeed_internals import check_deepspeed_version
+
+    check_deepspeed_version(deepspeed.__version__)
+    z12 = inspect.getsource(stage_1_and_2.DeepSpeedZeroOptimizer)
+    for needle in ("self.bit16_groups = []", "self.single_partition_of_fp32_groups = []",
+                   "def _lazy_init_hp_params_optimizer_state", "self._hp_optimizer_states_linked",
+                   "def destroy", "self.partition_gradients"):
+        assert needle in z12, needle
+    z3 = inspect.getsource(stage3.DeepSpeedZeroOptimizer_Stage3)
+    for needle in ("self.fp16_groups = []", "self.fp32_partitioned_groups_flat = []",
+                   "self.sub_group_to_group_id[", "def destroy", "self.parameter_offload.destroy()"):
+        assert needle in z3, needle
+    off = inspect.getsource(parameter_offload)
+    for needle in ('if "pre_bwd_fn" not in module.__dict__', 'if "post_bwd_fn" not in module.__dict__',
+                   "module.pre_bwd_fn = ", "module.post_bwd_fn = ", "FWD_MODULE_STACK.append(self.module)"):
+        assert needle in off, needle
+    coord = inspect.getsource(partitioned_param_coordinator.PartitionedParameterCoordinator)
+    assert "@functools.lru_cache(maxsize=None)\n    def __params_to_release" in coord
+    eng = inspect.getsource(DeepSpeedEngine)
+    for needle in ("def _configure_optimizer(self, client_optimizer, model_parameters)", "self._config.optimizer_name",
+                   "def zero_offload_optimizer"):
+        assert needle in eng, needle
+    init = inspect.getsource(deepspeed.runtime.zero.partition_parameters)
+    for needle in ("param.ds_shape", "param.ds_numel", "param.ds_tensor", "param.ds_id"):
+        assert needle in init, needle
+    # checkpoint file names: <prefix>_mp_rank_XX_optim_states.pt, prefix ...zero_pp_rank_<dp rank>
+    ckpt = inspect.getsource(DeepSpeedEngine._get_rank_zero_ckpt_name)
+    prefix = inspect.getsource(DeepSpeedEngine._get_zero_ckpt_prefix)
+    assert "_mp_rank_" in ckpt and "_optim_states.pt" in ckpt and "zero_pp_rank_" in prefix
+
+
+def test_deepspeed_version_check(monkeypatch):
+    from spectrum_callback._fence.deepspeed_internals import ALLOW_ENV, check_deepspeed_version
+
+    monkeypatch.delenv(ALLOW_ENV, raising=False)
+    check_deepspeed_version("0.19.8")
+    with pytest.raises(RuntimeError, match="0.19.8"):
+        check_deepspeed_version("0.20.0")
+    monkeypatch.setenv(ALLOW_ENV, "1")
+    check_deepspeed_version("0.20.0")
+
+
+PRIVATE = ("ds_tensor", "ds_shape", "ds_numel", "ds_id", "_fsdp_flattened", "_get_scalar_dtype", "_last_lr",
+           "f_locals", "_configure_optimizer", "bit16_groups", "fp16_groups", "FWD_MODULE_STACK",
+           "_lazy_init_hp_params_optimizer_state", "deepspeed_load_checkpoint")
+
+
+def test_private_names_appear_only_inside_the_fence():
+    pkg = os.path.join(ROOT, "spectrum_callback")
+    offenders = []
+    for folder, _, files in os.walk(pkg):
+        if os.path.join(pkg, "_fence") in folder:
+            continue
+        for f in files:
+            if not f.endswith(".py"):
+                continue
+            path = os.path.join(folder, f)
+            tree = ast.parse(open(path).read())
+            for node in ast.walk(tree):
+                name = node.attr if isinstance(node, ast.Attribute) else (
+                    node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else None)
+                if name in PRIVATE:
+                    offenders.append(f"{os.path.relpath(path, ROOT)}:{node.lineno} {name}")
+    assert not offenders, offenders
