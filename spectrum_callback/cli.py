@@ -148,6 +148,12 @@ def _run(args) -> int:
     pct = args.top_percent
     if not (0 < pct <= 100) or math.isnan(pct):
         raise CliError(f"--top-percent {pct:g} must be in (0, 100], e.g. 25")
+    from .config import SpectrumConfig
+
+    try:  # the same rules as the callback and spectrum_freeze
+        cfg = SpectrumConfig(top_pct=pct / 100, include=args.include, exclude=args.exclude, method=args.method)
+    except ValueError as exc:
+        raise CliError(str(exc).splitlines()[0]) from None
     results_dir = os.path.join(args.output_dir, RESULTS_DIR)
     if args.snr_json:
         snr = _read_snr_json(args.snr_json)
@@ -162,7 +168,7 @@ def _run(args) -> int:
         from .analyzer import SpectrumAnalyzer
 
         try:
-            analyzer = SpectrumAnalyzer(model, include=args.include, exclude=args.exclude, method=args.method,
+            analyzer = SpectrumAnalyzer(model, include=cfg.include, exclude=cfg.exclude, method=cfg.method,
                                         device=args.device)
         except ValueError as exc:
             raise CliError(str(exc).splitlines()[0]) from None

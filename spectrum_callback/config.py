@@ -160,6 +160,22 @@ class SpectrumConfig:
             raise ValueError(f"unknown SpectrumConfig settings {unknown}; written by a newer spectrum_callback?")
         return cls(**dict(data))
 
+    def to_json_file(self, path: str) -> str:
+        """Write :meth:`to_dict` as JSON (like ``TrainerState.save_to_json``)."""
+        import json
+
+        with open(path, "w") as fh:
+            json.dump(self.to_dict(), fh, indent=2)
+        return path
+
+    @classmethod
+    def from_json_file(cls, path: str) -> "SpectrumConfig":
+        """Read a file written by :meth:`to_json_file`."""
+        import json
+
+        with open(path) as fh:
+            return cls.from_dict(json.load(fh))
+
     def selection_settings(self) -> dict:
         """The settings that decide which matrices are selected (compared on resume)."""
         return {"top_pct": self.top_pct, "min_per_type": self.min_per_type, "include": self.include,

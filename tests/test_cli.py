@@ -121,3 +121,10 @@ def test_yaml_api_refuses_a_percentage_that_keeps_nothing(reference_dir, pct):
     snr = load_snr_json(os.path.join(reference_dir, "snr_results_meta-llama-Meta-Llama-3-8B.json"))
     with pytest.raises(ValueError, match="keeps no matrix"):
         unfrozen_parameters_yaml(snr, pct)
+
+
+def test_cli_checks_patterns_by_the_config_rules(tmp_path, reference_dir, capsys):
+    src = os.path.join(reference_dir, "snr_results_meta-llama-Meta-Llama-3-8B.json")
+    assert main(["--snr-json", src, "--include", "(", "--output-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "include: '(' is not a valid regular expression" in err and err.count("\n") == 1
