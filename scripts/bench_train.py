@@ -24,14 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
-METHODS = ["full", "spectrum_static", "spectrum_dynamic", "lora"]
+BENCH_METHODS = ["full", "spectrum_static", "spectrum_dynamic", "lora"]
 # this benchmark's labels -> spectrum_study.methods names
 BUILDER_NAMES = {"full": "full", "spectrum_static": "spectrum", "spectrum_dynamic": "spectrum-dynamic", "lora": "lora"}
 
@@ -134,7 +133,7 @@ def run_one(args) -> dict:
     trainer = transformers.Trainer(model=model, args=targs, train_dataset=Tokens(batch * args.steps),
                                    callbacks=callbacks)
     t0 = time.perf_counter()
-    with PeakMemory(cuda=device == "cuda") as probe:
+    with PeakMemory(cuda=device == "cuda", sample_rss=False) as probe:  # no sampling thread in the timing
         trainer.train()
     train_s = time.perf_counter() - t0
     n_total = sum(q.numel() for q in {id(q): q for q in model.parameters()}.values())
@@ -152,12 +151,12 @@ def run_one(args) -> dict:
         "train_s": train_s,
         "trainable_params": n_train,
         "total_params": n_total,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # whole process
+        "peak_rss_bytes": PeakMemory.process_peak_rss(),  # whole process
         **mem,
     }
     res["state_bytes_estimate"] = sum(mem.get(k, 0) for k in ("param_bytes", "grad_bytes", "optimizer_state_bytes"))
     if device == "cuda":
-        res["peak_cuda_bytes"] = probe.peak_bytes
+        res["peak_cuda_bytes"] = probe.cuda_peak_bytes
     if scans:
         res["scans"] = scans
         res["initial_scan_s"] = scans[0]["seconds"]
@@ -211,7 +210,7 @@ def main(argv=None):
     ap.add_argument("--update-every", type=int, default=100)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=",".join(BENCH_METHODS))
     ap.add_argument("--optim", default=None,
                     help="TrainingArguments.optim (default: adamw_torch_fused on cuda, adamw_torch on cpu)")
     ap.add_argument("--json", default=None)
@@ -220,9 +219,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     args.preset = args.preset or args.device
     args.optim = args.optim or ("adamw_torch_fused" if args.device == "cuda" else "adamw_torch")
-    unknown = sorted(set(args.methods.split(",")) - set(METHODS))
+    unknown = sorted(set(args.methods.split(",")) - set(BENCH_METHODS))
     if unknown:
-        ap.error(f"unknown --methods {unknown}; choose from {METHODS}")
+        ap.error(f"unknown --methods {unknown}; choose from {BENCH_METHODS}")
     if args.method:
         print("RESULT " + json.dumps(run_one(args)), flush=True)
         return

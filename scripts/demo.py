@@ -121,9 +121,10 @@ def run_one(args):
         "total_params": total,
         "step_s_median": sorted(steady)[len(steady) // 2],
         "train_s": train_s,
-        # the same probe as the study and the benchmarks (spectrum_study.methods.PeakMemory)
-        "peak_rss_gib": (PeakMemory.rss() if use_cuda else mem.peak_bytes) / 2**30,
-        "peak_cuda_gib": mem.peak_bytes / 2**30 if use_cuda else None,
+        # the same probe as the study and the benchmarks (spectrum_study.methods.PeakMemory);
+        # host: the whole process's peak, as before
+        "peak_rss_gib": max(mem.rss_peak_bytes, PeakMemory.process_peak_rss()) / 2**30,
+        "peak_cuda_gib": mem.cuda_peak_bytes / 2**30 if use_cuda else None,
         "threads": torch.get_num_threads(),
         "optimizer_state_numel": int(sum(v.numel() for s in trainer.optimizer.state.values() for v in s.values()
                                          if torch.is_tensor(v) and v.ndim > 0)),

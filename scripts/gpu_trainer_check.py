@@ -62,20 +62,6 @@ def _single_process_dist_env():
         os.environ.setdefault(k, v)
 
 
-def _reset_accelerate():
-    """Forget accelerate's and transformers' process-wide DeepSpeed state between Trainers."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=False)
-    GradientState._reset_state()
-    try:
-        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-        unset_hf_deepspeed_config()
-    except Exception:
-        pass
-
-
 def _forget_zero3_modules():
     """Let a destroyed ZeRO-3 engine's model and optimizer state be freed between modes.
 
@@ -106,11 +92,9 @@ def _live_tensor_bytes(torch):
 
 
 def _gathered(params):
-    if any(hasattr(p, "ds_id") for p in params):
-        import deepspeed
+    from spectrum_callback._fence.deepspeed_internals import gathered, is_partitioned
 
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-    return contextlib.nullcontext()
+    return gathered(params) if any(is_partitioned(p) for p in params) else contextlib.nullcontext()
 
 
 def load(args, torch):
@@ -144,12 +128,14 @@ def ds_config(stage, out_dir):
 
 
 def run_mode(args, mode, torch, transformers):
-    from spectrum_callback import SpectrumCallback
-    from spectrum_study.assets import BlockDataset
+    from spectrum_callback._fence.accelerate_internals import reset_state
+    from spectrum_callback._fence.deepspeed_internals import full_numel
     from spectrum_callback.backends import make_backend
+    from spectrum_study.assets import BlockDataset
+    from spectrum_study.methods import build_method
 
     cuda = args.device == "cuda"
-    _reset_accelerate()
+    reset_state()
     model, blocks = load(args, torch)
     steps = args.steps if mode != "full" else min(args.steps, args.full_steps)
     out_dir = tempfile.mkdtemp(prefix=f"gpu_trainer_{args.engine}_{mode}_")
@@ -162,10 +148,9 @@ def run_mode(args, mode, torch, transformers):
     if args.engine != "torch":
         kw["deepspeed"] = ds_config(int(args.engine[-1]), out_dir)
     targs = transformers.TrainingArguments(**kw)
-    spectrum = None
-    if mode != "full":
-        spectrum = SpectrumCallback(top_pct=args.top_pct, update_every=args.update_every if mode == "dynamic" else None,
-                                    verbose=False)
+    # the same method builder as the study, the demo and the benchmarks
+    method = {"full": "full", "static": "spectrum", "dynamic": "spectrum-dynamic"}[mode]
+    model, callbacks, spectrum = build_method(method, model, top_pct=args.top_pct, update_every=args.update_every)
     rec = {
         "losses": {}, "state_numel": {}, "window_peak_bytes": {}, "violations": [], "selections": [],
         "step_s": [], "trainable_numel": {},
@@ -206,8 +191,7 @@ def run_mode(args, mode, torch, transformers):
                     rec["window_peak_bytes"][step - args.update_every] = torch.cuda.max_memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
             frozen = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
-            rec["trainable_numel"][step] = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()
-                                               if p.requires_grad)
+            rec["trainable_numel"][step] = sum(full_numel(p) for p in model.parameters() if p.requires_grad)
             with _gathered([p for _, p in frozen]):
                 # on the host, so that the check adds nothing to the device memory it measures
                 self.snap = {n: p.detach().to("cpu", copy=True) for n, p in frozen}
@@ -238,10 +222,8 @@ def run_mode(args, mode, torch, transformers):
                 last = (state.global_step - 1) // args.update_every * args.update_every
                 rec["window_peak_bytes"][last] = torch.cuda.max_memory_allocated()
 
-    trainer = transformers.Trainer(model=model, args=targs, train_dataset=BlockDataset(blocks))
+    trainer = transformers.Trainer(model=model, args=targs, train_dataset=BlockDataset(blocks), callbacks=callbacks)
     trainer.remove_callback(transformers.trainer_callback.PrinterCallback)  # losses go to the JSON
-    if spectrum is not None:
-        trainer.add_callback(spectrum)
     trainer.add_callback(Recorder())
     if cuda:
         torch.cuda.reset_peak_memory_stats()

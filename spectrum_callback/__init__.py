@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 # public name -> submodule that defines it
 _EXPORTS = {
     "SpectrumCallback": "callback",
+    "SpectrumConfig": "config",
     "spectrum_freeze": "callback",
     "apply_selection": "callback",
     "SpectrumAnalyzer": "analyzer",

@@ -301,10 +301,17 @@ class SpectrumAnalyzer:
 
     # ------------------------------------------------------------------ scan
     def scan(self, names: Optional[Sequence[str]] = None) -> "OrderedDict[str, dict]":
-        """SNR of every candidate (or of ``names``): ``{name: {"snr": float, "type": str}}``.
+        """SNR of every candidate, or of ``names``.
 
-        Under ``torch.distributed`` all ranks must call this together; every rank
-        returns the same mapping.
+        Matrices that cannot have changed since the last scan are not recomputed.  Under
+        ``torch.distributed`` all ranks must call this together (the work is split, the
+        results gathered); every rank returns the same mapping.
+
+        Args:
+            names: candidate module names (default: all).
+
+        Returns:
+            ``{name: {"snr": float, "type": str}}`` in candidate order.
         """
         t0 = time.perf_counter()
         names = list(self.modules) if names is None else list(names)

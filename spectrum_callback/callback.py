@@ -1,6 +1,7 @@
 """``SpectrumCallback``: Spectrum for the Hugging Face Trainer, static or dynamic."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -17,13 +18,12 @@ from ._fence.deepspeed_internals import full_numel
 from ._fence.transformers_internals import find_trainer
 from .analyzer import SHARDED_HELP, SpectrumAnalyzer
 from .backends import make_backend
-from .config import SpectrumConfig, compile_patterns
+from .config import STATE_FILE, SpectrumConfig, compile_patterns
 from .selection import load_snr_json, parse_snr_mapping, select_top
 from ._logging import follow_trainer, get_logger
 
 logger = get_logger(__name__)
 
-STATE_FILE = "spectrum_state.json"
 STATE_FORMAT = "spectrum_callback.state"
 STATE_VERSION = 1
 
@@ -36,8 +36,18 @@ def apply_selection(
     selected: Sequence[str],
     always_train: Sequence[str] = (),
 ) -> List[nn.Parameter]:
-    """Set ``requires_grad``: parameters of selected modules and ``always_train`` matches
-    train, everything else freezes.  Returns the trainable parameters."""
+    """Set ``requires_grad``: the selected modules' parameters and ``always_train`` matches
+    train, everything else freezes (and loses its gradient).
+
+    Args:
+        model: the model.
+        analyzer: the analyzer that knows each candidate's parameters.
+        selected: module names to train.
+        always_train: regexes of parameter names that train regardless.
+
+    Returns:
+        The trainable parameters, each once.
+    """
     always = compile_patterns(always_train, "always_train")
     keep = {id(p) for n in selected for p in analyzer.params_of(n)}
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -72,14 +82,24 @@ def spectrum_freeze(
 ) -> List[str]:
     """Scan and freeze ``model`` before any optimizer or Trainer exists (static Spectrum).
 
-    Use this when you build the optimizer yourself or want DDP/DeepSpeed to never see
-    the frozen weights.  Returns the selected module names.
+    Use this when you build the optimizer yourself, or want DDP, DeepSpeed or FSDP never to
+    see the frozen weights.  The settings mean what they mean for :class:`SpectrumCallback`
+    (validated by :class:`~spectrum_callback.config.SpectrumConfig`).
+
+    Args:
+        model: the model (unwrapped).
+        top_pct: fraction of each matrix type kept trainable, in (0, 1].
+        include / exclude / always_train / never_train / min_per_type / snr_json / method:
+            as for :class:`SpectrumCallback`.
+
+    Returns:
+        The selected module names.
     """
     cfg = SpectrumConfig(top_pct=top_pct, include=include, exclude=exclude, always_train=list(always_train or []),
                          never_train=list(never_train or []), min_per_type=min_per_type, snr_json=snr_json,
                          method=method)
     analyzer = SpectrumAnalyzer(model, include=cfg.include, exclude=cfg.exclude, method=cfg.method)
-    snr = _snr_from_json(cfg.snr_json, analyzer) if cfg.snr_json is not None else analyzer.scan()
+    snr = _snr_from_json(cfg.snr_json, analyzer) if cfg.snr_json else analyzer.scan()
     selected = select_top(snr, cfg.top_pct, min_per_type=cfg.min_per_type, never=cfg.never_train)
     apply_selection(model, analyzer, selected, cfg.always_train)
     return selected
@@ -196,6 +216,18 @@ class SpectrumCallback(TrainerCallback):
     @property
     def dynamic(self) -> bool:
         return self.config.dynamic
+
+    def __getattr__(self, name):
+        # The settings read as attributes too (cb.top_pct, cb.update_every, ...): they live in
+        # self.config, validated once.
+        if name != "config" and "config" in self.__dict__ and name in _CONFIG_FIELDS:
+            return getattr(self.__dict__["config"], name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    @classmethod
+    def from_config(cls, config: SpectrumConfig) -> "SpectrumCallback":
+        """A callback with the settings of ``config`` (a :class:`SpectrumConfig`)."""
+        return cls(**{f: getattr(config, f) for f in _CONFIG_FIELDS})
 
     def _validate_patterns(self, model: nn.Module) -> None:
         names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
@@ -455,7 +487,28 @@ class SpectrumCallback(TrainerCallback):
         self._switch(list(data["selected"]), first=True)
         if _dist.is_main():
             logger.info("Spectrum: restored selection of %d modules from %s", len(self.selected), path)
+        self._apply_changed_settings(data, state.global_step, path)
         return True
+
+    def _apply_changed_settings(self, data: dict, step: int, path: str) -> None:
+        """A resume with other selection settings than the checkpoint's: say so, and select
+        again under the new ones now, from the saved SNRs when they cover every candidate
+        (no scan), else with a scan."""
+        saved = data.get("config") or {k: data[k] for k in ("top_pct", "update_every", "min_per_type") if k in data}
+        now = self.config.selection_settings()
+        changed = {k: (saved[k], v) for k, v in now.items() if k in saved and (saved[k] or None) != (v or None)}
+        if not changed:
+            return
+        logger.warning(
+            "Spectrum: resuming from %s with changed settings (%s); the new settings apply from step %d",
+            path, ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items()), step,
+        )
+        last = self.history[-1] if self.history else None
+        if last is not None and set(last["snr"]) == set(self.analyzer.names):
+            snr = {n: {"snr": last["snr"][n], "type": last["types"][n]} for n in self.analyzer.names}
+            self._apply(step, snr, source="resume")
+        else:
+            self._scan_and_apply(step)
 
 
 def _install_deepspeed_resume_hook() -> None:
@@ -468,6 +521,9 @@ def _install_deepspeed_resume_hook() -> None:
     from .backends.deepspeed.resume import install_resume_hook
 
     install_resume_hook()
+
+
+_CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(SpectrumConfig))
 
 
 def _snr_by_type(snr) -> Dict[str, List[float]]:

@@ -18,11 +18,13 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import List, Mapping, Optional, Sequence, Union
 
-__all__ = ["SpectrumConfig", "METHODS", "validate_top_pct", "compile_patterns", "check_method", "check_dtype",
+__all__ = ["SpectrumConfig", "SNR_METHODS", "validate_top_pct", "compile_patterns", "check_method", "check_dtype",
            "check_chunk_mb"]
 
 # The SNR routes the analyzer offers (see spectrum_callback.analyzer).
-METHODS = ("auto", "fast", "gram", "svd")
+SNR_METHODS = ("auto", "fast", "gram", "svd")
+# The callback's checkpoint file, next to the Trainer's in every checkpoint-N folder.
+STATE_FILE = "spectrum_state.json"
 _DTYPES = ("float32", "float64")
 
 
@@ -35,10 +37,14 @@ def _is_int(x) -> bool:
 
 
 def validate_top_pct(top_pct, arg: str = "top_pct") -> float:
-    """``top_pct`` as a float in (0, 1]; a clear error otherwise (with a hint for percentages)."""
-    if not _is_number(top_pct):
-        raise ValueError(f"{arg}={top_pct!r} must be a number in (0, 1], e.g. 0.25 for the top 25 %")
-    value = float(top_pct)
+    """``top_pct`` as a float in (0, 1]; a clear error otherwise (with a hint for percentages).
+    Numbers (numpy's too) and numeric strings are accepted, ``True``/``False`` are not."""
+    try:
+        if isinstance(top_pct, bool):
+            raise TypeError
+        value = float(top_pct)
+    except (TypeError, ValueError):
+        raise ValueError(f"{arg}={top_pct!r} must be a number in (0, 1], e.g. 0.25 for the top 25 %") from None
     if not (0.0 < value <= 1.0) or math.isnan(value):
         hint = f"; did you mean {value / 100:g}?" if 1.0 < value <= 100.0 else ""
         raise ValueError(f"{arg}={top_pct!r} must be a fraction in (0, 1], e.g. 0.25 for the top 25 %{hint}")
@@ -75,7 +81,7 @@ class SpectrumConfig:
         never_train: regexes on candidate module names never selected.
         min_per_type: at least this many matrices per type (>= 0).
         snr_json: an original SNR file (path) or mapping for the first selection.
-        method: SNR route, one of :data:`METHODS`.
+        method: SNR route, one of :data:`SNR_METHODS`.
         dtype: ``None``, ``"float32"``/``"float64"`` or the torch dtypes.
         chunk_mb: most MiB of matrix copies one solver call holds (> 0).
         plot_dir: folder for the PNGs written at train end, or ``None``.
@@ -126,10 +132,11 @@ class SpectrumConfig:
         check_method(self.method)
         self.dtype = _dtype_name(self.dtype)
         self.chunk_mb = check_chunk_mb(self.chunk_mb)
-        if self.plot_dir is not None and not isinstance(self.plot_dir, (str, os.PathLike)):
-            raise ValueError(f"plot_dir={self.plot_dir!r} must be a folder path or None")
-        if not isinstance(self.verbose, bool):
-            raise ValueError(f"verbose={self.verbose!r} must be True or False")
+        if self.plot_dir is not None:
+            if not isinstance(self.plot_dir, (str, os.PathLike)):
+                raise ValueError(f"plot_dir={self.plot_dir!r} must be a folder path or None")
+            self.plot_dir = os.fspath(self.plot_dir)
+        self.verbose = bool(self.verbose)
 
     @property
     def dynamic(self) -> bool:
@@ -184,7 +191,7 @@ class SpectrumConfig:
 
 def check_method(method) -> str:
     """The analyzer's ``method`` argument, checked."""
-    if method not in METHODS:
+    if method not in SNR_METHODS:
         raise ValueError(f"method={method!r} is not supported; use 'auto', 'fast', 'svd' or 'gram'")
     return method
 

@@ -60,13 +60,23 @@ def select_top(
 ) -> List[str]:
     """Names kept trainable: per type, highest SNR first, ``int(len(group) * top_pct)``.
 
-    ``min_per_type``: at least this many per type (1 by default; 0 reproduces the
-    original tool exactly, where a group of 1 keeps nothing).  NaN entries and names
-    matching a ``never`` regex are never selected (they still count in the group size).
-    Ties keep the input order (stable sort, as the original).  Returns sorted names.
+    NaN entries and names matching a ``never`` regex are never selected (they still count
+    in the group size).  Ties keep the input order (stable sort, as the original).
 
-    Raises ``ValueError`` when a type of two or more matrices would keep none
-    (``min_per_type=0`` with a small ``top_pct``): that run would train less than asked.
+    Args:
+        snr: ``{name: {"snr": float, "type": str}}`` (a scan, or an original SNR file).
+        top_pct: fraction kept per type, in (0, 1].
+        min_per_type: at least this many per type (1 by default; 0 reproduces the original
+            tool exactly, where a group of 1 keeps nothing).
+        never: regexes of names never selected.
+
+    Returns:
+        The selected names, sorted.
+
+    Raises:
+        ValueError: a bad ``top_pct``/``min_per_type``, or a type of two or more matrices
+            would keep none (``min_per_type=0`` with a small ``top_pct``): that run would
+            train less than asked.
     """
     top_pct = validate_top_pct(top_pct)
     if min_per_type < 0:
@@ -93,7 +103,14 @@ def select_top(
 def load_snr_json(path: str | os.PathLike) -> "OrderedDict[str, dict]":
     """Read an SNR file written by the original tool, in either of its two formats.
 
-    ``{name: {"snr": x, "type": t}}`` or the sorted ``{type: {name: x}}``.
+    Args:
+        path: a JSON file, ``{name: {"snr": x, "type": t}}`` or the sorted ``{type: {name: x}}``.
+
+    Returns:
+        ``{name: {"snr": float, "type": str}}`` in file order.
+
+    Raises:
+        ValueError: the file is not valid JSON, or not an SNR file (naming the entry).
     """
     with open(path) as fh:
         try:

@@ -100,9 +100,15 @@ def compute_snr(
 ) -> float:
     """SNR of one weight matrix, as the original Spectrum tool computes it.
 
-    Any dtype or device; computed in ``dtype`` (float32 by default, as the original;
-    float64 is accepted).  A matrix with NaN or Inf entries gives ``nan`` and a warning
-    naming ``name``; a matrix whose noise part sums to zero gives ``inf``.
+    Args:
+        weight: a 2-D weight (1-D counts as ``1 x d``), any dtype or device.
+        name: named in the warning for a matrix with NaN or Inf entries.
+        method: ``"svd"`` (``torch.linalg.svdvals``, the original's) or ``"gram"``.
+        dtype: computation precision, float32 (as the original) or float64.
+
+    Returns:
+        The SNR; ``nan`` (and a warning) for NaN/Inf entries, ``inf`` when the noise part
+        sums to zero.
     """
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"compute_snr computes in float32 or float64, got dtype={dtype}")

@@ -96,19 +96,26 @@ def build_method(
 
 
 class PeakMemory:
-    """Peak memory of a block of work.
+    """Peak memory of a block of work, the one probe of the study, the demo and the benchmarks.
 
-    CUDA: ``torch.cuda.max_memory_allocated`` (reset on entry).  CPU: the resident set size,
-    sampled every 20 ms from ``/proc/self/statm`` (psutil elsewhere).  ``peak_bytes`` is the
-    absolute peak, ``above_start_bytes`` the rise over the value on entry.
+    * device: ``torch.cuda.max_memory_allocated`` (reset on entry), when ``cuda``;
+    * host: the resident set size, sampled every ``interval_s`` from ``/proc/self/statm``
+      (psutil elsewhere) while ``sample_rss`` (off where a sampling thread would disturb a
+      timing); :meth:`process_peak_rss` is the process's lifetime peak (``ru_maxrss``).
+
+    ``peak_bytes`` is the device peak with ``cuda``, else the host peak; ``mb`` is the study's
+    figure (device peak, or the host's rise over the value on entry).
     """
 
-    def __init__(self, cuda: Optional[bool] = None, interval_s: float = 0.02):
+    def __init__(self, cuda: Optional[bool] = None, interval_s: float = 0.02, sample_rss: bool = True):
         self.cuda = torch.cuda.is_available() if cuda is None else cuda
         self.interval_s = interval_s
+        self.sample_rss = sample_rss
         self._stop = threading.Event()
-        self._peak = 0
-        self._start = 0
+        self._rss_peak = 0
+        self._rss_start = 0
+        self._cuda_peak = 0
+        self._cuda_start = 0
         self._thread = None
 
     @staticmethod
@@ -124,17 +131,25 @@ class PeakMemory:
             except Exception:
                 return 0
 
+    @staticmethod
+    def process_peak_rss() -> int:
+        """The largest resident set size of this process so far (``ru_maxrss``), in bytes."""
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
+
     def __enter__(self):
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-            self._start = torch.cuda.memory_allocated()
-        else:
-            self._start = self._peak = self.rss()
-
+            self._cuda_start = torch.cuda.memory_allocated()
+        self._rss_start = self._rss_peak = self.rss()
+        if self.sample_rss:
             def loop():
                 while not self._stop.wait(self.interval_s):
-                    self._peak = max(self._peak, self.rss())
+                    self._rss_peak = max(self._rss_peak, self.rss())
 
             self._thread = threading.Thread(target=loop, daemon=True)
             self._thread.start()
@@ -143,25 +158,29 @@ class PeakMemory:
     def __exit__(self, *exc):
         if self.cuda:
             torch.cuda.synchronize()
-            self._peak = torch.cuda.max_memory_allocated()
-        else:
+            self._cuda_peak = torch.cuda.max_memory_allocated()
+        if self._thread is not None:
             self._stop.set()
             self._thread.join()
-            self._peak = max(self._peak, self.rss())
+        self._rss_peak = max(self._rss_peak, self.rss())
 
     @property
     def kind(self) -> str:
         return "cuda_max_allocated" if self.cuda else "cpu_rss_above_start"
 
     @property
-    def peak_bytes(self) -> int:
-        return int(self._peak)
+    def rss_peak_bytes(self) -> int:
+        return int(self._rss_peak)
 
     @property
-    def above_start_bytes(self) -> int:
-        return int(self._peak - self._start)
+    def cuda_peak_bytes(self) -> int:
+        return int(self._cuda_peak)
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.cuda_peak_bytes if self.cuda else self.rss_peak_bytes
 
     @property
     def mb(self) -> float:
         """The study's figure: CUDA peak allocated, or on CPU the rise of RSS over the start."""
-        return (self._peak if self.cuda else self._peak - self._start) / 2**20
+        return (self._cuda_peak if self.cuda else self._rss_peak - self._rss_start) / 2**20

@@ -412,3 +412,24 @@ def test_callback_refuses_a_selection_that_leaves_types_empty(tmp_path):
                            max_steps=1)
     with pytest.raises(ValueError, match="keeps no matrix"):
         trainer.train()
+
+
+def test_resume_with_changed_settings_warns_and_applies_them(tmp_path, caplog):
+    tr = make_trainer(tmp_path, None, [SpectrumCallback(top_pct=0.25, verbose=False)], max_steps=2,
+                      save_strategy="steps", save_steps=2)
+    tr.train()
+    ckpt = tmp_path / "out" / "checkpoint-2"
+    cb = SpectrumCallback(top_pct=0.5, verbose=False)
+    tr2 = make_trainer(tmp_path, None, [cb], max_steps=3)
+    pkg = logging.getLogger("spectrum_callback")
+    pkg.addHandler(caplog.handler)
+    try:
+        tr2.train(resume_from_checkpoint=str(ckpt))
+    finally:
+        pkg.removeHandler(caplog.handler)
+    assert "changed settings (top_pct: 0.25 -> 0.5)" in caplog.text
+    # re-selected at the resume step from the saved SNRs, without a scan: 2 of 4 layers per type
+    assert [(h["step"], h["source"]) for h in cb.history] == [(0, "scan"), (2, "resume")]
+    assert len(cb.selected) == 14 and cb.history[1]["snr"] == cb.history[0]["snr"]
+    trainable = {n.rsplit(".", 1)[0] for n, p in tr2.model.named_parameters() if p.requires_grad}
+    assert trainable == set(cb.selected)

@@ -107,17 +107,10 @@ def rotating_scan():
 
 def reset_accelerate():
     """Forget accelerate's and transformers' process-wide DeepSpeed state between two
-    Trainers in one process."""
-    from accelerate.state import AcceleratorState, GradientState
+    Trainers in one process (a private accelerate API: spectrum_callback._fence)."""
+    from spectrum_callback._fence.accelerate_internals import reset_state
 
-    AcceleratorState._reset_state(reset_partial_state=False)
-    GradientState._reset_state()
-    try:
-        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-        unset_hf_deepspeed_config()
-    except Exception:
-        pass
+    reset_state()
 
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

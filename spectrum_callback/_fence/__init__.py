@@ -7,8 +7,10 @@ spectrum_callback touches lives in this package, and nowhere else.
   (one call-stack walk), and the wrapper around ``transformers.trainer.deepspeed_load_checkpoint``;
 * :mod:`.deepspeed_internals`: the ZeRO optimizers' flat groups, partitions and hooks, the
   engine's optimizer set-up, ZeRO-3's partitioned-parameter attributes and the checkpoint
-  file names.  accelerate's optimizer wrapper is reached through its public ``optimizer``
-  attribute only.
+  file names;
+* :mod:`.accelerate_internals`: the models an ``Accelerator`` prepared, and resetting its
+  process-wide state between two Trainers (benchmarks, tests).  accelerate's optimizer
+  wrapper is reached through its public ``optimizer`` attribute.
 
 :data:`TESTED` is the one table of the versions these were checked on;
 :func:`check_versions` warns once about versions outside it (DeepSpeed, whose internals

@@ -30,8 +30,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-TESTED_DEEPSPEED = ((0, 19),)
-TESTED_DEEPSPEED_STR = "0.19.8"
+from . import TESTED
+
+TESTED_DEEPSPEED_STR = "0.19.8"  # the exact release of TESTED["deepspeed"] the checks ran on
 ALLOW_ENV = "SPECTRUM_ALLOW_UNTESTED_DEEPSPEED"
 
 
@@ -79,11 +80,8 @@ def check_deepspeed_version(version: Optional[str] = None) -> str:
         import deepspeed
 
         version = deepspeed.__version__
-    try:
-        parts = tuple(int(x) for x in version.split("+")[0].split(".")[:2])
-    except ValueError:
-        parts = None
-    if parts not in TESTED_DEEPSPEED and os.environ.get(ALLOW_ENV, "") != "1":
+    major_minor = ".".join(version.split("+")[0].split(".")[:2])
+    if major_minor not in TESTED["deepspeed"] and os.environ.get(ALLOW_ENV, "") != "1":
         raise RuntimeError(
             f"spectrum_callback's DeepSpeed backend uses ZeRO optimizer internals checked with DeepSpeed "
             f"{TESTED_DEEPSPEED_STR}; this is DeepSpeed {version}. Install deepspeed=={TESTED_DEEPSPEED_STR}, or set "
@@ -201,13 +199,32 @@ def offload_enabled(engine) -> bool:
     return dev is not None and str(getattr(dev, "value", dev)) not in ("none", "None")
 
 
+def torch_optimizer(zero):
+    """The torch optimizer a ZeRO optimizer wraps (``zero.optimizer``); its param groups hold
+    the flat fp32 partitions, and its state is keyed by them."""
+    return zero.optimizer
+
+
 def set_flat_state(base_optimizer, flat: torch.Tensor, state: Dict[str, torch.Tensor]) -> None:
-    """The ZeRO optimizer's torch optimizer keys its state by the flat fp32 partition."""
     base_optimizer.state[flat] = state
 
 
 def flat_state(base_optimizer, flat: torch.Tensor) -> Dict[str, torch.Tensor]:
     return base_optimizer.state.get(flat, {})
+
+
+def clear_flat_states(base_optimizer) -> None:
+    base_optimizer.state.clear()
+
+
+def moment_keys(base_optimizer) -> List[str]:
+    """Names of the per-element state tensors (Adam's moments) of a torch optimizer over flat
+    partitions; ``[]`` before its first step."""
+    for st in base_optimizer.state.values():
+        ks = [k for k, v in st.items() if torch.is_tensor(v) and v.ndim > 0]
+        if ks:
+            return ks
+    return []
 
 
 def checkpoint_param_groups(checkpoint_path: str) -> Optional[list]:
@@ -248,8 +265,9 @@ def find_engine_of(trainer, zero):
     for cand in (getattr(trainer, "model_wrapped", None), getattr(trainer, "deepspeed", None)):
         if isinstance(cand, DeepSpeedEngine) and cand.optimizer is zero:
             return cand
-    acc = getattr(trainer, "accelerator", None)
-    for cand in getattr(acc, "_models", []) or []:
+    from .accelerate_internals import prepared_models
+
+    for cand in prepared_models(getattr(trainer, "accelerator", None)):
         if isinstance(cand, DeepSpeedEngine) and cand.optimizer is zero:
             return cand
     for obj in gc.get_objects():

@@ -47,10 +47,6 @@ def find_trainer(wanted: Callable[[object], bool], depth: int = 60) -> Tuple[Opt
     return trainer, resume
 
 
-def holds_callback(trainer, callback_type: type) -> bool:
-    return any(isinstance(cb, callback_type) for cb in getattr(trainer.callback_handler, "callbacks", []))
-
-
 def wrap_deepspeed_load_checkpoint(before_load: Callable[[object, str], None]) -> bool:
     """Wrap ``transformers.trainer.deepspeed_load_checkpoint`` (once per process) so that
     ``before_load(engine, checkpoint_path)`` runs first.  Returns whether the hook is in place."""

@@ -3,8 +3,14 @@
 One backend per engine: :class:`~spectrum_callback.backends.torch_backend.TorchBackend`
 (plain torch optimizers, one process or DDP) and
 :class:`~spectrum_callback.backends.deepspeed.DeepSpeedBackend` (ZeRO-1/2/3).  A new engine
-(for example FSDP2, whose parameters are sharded DTensors) plugs in by subclassing
-:class:`OptimizerBackend` and adding a branch to :func:`~spectrum_callback.backends.make_backend`.
+plugs in by subclassing :class:`OptimizerBackend` and adding a branch to
+:func:`~spectrum_callback.backends.make_backend`.  With FSDP2 in mind, for example:
+
+* ``gather`` would call ``DTensor.full_tensor()`` on the weights (collective);
+* ``switch`` would edit a torch optimizer over DTensors in place (it skips ``grad is
+  None``; a leaver's state is deleted), as the torch backend does;
+* ``state_numel`` would count this rank's local shards;
+* the analyzer and the callback stay as they are.
 
 The callback drives a backend in this order, always between optimizer steps:
 
@@ -36,12 +42,11 @@ class SwitchResult:
     """What a switch did.
 
     Attributes:
-        rebuilt: the engine's optimizer was replaced (DeepSpeed) rather than edited in place.
-        moved: ``id()`` of the parameters whose storage moved with unchanged values; the
-            analyzer re-keys its cached SNRs of those matrices.
+        moved: ``id()`` of the parameters whose storage moved with unchanged values (an
+            engine re-flattened its buffers); the analyzer re-keys its cached SNRs of those
+            matrices.  Empty when the optimizer was edited in place.
     """
 
-    rebuilt: bool = False
     moved: Set[int] = field(default_factory=set)
 
 
@@ -66,36 +71,67 @@ class OptimizerBackend(abc.ABC):
     def gather(self, modules: Sequence[nn.Module]) -> ContextManager:
         """A context in which the weights of ``modules`` are whole on this rank.
 
-        Called by the analyzer around each chunk of a scan, in the same order on every rank.
-        The default does nothing (the weights are whole already).
+        Called by the analyzer around each chunk of a scan, in the same order on every rank
+        (a sharded engine's gather is collective).  The default does nothing: the weights
+        are whole already.
+
+        Args:
+            modules: the candidate modules of one chunk (their ``weight`` is read).
+
+        Returns:
+            A context manager; the weights are whole inside it.
         """
         return contextlib.nullcontext()
 
     @abc.abstractmethod
     def prepare(self, candidates: Dict[str, List[nn.Parameter]], dynamic: bool) -> None:
-        """Get ready to train any of ``candidates`` (module name -> its parameters).
+        """Get ready to train any of ``candidates``.
 
         Called once, before the first selection.  In dynamic mode every candidate may join
-        later, so the engine must be able to train each (e.g. the torch backend adds
-        candidates the optimizer was built without to a param group).  Static mode may
-        refuse candidates that could never train.
+        later, so the engine must be able to train each (the torch backend adds candidates
+        the optimizer was built without to a param group).  Static mode may refuse
+        candidates that could never train.
+
+        Args:
+            candidates: module name -> that module's parameters, for every candidate.
+            dynamic: whether the selection will change during training.
+
+        Raises:
+            ValueError: a candidate can never be trained by this engine.
         """
 
     @abc.abstractmethod
     def switch(self, leaving: Sequence[nn.Parameter], joining: Sequence[nn.Parameter]) -> SwitchResult:
         """Make the optimizer follow the new trainable set.
 
-        ``requires_grad`` is already set on every parameter.  Afterwards: ``leaving`` have no
-        optimizer state and no gradient, and no optimizer step can change a bit of them;
-        ``joining`` start with fresh state; parameters that stay keep their state exactly.
-        Called between optimizer steps only, on every rank with the same arguments.
+        Called between optimizer steps only, on every rank with the same arguments, after
+        ``requires_grad`` was set on every parameter for the new selection.
+
+        Args:
+            leaving: parameters that stop training.  Afterwards they have no optimizer state
+                and no gradient, and no optimizer step can change a bit of them.
+            joining: parameters that start training; they get fresh state.  Parameters in
+                neither list that train keep their state exactly.
+
+        Returns:
+            What moved (see :class:`SwitchResult`).
         """
 
     @abc.abstractmethod
     def state_numel(self) -> int:
-        """Elements of optimizer state on this rank (moments, and master copies where the
-        engine keeps them)."""
+        """Elements of optimizer state on this rank.
+
+        Returns:
+            The moments' elements, plus the master copies where the engine keeps them.
+        """
 
     def sync_selection(self, obj):
-        """``obj`` (the selection and its SNRs) as rank 0 has it, on every rank."""
+        """Make every rank select alike.
+
+        Args:
+            obj: the selection and its SNRs, as this rank computed them.
+
+        Returns:
+            Rank 0's ``obj``, on every rank (collective).
+        """
         return _dist.broadcast_from_main(obj)

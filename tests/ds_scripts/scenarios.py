@@ -262,7 +262,7 @@ def run(name, out, reference=False):
         backend_stage=_current_zero_stage(spectrum),
     )
     gc.collect()
-    current = spectrum.backend.zero
+    current = getattr(spectrum.backend, "zero", None)  # None for the plain-PyTorch reference
     result["live_old_optimizers"] = sum(1 for r in rec.refs[:-1] if r() is not None and r() is not current)
     weights = full_state(model)
     if rank() == 0:

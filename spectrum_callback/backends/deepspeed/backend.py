@@ -80,31 +80,39 @@ class DeepSpeedBackend(OptimizerBackend):
 
     def __init__(self, optimizer, model: nn.Module, trainer=None, lr_scheduler=None):
         super().__init__(optimizer, model, trainer, lr_scheduler)
-        ds.check_deepspeed_version()
-        if optimizer is None:
-            raise ValueError("SpectrumCallback got no optimizer at on_train_begin under DeepSpeed")
         self.wrapper = optimizer
-        self.zero = unwrap_optimizer(optimizer)
-        self.stage = ds.stage(self.zero)
+        self.zero = unwrap_optimizer(optimizer) if optimizer is not None else None
+        self.stage = ds.stage(self.zero) if optimizer is not None else 0
         self.engine = ds.find_engine_of(trainer, self.zero) if self.stage else None
         self._refuse_unsupported()
-        base = self.zero.optimizer
+        base = ds.torch_optimizer(self.zero)
         self.base_cls = type(base)
         self.base_defaults = dict(base.defaults)
-        # Class of a parameter = index of the torch param group it was in when the engine was
-        # built; the lr scheduler's per-group lists are indexed the same way.
-        self.classes = [_hp_of(g) for g in base.param_groups]
-        self._group_class: List[int] = list(range(len(self.classes)))
-        self.class_of: Dict[int, int] = {}
-        for params, gi, _ in ds.param_groups(self.zero):
-            for p in params:
-                self.class_of[id(p)] = gi
         self.sched = None
         self.sched_base: Optional[Tuple[list, list]] = None
         self.rebuilds = 0
+        # Class of a parameter = index of the torch param group it was in when the engine was
+        # built; the lr scheduler's per-group lists are indexed the same way.
+        layouts = [g.get(LAYOUT_KEY) for g in base.param_groups]
+        if layouts and all(isinstance(x, dict) for x in layouts):
+            # An optimizer this backend already laid out (a resume, or DeepSpeed loading the best
+            # checkpoint at train end): its groups are (class, step) cohorts, not classes.
+            self.classes = [dict(c) for c in layouts[0]["classes"]]
+            self._group_class = [int(x["class"]) for x in layouts]
+            self.rebuilds = 1
+        else:
+            self.classes = [_hp_of(g) for g in base.param_groups]
+            self._group_class = list(range(len(self.classes)))
+        self.class_of: Dict[int, int] = {}
+        for params, gi, _ in ds.param_groups(self.zero):
+            for p in params:
+                self.class_of[id(p)] = self._group_class[gi]
 
     def _refuse_unsupported(self) -> None:
         """Every configuration this backend does not support, refused in one place."""
+        ds.check_deepspeed_version()
+        if self.wrapper is None:
+            raise ValueError("SpectrumCallback got no optimizer at on_train_begin under DeepSpeed")
         if self.stage == 0:
             raise ValueError(
                 f"unsupported DeepSpeed optimizer {type(self.zero).__name__}: SpectrumCallback supports ZeRO stages "
@@ -136,7 +144,7 @@ class DeepSpeedBackend(OptimizerBackend):
                 "zero_optimization.offload_optimizer is not supported by SpectrumCallback's DeepSpeed backend "
                 "(untested); remove offload_optimizer from the DeepSpeed config"
             )
-        base = self.zero.optimizer
+        base = ds.torch_optimizer(self.zero)
         if not isinstance(base, (torch.optim.Adam, torch.optim.AdamW)):
             raise ValueError(
                 f"SpectrumCallback under DeepSpeed supports torch Adam/AdamW (the Trainer's default adamw_torch); "
@@ -176,7 +184,7 @@ class DeepSpeedBackend(OptimizerBackend):
             )
             return
         self.sched = sched
-        groups = self.zero.optimizer.param_groups
+        groups = ds.torch_optimizer(self.zero).param_groups
         base = list(sched.base_lrs)
         lambdas = list(getattr(sched, "lr_lambdas", []) or [])
         if len(base) != len(groups):
@@ -224,8 +232,8 @@ class DeepSpeedBackend(OptimizerBackend):
         """
         old_zero = self.zero
         old_groups = ds.param_groups(old_zero)
-        class_lr = self._class_lrs(old_zero.optimizer)  # the lr the scheduler set for the coming step
-        keys = self._state_keys(old_zero.optimizer)
+        class_lr = self._class_lrs(ds.torch_optimizer(old_zero))  # the lr the scheduler set for the coming step
+        keys = ds.moment_keys(ds.torch_optimizer(old_zero))
         kept = self._read_stayers(old_groups, new_params, force_fresh, keys)
         moved = {id(p) for ps, _, _ in old_groups for p in ps} | {id(p) for p in new_params}
         self._retire(old_zero, old_groups, {id(p) for p in new_params})
@@ -238,14 +246,14 @@ class DeepSpeedBackend(OptimizerBackend):
         del old_zero
         gc.collect()
         self.rebuilds += 1
-        return SwitchResult(rebuilt=True, moved=moved)
+        return SwitchResult(moved=moved)
 
     def _read_stayers(self, old_groups, new_params, force_fresh, keys) -> Dict[int, Kept]:
         """Step 1: step count, fp32 master and moments of the parameters that stay, copied to
         the host (``safe_get_full_*``: collective, the same order on every rank)."""
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-        base = self.zero.optimizer
+        base = ds.torch_optimizer(self.zero)
         where = {id(p): flat for ps, _, flat in old_groups for p in ps}
         if keys:
             # (Re)map fragments to the current state tensors: a checkpoint load replaces them.
@@ -272,7 +280,7 @@ class DeepSpeedBackend(OptimizerBackend):
         leavers = [p for ps, _, _ in old_groups for p in ps if id(p) not in new_ids]
         ds.release_storage(old_zero, leavers)
         ds.destroy(old_zero)
-        old_zero.optimizer.state.clear()
+        ds.clear_flat_states(ds.torch_optimizer(old_zero))
 
     def _cohorts(self, new_params, kept, layout):
         """Step 3a: one group per (class, Adam step) cohort, in model order (or ``layout``)."""
@@ -370,17 +378,9 @@ class DeepSpeedBackend(OptimizerBackend):
         if lambdas:
             self.sched.lr_lambdas = [lambdas[c] for c in group_class]
         set_scheduler_last_lr(self.sched, [class_lr[c] for c in group_class])
-        for g, c in zip(self.zero.optimizer.param_groups, group_class):
+        for g, c in zip(ds.torch_optimizer(self.zero).param_groups, group_class):
             g["initial_lr"] = base[c]
             g["lr"] = class_lr[c]
-
-    @staticmethod
-    def _state_keys(base) -> List[str]:
-        for st in base.state.values():
-            ks = [k for k, v in st.items() if torch.is_tensor(v) and v.ndim > 0]
-            if ks:
-                return ks
-        return []
 
     @staticmethod
     def _default_keys(group) -> List[str]:
@@ -392,7 +392,7 @@ class DeepSpeedBackend(OptimizerBackend):
     # ------------------------------------------------------------------ accounting
     def state_numel(self) -> int:
         total = 0
-        base = self.zero.optimizer
+        base = ds.torch_optimizer(self.zero)
         for _, _, flat in ds.param_groups(self.zero):
             total += flat.numel()
             for v in ds.flat_state(base, flat).values():

@@ -17,10 +17,10 @@ event; DeepSpeed's flat optimizer checkpoint would not fit that layout.  So:
 from __future__ import annotations
 
 import os
-import weakref
 from typing import Optional
 
 from ..._dist import is_main
+from ...config import STATE_FILE
 from ..._fence import deepspeed_internals as ds
 from ..._fence.transformers_internals import find_trainer, wrap_deepspeed_load_checkpoint
 from ..._logging import get_logger
@@ -29,10 +29,9 @@ from .backend import LAYOUT_KEY, DeepSpeedBackend
 
 logger = get_logger(__name__)
 
-STATE_FILE = "spectrum_state.json"  # the callback's checkpoint file (spectrum_callback.callback)
-
-# engine -> the backend that laid its optimizer out for a resume, until the callback takes it
-_PREPARED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# Attribute of the DeepSpeed engine holding the backend that laid its optimizer out for a
+# resume, until the callback takes it (it goes with the engine if no callback does).
+_PREPARED = "_spectrum_prepared_backend"
 
 
 def install_resume_hook() -> bool:
@@ -82,7 +81,7 @@ def lay_out_as_saved(trainer, engine, checkpoint_path: str) -> Optional[DeepSpee
     spec = [(int(x["class"]), int(x["step"]), [by_name[n] for n in x["params"]]) for x in layout]
     new_params = [p for _, _, ps in spec for p in ps]
     backend.rebuild(new_params, force_fresh={id(p) for p in new_params}, layout=spec)
-    _PREPARED[engine] = backend
+    engine.__dict__[_PREPARED] = backend
     if is_main():
         logger.info("Spectrum/DeepSpeed: optimizer laid out as saved in %s (%d groups) before loading it",
                     checkpoint_path, len(spec))
@@ -92,11 +91,11 @@ def lay_out_as_saved(trainer, engine, checkpoint_path: str) -> Optional[DeepSpee
 def backend_for(optimizer, model, trainer=None, lr_scheduler=None) -> DeepSpeedBackend:
     """The backend a resume laid out for this optimizer's engine, or a new one."""
     zero = unwrap_optimizer(optimizer)
-    for engine, backend in list(_PREPARED.items()):
-        if backend.zero is zero:
-            del _PREPARED[engine]
-            backend.wrapper = optimizer
-            backend.trainer = trainer if trainer is not None else backend.trainer
-            backend.lr_scheduler = lr_scheduler if lr_scheduler is not None else backend.lr_scheduler
-            return backend
+    engine = ds.find_engine_of(trainer, zero) if ds.stage(zero) else None
+    backend = engine.__dict__.pop(_PREPARED, None) if engine is not None else None
+    if backend is not None and backend.zero is zero:
+        backend.wrapper = optimizer
+        backend.trainer = trainer if trainer is not None else backend.trainer
+        backend.lr_scheduler = lr_scheduler if lr_scheduler is not None else backend.lr_scheduler
+        return backend
     return DeepSpeedBackend(optimizer, model, trainer, lr_scheduler)
