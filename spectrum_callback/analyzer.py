@@ -18,6 +18,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .fast_snr import snr_batched
 from .snr import as_matrix
@@ -29,7 +30,8 @@ from .config import check_chunk_mb, check_dtype, check_method, compile_patterns
 
 logger = get_logger(__name__)
 
-__all__ = ["SpectrumAnalyzer", "module_type", "find_candidates", "check_model_supported", "sharding_engine"]
+__all__ = ["SpectrumAnalyzer", "Candidate", "module_type", "find_candidates", "candidate_types", "task_head_params",
+           "check_model_supported", "sharding_engine"]
 
 
 def module_type(name: str) -> Optional[str]:
@@ -125,38 +127,123 @@ def check_model_supported(model: nn.Module) -> None:
         )
 
 
+class Candidate:
+    """One unit of selection: what trains or freezes as a whole.
+
+    * ``"matrix"``: a module's 2-D ``weight`` (``nn.Linear``, ``Conv1D``, MoE routers, ...);
+      its parameters are the module's own (weight and bias);
+    * ``"parametrized"``: a module whose ``weight`` is computed by
+      ``torch.nn.utils.parametrize`` (``weight_norm``, ``orthogonal``, ...): the effective
+      weight is scanned, the parametrization's original tensors train;
+    * ``"fused"``: a 3-D parameter ``[E, n, m]`` holding the E experts of an MoE layer
+      (transformers 5 ``mlp.experts.gate_up_proj`` / ``down_proj``); ``requires_grad``
+      toggles the whole tensor, so the bank is one unit, and its SNR is the mean of the E
+      per-expert SNRs (each also reported).
+    """
+
+    __slots__ = ("name", "module", "attr", "kind")
+
+    def __init__(self, name: str, module: nn.Module, attr: str, kind: str):
+        self.name, self.module, self.attr, self.kind = name, module, attr, kind
+
+    @property
+    def params(self) -> List[nn.Parameter]:
+        """The parameters that train when this unit is selected (read from the module each
+        time: a parameter replaced on the module is followed)."""
+        own = dict(self.module.named_parameters(recurse=False))
+        if self.kind == "parametrized":
+            return list(self.module.parametrizations[self.attr].parameters(recurse=False)) + list(own.values())
+        if self.kind == "fused":
+            return [own[self.attr]] + ([own[self.attr + "_bias"]] if self.attr + "_bias" in own else [])
+        return list(own.values())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The (effective) weight: a parameter, or the parametrization's output."""
+        return getattr(self.module, self.attr)
+
+    @property
+    def experts(self) -> Optional[int]:
+        return full_shape(self.weight)[0] if self.kind == "fused" else None
+
+    @property
+    def matrix_shape(self) -> tuple:
+        """Shape of one matrix of this unit (an expert's for a fused bank)."""
+        shape = full_shape(self.weight)
+        return tuple(shape[1:]) if self.kind == "fused" else (tuple(shape) if len(shape) == 2 else (1, shape[0]))
+
+    def matrices(self) -> int:
+        return self.experts or 1
+
+    def __repr__(self):
+        return f"Candidate({self.name!r}, {self.kind})"
+
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def _matrix_unit(name: str, mod: nn.Module) -> Optional[Candidate]:
+    """The module's 2-D weight as a candidate (``None`` if it has none)."""
+    if isinstance(mod, nn.Embedding):
+        return None
+    if parametrize.is_parametrized(mod, "weight"):
+        if mod.weight.ndim != 2 or not list(mod.parametrizations["weight"].parameters(recurse=False)):
+            return None
+        return Candidate(name, mod, "weight", "parametrized")
+    w = dict(mod.named_parameters(recurse=False)).get("weight")
+    if w is None or full_ndim(w) != 2:
+        return None
+    return Candidate(name, mod, "weight", "matrix")
+
+
+def _fused_units(model: nn.Module) -> "OrderedDict[str, Candidate]":
+    """3-D parameters inside numbered layers (fused MoE expert banks), with their bias."""
+    out: "OrderedDict[str, Candidate]" = OrderedDict()
+    for pname, p in model.named_parameters():
+        if full_ndim(p) != 3 or module_type(pname) is None or "." not in pname:
+            continue
+        owner_name, attr = pname.rsplit(".", 1)
+        owner = model.get_submodule(owner_name)
+        if isinstance(owner, _CONV):
+            continue
+        out[pname] = Candidate(pname, owner, attr, "fused")
+    return out
+
+
 def find_candidates(
     model: nn.Module,
     include: Optional[Sequence[str]] = None,
     exclude: Optional[Sequence[str]] = None,
-) -> "OrderedDict[str, nn.Module]":
-    """Candidate modules, in model order.
+) -> "OrderedDict[str, Candidate]":
+    """Candidate units, in model order (see :class:`Candidate`).
 
-    Default: every ``nn.Linear`` / ``Conv1D`` with a 2-D weight inside the repeated
-    blocks (its name has a layer index).  ``include``: regexes (``re.search`` on the
-    module name); any module with a 2-D ``weight`` that matches one becomes a
-    candidate.  ``exclude``: regexes removed afterwards.
+    Default: every module with a 2-D weight inside the repeated blocks (its name has a
+    layer index) except embeddings (linear layers, ``Conv1D``, MoE routers), plus every
+    fused 3-D expert bank there.  ``include``: regexes (``re.search`` on the module name,
+    or on the parameter name of a fused bank); a 2-D weight or fused bank that matches one
+    becomes a candidate.  ``exclude``: regexes removed afterwards.
     """
     inc = compile_patterns(include, "include")
     exc = compile_patterns(exclude, "exclude")
-    linear = _linear_types()
-    out: "OrderedDict[str, nn.Module]" = OrderedDict()
-    seen = set()
-    all_names = [n for n, _ in model.named_modules()]
+    all_names = [n for n, _ in model.named_modules()] + [n for n, _ in model.named_parameters()]
     for p in inc:
         if not any(p.search(n) for n in all_names):
             raise ValueError(
                 f"include pattern {p.pattern!r} matches no module of the model "
-                f"(module names look like {all_names[-1]!r}); fix or drop it"
+                f"(module names look like {all_names[len(all_names) // 2]!r}); fix or drop it"
             )
+    units: "OrderedDict[str, Candidate]" = OrderedDict()
+    seen = set()
     for name, mod in model.named_modules():
-        w = getattr(mod, "weight", None)
-        if not isinstance(w, torch.Tensor) or id(w) in seen:
+        unit = _matrix_unit(name, mod)
+        if unit is None or id(unit.params[0]) in seen:
             continue
-        if inc:
-            ok = any(p.search(name) for p in inc) and full_ndim(w) == 2
-        else:
-            ok = isinstance(mod, linear) and full_ndim(w) == 2 and module_type(name) is not None
+        seen.add(id(unit.params[0]))
+        units[name] = unit
+    fused = _fused_units(model)
+    out: "OrderedDict[str, Candidate]" = OrderedDict()
+    for name, unit in list(units.items()) + list(fused.items()):
+        ok = any(p.search(name) for p in inc) if inc else module_type(name) is not None
         if ok and exc and any(p.search(name) for p in exc):
             ok = False
         if ok:
@@ -165,17 +252,55 @@ def find_candidates(
                     f"include pattern matched {name!r}, which has no layer index to group it by; "
                     "Spectrum compares matrices of one type across layers: narrow the pattern to the repeated blocks"
                 )
-            out[name] = mod
-            seen.add(id(w))
-    return out
+            out[name] = unit
+    # model order: a fused bank sits where its owner module does
+    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    return OrderedDict(sorted(out.items(), key=lambda kv: (order.get(kv[1].name if kv[1].kind != "fused"
+                                                                      else kv[0].rsplit(".", 1)[0], 0),
+                                                            kv[0])))
 
 
-def _fused_expert_params(model: nn.Module) -> List[str]:
-    names = []
-    for name, p in model.named_parameters():
-        if p.ndim == 3 and module_type(name) is not None and "expert" in name:
-            names.append(name)
-    return names
+def task_head_params(model: nn.Module) -> List[str]:
+    """Names of the parameters of task heads the base model does not contain.
+
+    For a transformers ``*For...`` model: everything outside its base model
+    (``model.base_model_prefix``) except the output embeddings (a causal or masked LM's
+    head), e.g. ``classifier``, ``score``, ``qa_outputs``; with such a head, also the base
+    model's ``pooler``.  The same parts PEFT keeps trainable (``modules_to_save``) for
+    classification tasks.  Empty for a plain or language-model head model.
+    """
+    prefix = getattr(model, "base_model_prefix", None)
+    base = getattr(model, prefix, None) if isinstance(prefix, str) and prefix else None
+    if not isinstance(base, nn.Module) or base is model:
+        return []
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    skip = {id(p) for p in out_emb.parameters()} if isinstance(out_emb, nn.Module) else set()
+    in_base = {id(p) for p in base.parameters()}
+    heads = [n for n, p in model.named_parameters() if id(p) not in in_base and id(p) not in skip]
+    if heads:
+        heads += [n for n, p in model.named_parameters() if id(p) in in_base and ".pooler." in f".{n}"]
+    return heads
+
+
+def stack_of(name: str) -> str:
+    """The stack of numbered layers a name sits in: the path before its layer index
+    (``model.layers``, ``encoder.block``, ``model.vision_tower.vision_model.encoder.layers``)."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[:i])
+    return ""
+
+
+def candidate_types(names: Sequence[str]) -> Dict[str, str]:
+    """Type of each candidate: the name after the layer index (the original tool's rule).
+    A model with more than one stack of numbered layers (vision and language, encoder and
+    decoder) prefixes each type with its stack, ``<stack>:<type>``, so that stacks never share
+    a top-k budget; single-stack models keep the original's type names exactly."""
+    stacks = {stack_of(n) for n in names}
+    if len(stacks) <= 1:
+        return {n: module_type(n) for n in names}  # type: ignore[misc]
+    return {n: f"{stack_of(n)}:{module_type(n)}" for n in names}
 
 
 class SpectrumAnalyzer:
@@ -238,30 +363,24 @@ class SpectrumAnalyzer:
         if cpu_threads is not None and (not isinstance(cpu_threads, int) or cpu_threads < 1):
             raise ValueError(f"cpu_threads={cpu_threads!r} must be None (automatic) or an integer >= 1")
         self.cpu_threads = cpu_threads
-        self.modules = find_candidates(model, include, exclude)
+        # name -> Candidate (duck-types a module: .weight); the units of selection
+        self.modules: "OrderedDict[str, Candidate]" = find_candidates(model, include, exclude)
         if not self.modules:
-            fused = _fused_expert_params(model)
-            hint = ""
-            if fused:
-                hint = (
-                    f" The model stores its MoE experts as fused 3-D tensors (e.g. {fused[0]}): "
-                    "Spectrum selects 2-D matrices and does not split fused experts; pass include=[...] "
-                    "for the attention projections, or load a checkpoint with per-expert Linear modules."
-                )
             raise ValueError(
-                "no candidate weight matrices found: the model has no nn.Linear/Conv1D with a 2-D weight "
-                "inside numbered layers (or include/exclude filtered them all out). Pass include=[regex, ...] "
-                "naming the modules to scan." + hint
+                "no candidate weight matrices found: the model has no 2-D weight (nn.Linear, Conv1D, ...) or fused "
+                "3-D expert bank inside numbered layers (or include/exclude filtered them all out). Pass "
+                "include=[regex, ...] naming the modules to scan."
             )
-        fused = _fused_expert_params(model)
-        if fused:
+        left_out = [n for n in _fused_units(model) if n not in self.modules]
+        if left_out:
             warnings.warn(
-                f"{len(fused)} fused 3-D MoE expert tensors (e.g. {fused[0]}) are not scanned and stay frozen: "
-                "Spectrum's unit of selection is a 2-D matrix",
+                f"{len(left_out)} fused 3-D MoE expert banks (e.g. {left_out[0]}) are not candidates (include/exclude) "
+                "and stay frozen",
                 UserWarning,
                 stacklevel=2,
             )
-        self.types: Dict[str, str] = {n: module_type(n) for n in self.modules}  # type: ignore[misc]
+        self.types: Dict[str, str] = candidate_types(list(self.modules))
+        self.expert_snr: Dict[str, List[float]] = {}  # fused banks: the per-expert SNRs of the last scan
         self._cache: Dict[str, tuple] = {}
         self._dirty: set = set()
         # Context factory that makes a module's weight whole on this rank (DeepSpeed ZeRO-3 sets it).
@@ -275,9 +394,18 @@ class SpectrumAnalyzer:
     def names(self) -> List[str]:
         return list(self.modules)
 
+    def drop(self, names: Iterable[str]) -> None:
+        """Leave these candidates out (never scanned, never selected)."""
+        for n in list(names):
+            self.modules.pop(n, None)
+            self.types.pop(n, None)
+            self._cache.pop(n, None)
+            self._dirty.discard(n)
+
     def params_of(self, name: str) -> List[nn.Parameter]:
-        """The direct parameters (weight and bias) of a candidate module."""
-        return list(self.modules[name].parameters(recurse=False))
+        """The parameters that train when candidate ``name`` is selected (its weight, or the
+        parametrization's originals, and its bias)."""
+        return list(self.modules[name].params)
 
     def _resolve(self, w: torch.Tensor):
         dev = self.device or w.device
@@ -295,9 +423,10 @@ class SpectrumAnalyzer:
             dtype = torch.float64 if method == "gram" else torch.float32
         return dev, method, dtype
 
-    def _key(self, w: torch.Tensor):
-        t = local_tensor(w)
-        return (t.data_ptr(), tuple(t.shape), t.dtype)
+    @staticmethod
+    def _key(unit: Candidate):
+        # storage, shape and dtype of what this rank holds of each parameter of the unit
+        return tuple((t.data_ptr(), tuple(t.shape), t.dtype) for t in map(local_tensor, unit.params))
 
     # ------------------------------------------------------------------ scan
     def scan(self, names: Optional[Sequence[str]] = None) -> "OrderedDict[str, dict]":
@@ -327,21 +456,24 @@ class SpectrumAnalyzer:
             union = set().union(*[set(x or []) for x in lists])
             todo = [n for n in names if n in union]
         mine = _split_by_cost(todo, {n: self._cost(n) for n in todo}, world)[rank] if world > 1 else todo
-        results: Dict[str, float] = {}
+        results: Dict[str, tuple] = {}  # name -> (snr, per-expert SNRs or None)
         self._scan_local(todo, set(mine), results)
         if world > 1:
-            gathered: List[Optional[Dict[str, float]]] = [None] * world
+            gathered: List[Optional[Dict[str, tuple]]] = [None] * world
             torch.distributed.all_gather_object(gathered, results)
             results = {}
             for part in gathered:
                 results.update(part or {})
         for n in todo:
-            w = self.modules[n].weight
-            self._cache[n] = (self._key(w), results[n])
+            self._cache[n] = (self._key(self.modules[n]), results[n][0])
+            if results[n][1] is not None:
+                self.expert_snr[n] = results[n][1]
             self._dirty.discard(n)
         out: "OrderedDict[str, dict]" = OrderedDict()
         for n in names:
             out[n] = {"snr": float(self._cache[n][1]), "type": self.types[n]}
+            if n in self.expert_snr:
+                out[n]["experts"] = list(self.expert_snr[n])
         self.last_scan_stats = {
             "scan_seconds": time.perf_counter() - t0,
             "scanned": float(len(todo)),
@@ -364,12 +496,12 @@ class SpectrumAnalyzer:
         dirty stay dirty."""
         for n in names:
             if n in self._cache and n not in self._dirty:
-                self._cache[n] = (self._key(self.modules[n].weight), self._cache[n][1])
+                self._cache[n] = (self._key(self.modules[n]), self._cache[n][1])
 
     def _is_cached(self, name: str) -> bool:
         if not self.skip_unchanged or name not in self._cache or name in self._dirty:
             return False
-        return self._cache[name][0] == self._key(self.modules[name].weight)
+        return self._cache[name][0] == self._key(self.modules[name])
 
     def _solver_threads(self, names: Sequence[str]) -> int:
         if self.cpu_threads is not None:
@@ -379,24 +511,30 @@ class SpectrumAnalyzer:
         return idle_cpu_threads()
 
     def _cost(self, name: str) -> float:
-        shape = full_shape(self.modules[name].weight)
-        k, big = min(shape), max(shape)
-        return float(k) ** 3 + float(k) ** 2 * big
+        unit = self.modules[name]
+        k, big = min(unit.matrix_shape), max(unit.matrix_shape)
+        return (float(k) ** 3 + float(k) ** 2 * big) * unit.matrices()
 
-    def _scan_local(self, todo: List[str], mine: set, results: Dict[str, float]) -> None:
-        """Compute SNR for ``mine``; gather (collectively) every module in ``todo``.
+    def _scan_local(self, todo: List[str], mine: set, results: Dict[str, tuple]) -> None:
+        """Compute the SNR of ``mine``; gather (collectively) every unit in ``todo``.
 
-        Matrices are grouped by shape and batched in chunks bounded by ``chunk_bytes``.
-        All ranks walk ``todo`` in the same order so that collective gathers line up.
+        The work items are matrices: one per unit, E per fused expert bank.  They are grouped
+        by shape and batched in chunks bounded by ``chunk_bytes`` (so a fused bank is split
+        across chunks when it must be).  All ranks walk ``todo`` in the same order so that
+        collective gathers line up.
         """
         from tqdm.auto import tqdm
 
-        groups: "OrderedDict[tuple, List[str]]" = OrderedDict()
+        groups: "OrderedDict[tuple, List[tuple]]" = OrderedDict()  # matrix shape -> [(name, expert)]
         for n in todo:
-            groups.setdefault(tuple(full_shape(self.modules[n].weight)), []).append(n)
+            unit = self.modules[n]
+            for e in (range(unit.experts) if unit.kind == "fused" else [None]):
+                groups.setdefault(unit.matrix_shape, []).append((n, e))
         rank = _dist.rank()
         threads = self._solver_threads(todo) if any(
             (self.device or self.modules[n].weight.device).type == "cpu" for n in todo[:1]) else None
+        per_item: Dict[tuple, float] = {}
+        nonfinite: set = set()
         bar = tqdm(
             total=len(todo),
             desc="Spectrum SNR scan",
@@ -404,43 +542,57 @@ class SpectrumAnalyzer:
             disable=not self.progress or rank != 0 or not todo,
             leave=False,
         )
+        remaining = {n: self.modules[n].matrices() for n in todo}
         try:
-            for shape, members in groups.items():
-                w0 = self.modules[members[0]].weight
-                dev, method, dtype = self._resolve(w0)
-                item = torch.finfo(dtype).bits // 8
-                n, m = (shape[0], shape[1]) if len(shape) == 2 else (1, shape[0])
+            for shape, items in groups.items():
+                dev, method, dtype = self._resolve(self.modules[items[0][0]].weight)
+                item_bytes = torch.finfo(dtype).bits // 8
+                n, m = shape
                 k = min(n, m)
-                per = (n * m + k * k + k) * item * (2 if method in ("gram", "fast") else 3)
+                per = (n * m + k * k + k) * item_bytes * (2 if method in ("gram", "fast") else 3)
                 per_chunk = max(1, self.chunk_bytes // max(per, 1))
-                for i in range(0, len(members), per_chunk):
-                    chunk = members[i : i + per_chunk]
-                    mods = [self.modules[c] for c in chunk]
-                    with torch.no_grad(), self.gather(mods), _threads(threads):
-                        local = [c for c in chunk if c in mine]
+                for i in range(0, len(items), per_chunk):
+                    chunk = items[i : i + per_chunk]
+                    units = list(OrderedDict((c, self.modules[c]) for c, _ in chunk).values())
+                    with torch.no_grad(), self.gather(units), _threads(threads):
+                        local = [(c, e) for c, e in chunk if c in mine]
                         if local:
-                            mats = []
-                            finite = []
-                            for c in local:
-                                w = as_matrix(self.modules[c].weight).to(dev)
+                            mats, finite = [], []
+                            for c, e in local:
+                                w = self.modules[c].weight
+                                w = (w[e] if e is not None else as_matrix(w)).to(dev)
                                 ok = bool(torch.isfinite(w).all())
                                 finite.append(ok)
                                 mats.append(w.to(dtype) if ok else torch.zeros(w.shape, dtype=dtype, device=dev))
                             snrs = snr_batched(torch.stack(mats), method=method, dtype=dtype)
-                            for c, ok, v in zip(local, finite, snrs.tolist()):
+                            for (c, e), ok, v in zip(local, finite, snrs.tolist()):
+                                per_item[(c, e)] = v if ok else math.nan
                                 if not ok:
-                                    warnings.warn(
-                                        f"weight of {c} contains NaN or Inf values: its SNR is NaN and it will "
-                                        "never be selected; check the checkpoint or the training run that produced it",
-                                        RuntimeWarning,
-                                        stacklevel=3,
-                                    )
-                                    v = math.nan
-                                results[c] = v
+                                    nonfinite.add(c)
                             del mats
-                    bar.update(len(chunk))
+                    for c, _ in chunk:
+                        remaining[c] -= 1
+                        if remaining[c] == 0:
+                            bar.update(1)
         finally:
             bar.close()
+        for c in todo:
+            if c not in mine:
+                continue
+            unit = self.modules[c]
+            if unit.kind == "fused":
+                experts = [per_item[(c, e)] for e in range(unit.experts)]
+                value = math.nan if any(math.isnan(x) for x in experts) else sum(experts) / len(experts)
+            else:
+                experts, value = None, per_item[(c, None)]
+            if c in nonfinite:
+                warnings.warn(
+                    f"weight of {c} contains NaN or Inf values: its SNR is NaN and it will never be selected; "
+                    "check the checkpoint or the training run that produced it",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            results[c] = (value, experts)
 
 
 # Below this many solver "flops" (k^3 + k^2 * max side, summed), a CPU scan runs on one

@@ -12,11 +12,11 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from . import _dist
+from . import _dist, _frozen
 from ._fence import check_versions
 from ._fence.deepspeed_internals import full_numel
 from ._fence.transformers_internals import find_trainer
-from .analyzer import SHARDED_HELP, SpectrumAnalyzer
+from .analyzer import SHARDED_HELP, SpectrumAnalyzer, task_head_params
 from .backends import make_backend
 from .config import STATE_FILE, SpectrumConfig, compile_patterns
 from .selection import load_snr_json, parse_snr_mapping, select_top
@@ -35,6 +35,7 @@ def apply_selection(
     analyzer: SpectrumAnalyzer,
     selected: Sequence[str],
     always_train: Sequence[str] = (),
+    train_names: Sequence[str] = (),
 ) -> List[nn.Parameter]:
     """Set ``requires_grad``: the selected modules' parameters and ``always_train`` matches
     train, everything else freezes (and loses its gradient).
@@ -44,14 +45,16 @@ def apply_selection(
         analyzer: the analyzer that knows each candidate's parameters.
         selected: module names to train.
         always_train: regexes of parameter names that train regardless.
+        train_names: parameter names that train regardless (the task heads).
 
     Returns:
         The trainable parameters, each once.
     """
     always = compile_patterns(always_train, "always_train")
+    named = set(train_names)
     keep = {id(p) for n in selected for p in analyzer.params_of(n)}
     for name, p in model.named_parameters(remove_duplicate=False):
-        if any(r.search(name) for r in always):
+        if name in named or any(r.search(name) for r in always):
             keep.add(id(p))
     trainable = []
     seen = set()
@@ -63,8 +66,10 @@ def apply_selection(
         p.requires_grad_(on)
         if on:
             trainable.append(p)
+            _frozen.unmark([p])
         else:
             p.grad = None
+            _frozen.mark([p])  # frozen by Spectrum, not by the user
     return trainable
 
 
@@ -168,6 +173,17 @@ class SpectrumCallback(TrainerCallback):
             run with more than one scan the selection over time (``spectrum_selection.png``).
         verbose: log a one-line summary at every scan (INFO, through the package's logger,
             whose level follows ``TrainingArguments.log_level``).
+        train_heads: train the task heads a ``*For...`` model adds to its base model
+            (``classifier``, ``score``, ``qa_outputs``, ...) and the base model's pooler, as
+            PEFT does for classification (they start untrained); ``False`` keeps them frozen,
+            with a warning.  Causal LMs' ``lm_head`` and embeddings are no task heads: they
+            train only through ``always_train``.
+
+    Models: fused MoE expert banks (``[E, n, m]`` parameters) are units of selection with
+    the mean of their per-expert SNRs; a model with several stacks of numbered layers
+    (vision and language, encoder and decoder) selects per stack (types ``<stack>:<type>``);
+    parametrized layers are scanned by their effective weight and train their originals.
+    Parameters frozen before the Trainer are respected: never selected, said once.
 
     Attributes:
         selected: sorted names of the modules trainable now.
@@ -195,11 +211,13 @@ class SpectrumCallback(TrainerCallback):
         chunk_mb: float = 512,
         plot_dir: Optional[str] = None,
         verbose: bool = True,
+        train_heads: bool = True,
     ):
         self.config = SpectrumConfig(
             top_pct=top_pct, update_every=update_every, include=include, exclude=exclude,
             always_train=list(always_train or []), never_train=list(never_train or []), min_per_type=min_per_type,
             snr_json=snr_json, method=method, dtype=dtype, chunk_mb=chunk_mb, plot_dir=plot_dir, verbose=verbose,
+            train_heads=train_heads,
         )
         _install_deepspeed_resume_hook()
 
@@ -211,6 +229,7 @@ class SpectrumCallback(TrainerCallback):
         self.trainer = None
         self._pending_logs: Dict[str, float] = {}
         self._model: Optional[nn.Module] = None
+        self._heads: List[str] = []
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -244,6 +263,51 @@ class SpectrumCallback(TrainerCallback):
                     f"(candidates look like {self.analyzer.names[0]!r}); fix or drop it"
                 )
 
+    def _check_one_spectrum(self) -> None:
+        if self.trainer is None:
+            return
+        others = [cb for cb in self.trainer.callback_handler.callbacks if isinstance(cb, SpectrumCallback)]
+        if len(others) > 1:
+            raise ValueError(
+                f"the Trainer holds {len(others)} SpectrumCallbacks: they would overwrite each other's selection and "
+                "leave optimizer state on frozen weights. Keep one (trainer.remove_callback(...))"
+            )
+
+    def _leave_out_candidates(self, model: nn.Module, user_frozen) -> None:
+        """Candidates the user froze before the Trainer, and those ``always_train`` keeps
+        trainable anyway, are never scanned or selected."""
+        names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+        always = compile_patterns(self.config.always_train, "always_train")
+        frozen, kept = [], []
+        for cand in self.analyzer.names:
+            pnames = [names.get(id(p), "") for p in self.analyzer.params_of(cand)]
+            if pnames and all(n in user_frozen for n in pnames):
+                frozen.append(cand)
+            elif any(r.search(n) for n in pnames for r in always):
+                kept.append(cand)
+        if len(frozen) + len(kept) == len(self.analyzer.names):
+            raise ValueError(
+                "every candidate matrix is frozen by you or kept trainable by always_train: Spectrum has nothing "
+                "to select. Unfreeze the model before Trainer(...) (SpectrumCallback freezes at train begin)"
+            )
+        self.analyzer.drop(frozen + kept)
+        if frozen and _dist.is_main():
+            logger.warning(
+                "Spectrum: %d candidate matrices were frozen before the Trainer (e.g. %s); they stay frozen and are "
+                "never selected", len(frozen), frozen[0],
+            )
+
+    def _task_heads(self, model: nn.Module, user_frozen) -> List[str]:
+        heads = [n for n in task_head_params(model) if n not in user_frozen]
+        if heads and _dist.is_main():
+            if self.config.train_heads:
+                logger.warning("Spectrum: training the task head parameters the base model lacks: %s "
+                               "(train_heads=False keeps them frozen)", ", ".join(heads))
+            else:
+                logger.warning("Spectrum: train_heads=False: the task head %s stays frozen at its initial values",
+                               ", ".join(heads))
+        return heads if self.config.train_heads else []
+
     def _candidate_params(self) -> Dict[str, List[nn.Parameter]]:
         return {n: self.analyzer.params_of(n) for n in self.analyzer.names}
 
@@ -262,7 +326,12 @@ class SpectrumCallback(TrainerCallback):
             raise ValueError(
                 f"the Trainer runs FSDP (TrainingArguments.fsdp or an accelerate FSDP config): {SHARDED_HELP}"
             )
+        self._check_one_spectrum()
+        if self._model is not None and model is not self._model:
+            logger.warning("Spectrum: this callback was used with another model before; starting afresh for this one")
+            self.selected, self.history, self.last_scan_step = [], [], None
         self._model = model
+        user_frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if _frozen.frozen_by_user(p)}
         # Data flows one way: model -> analyzer -> selection -> callback -> backend -> optimizer.
         self.backend = make_backend(optimizer, model, self.trainer, kwargs.get("lr_scheduler"))
         self.analyzer = SpectrumAnalyzer(
@@ -270,6 +339,8 @@ class SpectrumCallback(TrainerCallback):
             dtype=self.config.torch_dtype, chunk_mb=self.config.chunk_mb,
             progress=not getattr(args, "disable_tqdm", False), gather=self.backend.gather,
         )
+        self._leave_out_candidates(model, user_frozen)
+        self._heads = self._task_heads(model, user_frozen)
         self._validate_patterns(model)
         self.backend.prepare(self._candidate_params(), dynamic=self.dynamic)
         self._gradient_checkpointing_inputs(model, args)
@@ -341,6 +412,15 @@ class SpectrumCallback(TrainerCallback):
 
     def _scan_and_apply(self, step: int) -> None:
         snr = self.analyzer.scan()
+        if self.history:
+            # A weight that trained into NaN/Inf: training diverged; stop instead of freezing it.
+            broken = [n for n in self.selected if n in snr and math.isnan(snr[n]["snr"])]
+            if broken:
+                raise RuntimeError(
+                    f"Spectrum: at step {step} the trainable matrices {', '.join(broken)} hold NaN/Inf values: "
+                    "training diverged. Resume from an earlier checkpoint with a lower learning rate (or gradient "
+                    "clipping)"
+                )
         self._apply(step, snr, source="scan")
 
     def _apply(self, step: int, snr, source: str) -> None:
@@ -376,7 +456,8 @@ class SpectrumCallback(TrainerCallback):
         On the first selection (a start or a resume) nothing outside it may keep state."""
         old, new = set(self.selected), set(selected)
         joining = [p for n in sorted(new - old) for p in self.analyzer.params_of(n)]
-        trainable = apply_selection(self._model, self.analyzer, selected, self.config.always_train)
+        trainable = apply_selection(self._model, self.analyzer, selected, self.config.always_train,
+                                    train_names=self._heads)
         if first:
             leaving, joining = [p for p in self._model.parameters() if not p.requires_grad], []
         else:
@@ -386,7 +467,7 @@ class SpectrumCallback(TrainerCallback):
             # Storage moved with the same values (an engine re-flattened its buffers): the
             # analyzer keeps the SNRs of matrices that did not train.
             self.analyzer.refresh_keys(
-                [n for n, m in self.analyzer.modules.items() if id(getattr(m, "weight", None)) in result.moved])
+                [n for n, m in self.analyzer.modules.items() if any(id(p) in result.moved for p in m.params)])
         self.selected = sorted(selected)
         self.analyzer.mark_dirty(self.selected)
         return trainable

@@ -86,6 +86,8 @@ class SpectrumConfig:
         chunk_mb: most MiB of matrix copies one solver call holds (> 0).
         plot_dir: folder for the PNGs written at train end, or ``None``.
         verbose: log a summary line at every scan.
+        train_heads: train the task heads the base model does not contain (classifier,
+            score, QA head, ...) and its pooler; ``False`` keeps them frozen (with a warning).
     """
 
     top_pct: float = 0.25
@@ -101,6 +103,7 @@ class SpectrumConfig:
     chunk_mb: float = 512
     plot_dir: Optional[str] = None
     verbose: bool = True
+    train_heads: bool = True
 
     def __post_init__(self):
         self.top_pct = validate_top_pct(self.top_pct)
@@ -137,6 +140,8 @@ class SpectrumConfig:
                 raise ValueError(f"plot_dir={self.plot_dir!r} must be a folder path or None")
             self.plot_dir = os.fspath(self.plot_dir)
         self.verbose = bool(self.verbose)
+        if not isinstance(self.train_heads, bool):
+            raise ValueError(f"train_heads={self.train_heads!r} must be True or False")
 
     @property
     def dynamic(self) -> bool:

@@ -97,15 +97,6 @@ def test_model_without_candidates_is_refused():
         SpectrumAnalyzer(tiny_model("llama", layers=1), exclude=[".*"], progress=False)
 
 
-def test_fused_moe_experts_warn_and_are_not_selected():
-    model = tiny_model("mixtral", layers=2)
-    with pytest.warns(UserWarning, match="fused 3-D MoE expert tensors"):
-        an = SpectrumAnalyzer(model, progress=False)
-    assert all("experts" not in n for n in an.names)
-    with pytest.raises(ValueError, match="fused 3-D"):
-        SpectrumAnalyzer(model, exclude=["self_attn"], progress=False)
-
-
 def test_nan_weights_are_reported_and_never_selected():
     model = tiny_model("llama", layers=4)
     bad = "model.layers.2.self_attn.q_proj"

@@ -329,18 +329,33 @@ def test_static_each_architecture(tmp_path, arch):
     assert len(cb.selected) == len({model_type for model_type in cb.analyzer.types.values()})
 
 
-def test_candidates_frozen_before_the_trainer(tmp_path):
-    # static: a candidate the optimizer does not hold could never train -> clear error
+@pytest.mark.parametrize("update_every", [None, 1])
+def test_parameters_frozen_by_the_user_are_respected(tmp_path, caplog, update_every):
+    # static and dynamic alike: never selected, bits unchanged, said once in the log
     model = tiny_model("llama", layers=4)
     for p in model.model.layers[1].parameters():
         p.requires_grad_(False)
-    tr = make_trainer(tmp_path, model, [SpectrumCallback(top_pct=0.25)], max_steps=1)
-    with pytest.raises(ValueError, match="frozen before the Trainer built it"):
-        tr.train()
-    # dynamic: the missing candidates join the optimizer's decay group and can be selected
+    before = snapshot(model)
+    cb = SpectrumCallback(top_pct=0.5, update_every=update_every, verbose=False)
+    pkg = logging.getLogger("spectrum_callback")
+    pkg.addHandler(caplog.handler)
+    try:
+        make_trainer(tmp_path, model, [cb], max_steps=3, weight_decay=0.1).train()
+    finally:
+        pkg.removeHandler(caplog.handler)
+    assert not any(".layers.1." in n for n in cb.analyzer.names)
+    assert all(".layers.1." not in n for h in cb.history for n in h["selected"])
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters() if ".layers.1." in n)
+    assert caplog.text.count("were frozen before the Trainer") == 1
+
+
+def test_spectrum_freeze_then_dynamic_callback_can_select_any_candidate(tmp_path):
+    # spectrum_freeze's own freezing is not the user's: those candidates stay selectable and
+    # join the optimizer's decay group
+    from spectrum_callback import spectrum_freeze
+
     model = tiny_model("llama", layers=4)
-    for p in model.model.layers[1].parameters():
-        p.requires_grad_(False)
+    spectrum_freeze(model, 0.25, never_train=[r"layers\.1\."])
     cb = SpectrumCallback(top_pct=0.25, update_every=1, never_train=[r"layers\.[023]\."])
     before = snapshot(model)
     tr = make_trainer(tmp_path, model, [cb], max_steps=2, weight_decay=0.1)
@@ -352,6 +367,62 @@ def test_candidates_frozen_before_the_trainer(tmp_path):
     decay = max(opt.param_groups, key=lambda g: g["weight_decay"])
     assert decay["weight_decay"] == 0.1
     assert all(any(p is q for q in decay["params"]) for n in cb.selected for p in [model.get_submodule(n).weight])
+
+
+def test_two_spectrum_callbacks_are_refused(tmp_path):
+    tr = make_trainer(tmp_path, None, [SpectrumCallback(), SpectrumCallback(top_pct=0.5)], max_steps=1)
+    with pytest.raises(ValueError, match="2 SpectrumCallbacks"):
+        tr.train()
+
+
+def test_callback_reused_on_another_model_starts_afresh(tmp_path, caplog):
+    cb = SpectrumCallback(top_pct=0.25, verbose=False)
+    make_trainer(tmp_path / "a", None, [cb], max_steps=1).train()
+    first = list(cb.selected)
+    pkg = logging.getLogger("spectrum_callback")
+    pkg.addHandler(caplog.handler)
+    try:
+        make_trainer(tmp_path / "b", tiny_model("llama", layers=2), [cb], max_steps=1).train()
+    finally:
+        pkg.removeHandler(caplog.handler)
+    assert "used with another model before" in caplog.text
+    assert len(cb.history) == 1 and len(cb.selected) == 7 and cb.selected != first
+
+
+def test_always_train_parameters_are_no_candidates_and_keep_state(tmp_path, monkeypatch):
+    rotating_scan(monkeypatch)
+    cb = SpectrumCallback(top_pct=0.25, update_every=1, always_train=[r"layers\.0\.self_attn\.q_proj"])
+    tr = make_trainer(tmp_path, None, [cb], max_steps=3)
+    tr.train()
+    assert "model.layers.0.self_attn.q_proj" not in cb.analyzer.names
+    q = tr.model.get_submodule("model.layers.0.self_attn.q_proj").weight
+    opt = unwrap_optimizer(tr.optimizer)
+    assert q.requires_grad and int(opt.state[q]["step"]) == 3  # its state was never dropped
+
+
+def test_nan_in_a_trainable_weight_stops_training(tmp_path, monkeypatch):
+    cb = SpectrumCallback(top_pct=0.25, update_every=2, verbose=False)
+
+    class Poison(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kw):
+            if state.global_step == 1:
+                with torch.no_grad():
+                    model.get_submodule(cb.selected[0]).weight[0, 0] = float("nan")
+
+    tr = make_trainer(tmp_path, None, [cb, Poison()], max_steps=4)
+    with pytest.raises(RuntimeError, match=r"at step 2 the trainable matrices .* hold NaN/Inf"):
+        tr.train()
+
+
+def test_bad_settings_are_refused_at_construction(tmp_path):
+    import numpy as np
+
+    SpectrumCallback(top_pct=np.float64(0.25), update_every=np.int64(5), min_per_type=np.int32(1))
+    for kwargs, match in [(dict(update_every=True), "update_every"), (dict(min_per_type=True), "min_per_type"),
+                          (dict(snr_json=str(tmp_path / "nope.json")), "no such file"),
+                          (dict(chunk_mb=False), "chunk_mb"), (dict(train_heads="yes"), "train_heads")]:
+        with pytest.raises(ValueError, match=match):
+            SpectrumCallback(**kwargs)
 
 
 @pytest.mark.parametrize("optim", ["adamw_torch_fused", "adafactor", "sgd", "rmsprop", "adagrad"])

@@ -32,6 +32,20 @@ def tiny_config(arch: str = "llama", layers: int = 4, **kw):
         return transformers.MixtralConfig(hidden_size=64, intermediate_size=64, num_attention_heads=4,
                                           num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
                                           **common, **kw)
+    if arch == "qwen3_moe":
+        return transformers.Qwen3MoeConfig(hidden_size=64, intermediate_size=64, moe_intermediate_size=32,
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4,
+                                           num_experts_per_tok=2, **common, **kw)
+    if arch == "deepseek_v3":
+        return transformers.DeepseekV3Config(hidden_size=64, intermediate_size=64, moe_intermediate_size=32,
+                                             num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4,
+                                             num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
+                                             q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                                             v_head_dim=16, n_group=1, topk_group=1, **common, **kw)
+    if arch == "gpt_oss":
+        return transformers.GptOssConfig(hidden_size=64, intermediate_size=64, num_attention_heads=4,
+                                         num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                                         num_experts_per_tok=2, **common, **kw)
     raise ValueError(arch)
 
 

@@ -57,18 +57,13 @@ class TorchBackend(OptimizerBackend):
         return {id(p): gi for gi, g in enumerate(self.opt.param_groups) for p in g["params"]}
 
     def prepare(self, candidates: Dict[str, List[nn.Parameter]], dynamic: bool) -> None:
+        # Candidates the optimizer was built without (spectrum_freeze froze them before the
+        # Trainer) join the param group of their decay class, so that any can be selected.
+        # Parameters the user froze are no candidates (the callback leaves them out).
         members = self._members()
         missing = [(n, p) for n, ps in candidates.items() for p in ps if id(p) not in members]
         if not missing:
             return
-        if not dynamic:
-            # Static: a candidate outside the optimizer could never be trained; say so.
-            names = sorted({n for n, _ in missing})
-            raise ValueError(
-                f"{len(names)} candidate modules (e.g. {names[0]}) have parameters the optimizer does not hold, "
-                "because they were frozen before the Trainer built it. Unfreeze the model before Trainer(...) "
-                "(SpectrumCallback freezes at on_train_begin), or pass exclude=[...] for those modules"
-            )
         decay_group, no_decay_group = self._decay_groups()
         for name, p in missing:
             group = decay_group if p.ndim >= 2 else no_decay_group

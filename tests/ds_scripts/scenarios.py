@@ -55,6 +55,9 @@ SCENARIOS = {
     "z2_resume_bf16": dict(stage=2, update_every=2, max_steps=6, resume_at=3, bf16=True),
     "z1_dynamic": dict(stage=1, update_every=2, max_steps=6),
     "z3_optimizer_block": dict(stage=3, update_every=None, max_steps=1, optimizer_block=True, expect_error=True),
+    # fused 3-D MoE expert banks (transformers 5 Mixtral): one unit each, partitioned by ZeRO-3 too
+    "z2_moe_dynamic": dict(stage=2, update_every=2, max_steps=6, arch="mixtral", top_pct=0.5),
+    "z3_moe_dynamic": dict(stage=3, update_every=2, max_steps=6, arch="mixtral", top_pct=0.5),
 }
 
 
@@ -162,7 +165,8 @@ class LossLog(TrainerCallback):
 
 def make_trainer(name, s, out, reference, max_steps=None, save=False):
     reset_accelerate()
-    model = tiny_model("llama", seed=0)  # built before TrainingArguments: no zero.Init, same init everywhere
+    # built before TrainingArguments: no zero.Init, same init everywhere
+    model = tiny_model(s.get("arch", "llama"), seed=0)
     if s.get("prefreeze"):
         from spectrum_callback import spectrum_freeze
 
@@ -254,6 +258,7 @@ def run(name, out, reference=False):
         selected=rec.selected,
         scan_stats=rec.scan_stats,
         trainable_numel=rec.trainable_numel,
+        total_numel=sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters()),
         trainable_logged=losses.trainable_logged,
         lrs=rec.lrs,
         history=[{"step": h["step"], "selected": h["selected"]} for h in spectrum.history],

@@ -154,7 +154,8 @@ class DeepSpeedBackend(OptimizerBackend):
     # ------------------------------------------------------------------ analyzer
     def gather(self, modules):
         if self.stage == 3:
-            return ds.gathered([m.weight for m in modules])
+            # a candidate's parameters: the weight, a parametrization's originals, a fused bank
+            return ds.gathered([p for m in modules for p in getattr(m, "params", [m.weight])])
         return super().gather(modules)
 
     # ------------------------------------------------------------------ setup

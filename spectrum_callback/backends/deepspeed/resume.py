@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+from ... import _frozen
 from ..._dist import is_main
 from ...config import STATE_FILE
 from ..._fence import deepspeed_internals as ds
@@ -75,6 +76,7 @@ def lay_out_as_saved(trainer, engine, checkpoint_path: str) -> Optional[DeepSpee
     keep = {n for x in layout for n in x["params"]}
     for n, p in model.named_parameters(remove_duplicate=False):
         p.requires_grad_(n in keep)
+        (_frozen.unmark if n in keep else _frozen.mark)([p])  # frozen by Spectrum, not by the user
     backend = DeepSpeedBackend(trainer.optimizer, model, trainer, getattr(trainer, "lr_scheduler", None))
     backend.classes = [dict(c) for c in layout[0]["classes"]]
     backend._find_scheduler()
