@@ -385,7 +385,8 @@ class SpectrumCallback(TrainerCallback):
 
             os.makedirs(self.config.plot_dir, exist_ok=True)
             last = self.history[-1]
-            snr = {n: {"snr": v, "type": last["types"][n]} for n, v in last["snr"].items()}
+            snr = {n: {"snr": v, "type": last["types"][n], "experts": last.get("experts", {}).get(n)}
+                   for n, v in last["snr"].items()}
             plot_snr_heatmap(snr, self.selected, os.path.join(self.config.plot_dir, "spectrum_snr.png"))
             if len(self.history) > 1:  # a single scan: the heatmap's frames already show the selection
                 plot_selection_history(self.history, os.path.join(self.config.plot_dir, "spectrum_selection.png"))
@@ -435,6 +436,7 @@ class SpectrumCallback(TrainerCallback):
             "selected": list(self.selected),
             "snr": {n: float(i["snr"]) for n, i in snr.items()},
             "types": {n: str(i["type"]) for n, i in snr.items()},
+            "experts": {n: list(i["experts"]) for n, i in snr.items() if i.get("experts")},
             "joined": sorted(new - old) if not first else [],
             "left": sorted(old - new) if not first else [],
             "source": source,

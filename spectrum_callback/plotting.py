@@ -32,12 +32,16 @@ def snr_grid(snr: Mapping[str, object]):
             value, typ = float(info["snr"]), str(info["type"])
         else:
             raise ValueError("snr must map names to {'snr', 'type'}")
-        if typ not in types:
-            types.append(typ)
         layer = _layer_index(name)
         layer = -1 if layer is None else layer
         layers.add(layer)
-        cells[(typ, layer)] = (value, name)
+        # a fused expert bank: one row for the bank (its mean) and one per expert, each framed
+        # when the bank is selected
+        rows = [(typ, value)] + [(f"{typ} [expert {e}]", float(v)) for e, v in enumerate(info.get("experts") or [])]
+        for row, v in rows:
+            if row not in types:
+                types.append(row)
+            cells[(row, layer)] = (v, name)
     layer_list = sorted(layers)
     grid = [[cells.get((t, layer), (math.nan, None))[0] for layer in layer_list] for t in types]
     names = [[cells.get((t, layer), (math.nan, None))[1] for layer in layer_list] for t in types]
@@ -65,7 +69,7 @@ def plot_snr_heatmap(snr, selected: Sequence[str], path: str, title: str = "Spec
     arr = np.array(grid, dtype=float)
     with np.errstate(divide="ignore", invalid="ignore"):
         logv = np.log10(np.where(np.isfinite(arr) & (arr > 0), arr, np.nan))
-    fig, ax = plt.subplots(figsize=(max(6, 0.32 * len(layers) + 3), max(2.5, 0.45 * len(types) + 1.5)))
+    fig, ax = plt.subplots(figsize=(max(7, 0.32 * len(layers) + 3.5), max(2.5, 0.45 * len(types) + 1.5)))
     im = ax.imshow(logv, aspect="auto", cmap="viridis", interpolation="nearest")
     sel = set(selected)
     n_inf = 0

@@ -36,6 +36,10 @@ REF_SCENARIOS = ["z2_dynamic", "z2_static", "z3_dynamic_ga", "z3_dynamic_gc_nonr
 # ~1.5e-6 absolute; the differences come from the order of the gradient all-reduce sums).
 LOSS_RTOL = 1e-5
 WEIGHT_ATOL = 2e-5
+# Fused MoE experts (tiny Mixtral): each rank routes a different half of the batch through each
+# expert, so an expert's gradient is summed in a different order than in one process; measured
+# 2.6e-5 after 6 steps at lr 5e-3 (losses still within 1e-5 relative).
+MOE_WEIGHT_ATOL = 5e-5
 
 
 @pytest.fixture(scope="session")
@@ -109,7 +113,7 @@ def test_same_losses_and_weights_as_plain_pytorch(ds_results, name, ref):
         assert r["losses"][step] == pytest.approx(loss, rel=LOSS_RTOL), (step, r["losses"], want["losses"])
     got, exp = _weights(ds_results, name), _weights(ds_results, ref, ref=True)
     worst = max(float((got[n] - exp[n]).abs().max()) for n in exp)
-    assert worst <= WEIGHT_ATOL, worst
+    assert worst <= (MOE_WEIGHT_ATOL if "moe" in name else WEIGHT_ATOL), worst
 
 
 def test_scenarios_ran_at_the_zero_stage_they_name(ds_results):

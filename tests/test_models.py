@@ -217,3 +217,17 @@ def test_parametrized_layers_are_found_scanned_and_trained(tmp_path):
     for n, p in model.named_parameters():
         if ".layers.2.self_attn.q_proj." in n:
             assert torch.equal(before[n], p), n
+
+
+def test_heatmap_shows_each_expert_of_a_fused_bank():
+    from spectrum_callback.plotting import snr_grid
+
+    snr = {"model.layers.0.mlp.experts.down_proj": {"snr": 2.0, "type": "mlp.experts.down_proj",
+                                                    "experts": [1.0, 3.0]},
+           "model.layers.0.self_attn.q_proj": {"snr": 5.0, "type": "self_attn.q_proj"}}
+    types, layers, grid, names = snr_grid(snr)
+    assert types == ["mlp.experts.down_proj", "mlp.experts.down_proj [expert 0]",
+                     "mlp.experts.down_proj [expert 1]", "self_attn.q_proj"]
+    assert [row[0] for row in grid] == [2.0, 1.0, 3.0, 5.0]
+    # every expert row belongs to the bank: framed when the bank is selected
+    assert names[1][0] == names[2][0] == "model.layers.0.mlp.experts.down_proj"
