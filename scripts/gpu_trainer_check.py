@@ -34,7 +34,6 @@ for rehearsals).  DeepSpeed runs in this one process (world size 1, ``configs/ds
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import math
@@ -92,9 +91,9 @@ def _live_tensor_bytes(torch):
 
 
 def _gathered(params):
-    from spectrum_callback._fence.deepspeed_internals import gathered, is_partitioned
+    from spectrum_callback._fence.deepspeed_internals import whole
 
-    return gathered(params) if any(is_partitioned(p) for p in params) else contextlib.nullcontext()
+    return whole(params)
 
 
 def load(args, torch):

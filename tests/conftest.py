@@ -1,3 +1,4 @@
+import logging
 import os
 import sys
 
@@ -17,3 +18,13 @@ REFERENCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
 @pytest.fixture
 def reference_dir():
     return REFERENCE_DIR
+
+
+@pytest.fixture
+def spectrum_log(caplog):
+    """caplog for the package logger (it does not propagate to the root, like transformers')."""
+    pkg = logging.getLogger("spectrum_callback")
+    caplog.handler.setLevel(logging.DEBUG)
+    pkg.addHandler(caplog.handler)
+    yield caplog
+    pkg.removeHandler(caplog.handler)

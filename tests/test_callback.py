@@ -176,20 +176,15 @@ def test_resume_restores_selection_history_and_losses(tmp_path, monkeypatch):
     assert losses == pytest.approx(full_losses[3:], rel=1e-5)
 
 
-def test_resume_without_state_file_scans_afresh(tmp_path, caplog):
+def test_resume_without_state_file_scans_afresh(tmp_path, spectrum_log):
     tr = make_trainer(tmp_path, None, [], max_steps=2, save_strategy="steps", save_steps=2)
     tr.train()
     ckpt = tmp_path / "out" / "checkpoint-2"
     assert not (ckpt / STATE_FILE).exists()
     cb = SpectrumCallback(top_pct=0.25)
     tr2 = make_trainer(tmp_path, None, [cb], max_steps=3)
-    pkg = logging.getLogger("spectrum_callback")  # does not propagate (like transformers' loggers)
-    pkg.addHandler(caplog.handler)
-    try:
-        tr2.train(resume_from_checkpoint=str(ckpt))
-    finally:
-        pkg.removeHandler(caplog.handler)
-    assert "has no spectrum_state.json" in caplog.text
+    tr2.train(resume_from_checkpoint=str(ckpt))
+    assert "has no spectrum_state.json" in spectrum_log.text
     assert [h["step"] for h in cb.history] == [2] and len(cb.selected) == 7
 
 
@@ -330,23 +325,18 @@ def test_static_each_architecture(tmp_path, arch):
 
 
 @pytest.mark.parametrize("update_every", [None, 1])
-def test_parameters_frozen_by_the_user_are_respected(tmp_path, caplog, update_every):
+def test_parameters_frozen_by_the_user_are_respected(tmp_path, spectrum_log, update_every):
     # static and dynamic alike: never selected, bits unchanged, said once in the log
     model = tiny_model("llama", layers=4)
     for p in model.model.layers[1].parameters():
         p.requires_grad_(False)
     before = snapshot(model)
     cb = SpectrumCallback(top_pct=0.5, update_every=update_every, verbose=False)
-    pkg = logging.getLogger("spectrum_callback")
-    pkg.addHandler(caplog.handler)
-    try:
-        make_trainer(tmp_path, model, [cb], max_steps=3, weight_decay=0.1).train()
-    finally:
-        pkg.removeHandler(caplog.handler)
+    make_trainer(tmp_path, model, [cb], max_steps=3, weight_decay=0.1).train()
     assert not any(".layers.1." in n for n in cb.analyzer.names)
     assert all(".layers.1." not in n for h in cb.history for n in h["selected"])
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters() if ".layers.1." in n)
-    assert caplog.text.count("were frozen before the Trainer") == 1
+    assert spectrum_log.text.count("were frozen before the Trainer") == 1
 
 
 def test_spectrum_freeze_then_dynamic_callback_can_select_any_candidate(tmp_path):
@@ -375,17 +365,12 @@ def test_two_spectrum_callbacks_are_refused(tmp_path):
         tr.train()
 
 
-def test_callback_reused_on_another_model_starts_afresh(tmp_path, caplog):
+def test_callback_reused_on_another_model_starts_afresh(tmp_path, spectrum_log):
     cb = SpectrumCallback(top_pct=0.25, verbose=False)
     make_trainer(tmp_path / "a", None, [cb], max_steps=1).train()
     first = list(cb.selected)
-    pkg = logging.getLogger("spectrum_callback")
-    pkg.addHandler(caplog.handler)
-    try:
-        make_trainer(tmp_path / "b", tiny_model("llama", layers=2), [cb], max_steps=1).train()
-    finally:
-        pkg.removeHandler(caplog.handler)
-    assert "used with another model before" in caplog.text
+    make_trainer(tmp_path / "b", tiny_model("llama", layers=2), [cb], max_steps=1).train()
+    assert "used with another model before" in spectrum_log.text
     assert len(cb.history) == 1 and len(cb.selected) == 7 and cb.selected != first
 
 
@@ -464,15 +449,9 @@ def test_trainer_optim_choices_dynamic(tmp_path, monkeypatch, optim):
 
 
 @pytest.mark.parametrize("log_level,shown", [("info", True), ("warning", False)])
-def test_scan_summary_is_info_and_follows_the_trainer_log_level(tmp_path, caplog, log_level, shown):
-    pkg = logging.getLogger("spectrum_callback")
-    pkg.addHandler(caplog.handler)
-    caplog.handler.setLevel(logging.DEBUG)
-    try:
-        make_trainer(tmp_path, None, [SpectrumCallback(top_pct=0.25)], max_steps=1, log_level=log_level).train()
-    finally:
-        pkg.removeHandler(caplog.handler)
-    summaries = [r for r in caplog.records if "modules trainable" in r.getMessage()]
+def test_scan_summary_is_info_and_follows_the_trainer_log_level(tmp_path, spectrum_log, log_level, shown):
+    make_trainer(tmp_path, None, [SpectrumCallback(top_pct=0.25)], max_steps=1, log_level=log_level).train()
+    summaries = [r for r in spectrum_log.records if "modules trainable" in r.getMessage()]
     assert bool(summaries) == shown
     assert all(r.levelno == logging.INFO for r in summaries)
 
@@ -485,20 +464,15 @@ def test_callback_refuses_a_selection_that_leaves_types_empty(tmp_path):
         trainer.train()
 
 
-def test_resume_with_changed_settings_warns_and_applies_them(tmp_path, caplog):
+def test_resume_with_changed_settings_warns_and_applies_them(tmp_path, spectrum_log):
     tr = make_trainer(tmp_path, None, [SpectrumCallback(top_pct=0.25, verbose=False)], max_steps=2,
                       save_strategy="steps", save_steps=2)
     tr.train()
     ckpt = tmp_path / "out" / "checkpoint-2"
     cb = SpectrumCallback(top_pct=0.5, verbose=False)
     tr2 = make_trainer(tmp_path, None, [cb], max_steps=3)
-    pkg = logging.getLogger("spectrum_callback")
-    pkg.addHandler(caplog.handler)
-    try:
-        tr2.train(resume_from_checkpoint=str(ckpt))
-    finally:
-        pkg.removeHandler(caplog.handler)
-    assert "changed settings (top_pct: 0.25 -> 0.5)" in caplog.text
+    tr2.train(resume_from_checkpoint=str(ckpt))
+    assert "changed settings (top_pct: 0.25 -> 0.5)" in spectrum_log.text
     # re-selected at the resume step from the saved SNRs, without a scan: 2 of 4 layers per type
     assert [(h["step"], h["source"]) for h in cb.history] == [(0, "scan"), (2, "resume")]
     assert len(cb.selected) == 14 and cb.history[1]["snr"] == cb.history[0]["snr"]

@@ -74,6 +74,14 @@ def gathered(params: Sequence[nn.Parameter]):
     return deepspeed.zero.GatheredParameters(list(params), modifier_rank=None)
 
 
+def whole(params: Sequence[nn.Parameter]):
+    """:func:`gathered` when any of ``params`` is partitioned, else a context that does nothing."""
+    import contextlib
+
+    params = list(params)
+    return gathered(params) if any(is_partitioned(p) for p in params) else contextlib.nullcontext()
+
+
 def check_deepspeed_version(version: Optional[str] = None) -> str:
     """Raise on a DeepSpeed major.minor this backend was not checked against."""
     if version is None:

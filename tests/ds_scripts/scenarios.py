@@ -71,13 +71,9 @@ def world():
 
 def gathered(model, params):
     """Context that makes ``params`` whole under ZeRO-3 (no-op otherwise)."""
-    import contextlib
+    from spectrum_callback._fence.deepspeed_internals import whole
 
-    if any(hasattr(p, "ds_id") for p in params):
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-    return contextlib.nullcontext()
+    return whole(params)
 
 
 def full_state(model):

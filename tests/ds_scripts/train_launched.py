@@ -32,13 +32,9 @@ transformers.logging.set_verbosity_error()
 
 
 def gathered(params):
-    import contextlib
+    from spectrum_callback._fence.deepspeed_internals import whole
 
-    if any(hasattr(p, "ds_id") for p in params):
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-    return contextlib.nullcontext()
+    return whole(params)
 
 
 class Check(TrainerCallback):
