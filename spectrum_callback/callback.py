@@ -283,7 +283,7 @@ class SpectrumCallback(TrainerCallback):
             pnames = [names.get(id(p), "") for p in self.analyzer.params_of(cand)]
             if pnames and all(n in user_frozen for n in pnames):
                 frozen.append(cand)
-            elif any(r.search(n) for n in pnames for r in always):
+            elif pnames and any(r.search(pnames[0]) for r in always):  # its weight (a bias alone does not count)
                 kept.append(cand)
         if len(frozen) + len(kept) == len(self.analyzer.names):
             raise ValueError(

@@ -478,3 +478,10 @@ def test_resume_with_changed_settings_warns_and_applies_them(tmp_path, spectrum_
     assert len(cb.selected) == 14 and cb.history[1]["snr"] == cb.history[0]["snr"]
     trainable = {n.rsplit(".", 1)[0] for n, p in tr2.model.named_parameters() if p.requires_grad}
     assert trainable == set(cb.selected)
+
+
+def test_always_train_on_biases_leaves_the_matrices_candidates(tmp_path):
+    cb = SpectrumCallback(top_pct=0.25, always_train=[r"\.bias$"], verbose=False)
+    make_trainer(tmp_path, tiny_model("gpt2", layers=4), [cb], max_steps=1).train()
+    assert len(cb.analyzer.names) == 16 and len(cb.selected) == 4
+    assert all(p.requires_grad for n, p in cb._model.named_parameters() if n.endswith(".bias"))
