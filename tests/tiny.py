@@ -99,6 +99,30 @@ def snapshot(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
+def snapshot_frozen(model):
+    """Copies of the parameters that do not require grad now (ZeRO-3 partitions gathered)."""
+    from spectrum_callback._fence.deepspeed_internals import whole
+
+    frozen = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
+    with whole([p for _, p in frozen]):
+        return {n: p.detach().clone() for n, p in frozen}
+
+
+def frozen_changes(model, snap):
+    """``[(name, max abs difference)]`` of the parameters in ``snap`` whose bits changed."""
+    from spectrum_callback._fence.deepspeed_internals import whole
+
+    named = dict(model.named_parameters())
+    out = []
+    with whole([named[n] for n in snap]):
+        for n, before in snap.items():
+            now = named[n].detach()
+            if now.shape != before.shape or not torch.equal(now, before):
+                diff = float((now.float() - before.float()).abs().max()) if now.shape == before.shape else float("inf")
+                out.append((n, diff))
+    return out
+
+
 def rotating_scan():
     """``(scan, calls)``: a stand-in for ``SpectrumAnalyzer.scan`` whose ranking of the
     layers shifts by one at every call (the same on every rank), so that every scan

@@ -25,7 +25,9 @@ torch.set_num_threads(1)
 import transformers  # noqa: E402
 from transformers import Trainer, TrainerCallback  # noqa: E402
 
-from tiny import RandomTokens, ds_config, reset_accelerate, tiny_model, training_args  # noqa: E402
+from spectrum_callback._fence.deepspeed_internals import whole  # noqa: E402
+from tiny import (  # noqa: E402
+    RandomTokens, ds_config, frozen_changes, reset_accelerate, snapshot_frozen, tiny_model, training_args)
 from spectrum_callback import SpectrumCallback  # noqa: E402
 
 transformers.logging.set_verbosity_error()
@@ -69,16 +71,9 @@ def world():
     return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
 
-def gathered(model, params):
-    """Context that makes ``params`` whole under ZeRO-3 (no-op otherwise)."""
-    from spectrum_callback._fence.deepspeed_internals import whole
-
-    return whole(params)
-
-
 def full_state(model):
     params = list(model.named_parameters())
-    with gathered(model, [p for _, p in params]):
+    with whole([p for _, p in params]):
         return {n: p.detach().float().clone().cpu() for n, p in params}
 
 
@@ -131,19 +126,11 @@ class Recorder(TrainerCallback):
             self.refs.append(weakref.ref(zero))
             base = zero.optimizer
             self.lrs.append([g["lr"] for g in base.param_groups])
-        frozen = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
-        with gathered(model, [p for _, p in frozen]):
-            self.frozen_snap = {n: p.detach().clone() for n, p in frozen}
+        self.frozen_snap = snapshot_frozen(model)
 
     def on_step_end(self, args, state, control, model=None, **kw):
-        named = dict(model.named_parameters())
-        ps = [named[n] for n in self.frozen_snap]
-        with gathered(model, ps):
-            for n, before in self.frozen_snap.items():
-                now = named[n].detach()
-                if now.shape != before.shape or not torch.equal(now, before):
-                    self.violations.append({"step": state.global_step, "param": n,
-                                            "max_abs": float((now.float() - before.float()).abs().max())})
+        for n, diff in frozen_changes(model, self.frozen_snap):
+            self.violations.append({"step": state.global_step, "param": n, "max_abs": diff})
         self.frozen_snap = {}
 
 

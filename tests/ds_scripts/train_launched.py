@@ -24,17 +24,11 @@ import transformers  # noqa: E402
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/ for tiny.py
-from tiny import RandomTokens  # noqa: E402
+from tiny import RandomTokens, frozen_changes, snapshot_frozen  # noqa: E402
 
 from spectrum_callback import SpectrumCallback  # noqa: E402
 
 transformers.logging.set_verbosity_error()
-
-
-def gathered(params):
-    from spectrum_callback._fence.deepspeed_internals import whole
-
-    return whole(params)
 
 
 class Check(TrainerCallback):
@@ -49,17 +43,11 @@ class Check(TrainerCallback):
         self.losses = []
 
     def on_step_begin(self, args, state, control, model=None, **kw):
-        frozen = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
-        with gathered([p for _, p in frozen]):
-            self.snap = {n: p.detach().clone() for n, p in frozen}
+        self.snap = snapshot_frozen(model)
         self.trainable.append(sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad))
 
     def on_step_end(self, args, state, control, model=None, **kw):
-        named = dict(model.named_parameters())
-        with gathered([named[n] for n in self.snap]):
-            for n, before in self.snap.items():
-                if not torch.equal(named[n].detach(), before):
-                    self.violations.append([state.global_step, n])
+        self.violations += [[state.global_step, n] for n, _ in frozen_changes(model, self.snap)]
         self.state.append(self.spectrum.backend.state_numel())
 
     def on_log(self, args, state, control, logs=None, **kw):
