@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Real Trainer runs with SpectrumCallback on one device: the checks of issue #15, part 3.
 
-One engine per process (``--engine torch|zero2|zero3``), several modes in turn on the same
+One engine per process (``--engine torch|zero2|zero3|fsdp2``), several modes in turn on the same
 model, data and settings (``--modes full,static,dynamic``):
 
 * ``full``: full fine-tuning, no Spectrum (the reference for optimizer state and memory);
@@ -25,11 +25,20 @@ optimizer (``adamw_torch_fused`` on CUDA), weight decay 0.1:
 Model: ``--model smollm2`` (real SmolLM2-135M-Instruct weights, spectrum_study.assets;
 ``SPECTRUM_SMOLLM2_GGUF`` / ``SPECTRUM_KJV_JSONL`` point at copied files on an offline GPU
 box) trained on KJV text, or ``--model tiny`` (a small random Llama on random tokens,
-for rehearsals).  DeepSpeed runs in this one process (world size 1, ``configs/ds_zero<N>.json``).
+for rehearsals), or ``--model wide`` (Llama-3-8B widths, ``--layers`` layers, random init, on
+a learnable token pattern).  DeepSpeed runs in this one process (world size 1,
+``configs/ds_zero<N>.json``); so does FSDP2, through the Trainer's own path
+(``fsdp="full_shard"``, ``fsdp_config={"fsdp_version": 2, ...}``: accelerate shards each
+decoder layer with ``fully_shard``), issue #14.  Frozen-bit checks compare host copies of
+what this rank holds (an FSDP2 shard, which is the whole weight in one process).
 
     python scripts/gpu_trainer_check.py --engine zero3 --json runs/gpu/trainer_zero3.json
     DS_ACCELERATOR=cpu python scripts/gpu_trainer_check.py --device cpu --model tiny --engine zero3 \
         --steps 8 --update-every 2
+    python scripts/gpu_trainer_check.py --engine fsdp2 --model wide --layers 4 --gradient-checkpointing \
+        --batch 4 --seq 1024 --steps 16 --update-every 4 --lr 1e-3 --json runs/gpu/trainer_wide_fsdp2.json
+    python scripts/gpu_trainer_check.py --device cpu --model tiny --engine fsdp2 --force-fsdp2-on-cpu \
+        --steps 8 --update-every 2 --gradient-checkpointing
 """
 from __future__ import annotations
 
@@ -96,6 +105,27 @@ def _gathered(params):
     return whole(params)
 
 
+def _force_fsdp2(trainer, model):
+    """CPU rehearsal: what accelerate sets for fsdp_version 2 on a GPU node (it runs DDP on CPU)."""
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+        transformer_cls_names_to_wrap=[type(model.model.layers[0]).__name__], reshard_after_forward=True)
+    plugin.set_mixed_precision("bf16")
+    st = trainer.accelerator.state
+    st.distributed_type = DistributedType.FSDP
+    st.fsdp_plugin = plugin
+    trainer.is_fsdp_enabled = True
+
+
+def _host(p):
+    """A host copy of what this rank holds of ``p`` (an FSDP2 DTensor's local shard)."""
+    from spectrum_callback._sharded import local_part
+
+    return local_part(p.detach()).to("cpu", copy=True)
+
+
 def load(args, torch):
     import transformers
 
@@ -109,6 +139,16 @@ def load(args, torch):
         start = torch.randint(0, cfg.vocab_size, (args.batch * args.steps, 1), generator=g)
         blocks = (start + torch.arange(args.seq) * 7) % cfg.vocab_size  # a learnable pattern
         return model, blocks
+    if args.model == "wide":
+        # Llama-3-8B widths (hidden 4096, MLP 14336, GQA 32/8 heads), --layers layers, random init
+        cfg = transformers.LlamaConfig(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                                       num_key_value_heads=8, num_hidden_layers=args.layers, vocab_size=32000,
+                                       max_position_embeddings=max(args.seq, 128))
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(cfg)
+        g = torch.Generator().manual_seed(1)
+        start = torch.randint(0, cfg.vocab_size, (args.batch * args.steps, 1), generator=g)
+        return model, (start + torch.arange(args.seq) * 7) % cfg.vocab_size
     from spectrum_study import assets
 
     model, tok = assets.load_model_and_tokenizer(None, dtype=torch.float32)
@@ -144,8 +184,15 @@ def run_mode(args, mode, torch, transformers):
               bf16=True, use_cpu=not cuda)
     if args.optim:
         kw["optim"] = args.optim
-    if args.engine != "torch":
+    if args.engine == "fsdp2":
+        # what a user writes for the Trainer's FSDP2 (accelerate's fully_shard per decoder layer)
+        kw["fsdp"] = "full_shard"
+        kw["fsdp_config"] = {"fsdp_version": 2, "transformer_layer_cls_to_wrap": [type(model.model.layers[0]).__name__],
+                             "reshard_after_forward": True}
+    elif args.engine != "torch":
         kw["deepspeed"] = ds_config(int(args.engine[-1]), out_dir)
+    if args.gradient_checkpointing:
+        kw.update(activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": False})
     targs = transformers.TrainingArguments(**kw)
     # the same method builder as the study, the demo and the benchmarks
     method = {"full": "full", "static": "spectrum", "dynamic": "spectrum-dynamic"}[mode]
@@ -174,7 +221,7 @@ def run_mode(args, mode, torch, transformers):
             named = list(model.named_parameters())
             with _gathered([p for _, p in named]):
                 for n, p in named:
-                    init[n] = p.detach().to("cpu", copy=True)
+                    init[n] = _host(p)
 
         def on_step_begin(self, a, state, control, model=None, optimizer=None, **k):
             step = state.global_step
@@ -191,9 +238,11 @@ def run_mode(args, mode, torch, transformers):
                 torch.cuda.reset_peak_memory_stats()
             frozen = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
             rec["trainable_numel"][step] = sum(full_numel(p) for p in model.parameters() if p.requires_grad)
+            if step == 0:
+                rec["backend"] = getattr(self._backend(optimizer), "name", None)
             with _gathered([p for _, p in frozen]):
                 # on the host, so that the check adds nothing to the device memory it measures
-                self.snap = {n: p.detach().to("cpu", copy=True) for n, p in frozen}
+                self.snap = {n: _host(p) for n, p in frozen}
             if cuda:
                 torch.cuda.synchronize()
             self.t = time.perf_counter()
@@ -205,7 +254,7 @@ def run_mode(args, mode, torch, transformers):
             named = dict(model.named_parameters())
             with _gathered([named[n] for n in self.snap]):
                 for n, before in self.snap.items():
-                    now = named[n].detach().cpu()
+                    now = _host(named[n])
                     if now.shape != before.shape or not torch.equal(now, before):
                         rec["violations"].append({"step": state.global_step, "param": n})
             self.snap = {}
@@ -224,6 +273,8 @@ def run_mode(args, mode, torch, transformers):
     trainer = transformers.Trainer(model=model, args=targs, train_dataset=BlockDataset(blocks), callbacks=callbacks)
     trainer.remove_callback(transformers.trainer_callback.PrinterCallback)  # losses go to the JSON
     trainer.add_callback(Recorder())
+    if args.force_fsdp2_on_cpu:
+        _force_fsdp2(trainer, model)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -243,7 +294,7 @@ def run_mode(args, mode, torch, transformers):
     if spectrum is not None and spectrum.analyzer is not None and error is None:
         named = list(model.named_parameters())
         with _gathered([p for _, p in named]):
-            final = {n: p.detach().to("cpu", copy=True) for n, p in named}
+            final = {n: _host(p) for n, p in named}
         sel_params = {f"{m}.weight" for m in ever_selected}
         for n, before in init.items():
             same = torch.equal(final[n], before)
@@ -276,6 +327,7 @@ def run_mode(args, mode, torch, transformers):
         "selections": [{k: v for k, v in s.items() if k != "selected"} | {"n_selected": len(s["selected"])}
                        for s in rec["selections"]],
         "scans": len(spectrum.history) if spectrum is not None else 0,
+        "backend": rec.get("backend"),
         "scan_stats": spectrum.analyzer.last_scan_stats if spectrum is not None and spectrum.analyzer else None,
     }
     if res["losses"]:
@@ -318,9 +370,14 @@ def summarize(runs):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--engine", default="torch", choices=["torch", "zero2", "zero3"])
+    ap.add_argument("--engine", default="torch", choices=["torch", "zero2", "zero3", "fsdp2"])
     ap.add_argument("--modes", default="full,static,dynamic")
-    ap.add_argument("--model", default="smollm2", choices=["smollm2", "tiny"])
+    ap.add_argument("--model", default="smollm2", choices=["smollm2", "tiny", "wide"])
+    ap.add_argument("--layers", type=int, default=4, help="--model wide: decoder layers of Llama-3-8B width")
+    ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--force-fsdp2-on-cpu", action="store_true",
+                    help="rehearsal only: set the FSDP2 accelerator state accelerate refuses on CPU "
+                         "(as tests/fsdp_scripts/scenarios.py does)")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--full-steps", type=int, default=12, help="steps of the full fine-tuning reference")

@@ -25,6 +25,7 @@ from .snr import as_matrix
 from ._logging import get_logger
 from . import _dist
 from ._fence.deepspeed_internals import full_ndim, full_shape, local_tensor
+from ._sharded import is_dtensor, local_part, whole_on
 from ._fence.torch_internals import is_fsdp1_flattened
 from .config import check_chunk_mb, check_dtype, check_method, compile_patterns
 
@@ -68,12 +69,14 @@ def _linear_types() -> tuple:
 
 
 SHARDED_HELP = (
-    "SpectrumCallback reads each weight matrix whole and moves matrices in and out of a plain torch or "
-    "DeepSpeed ZeRO optimizer; it does neither for FSDP's sharded parameters. For static Spectrum under FSDP, "
-    "call spectrum_freeze(model, top_pct=...) on the model before it is wrapped (before Trainer(...); FSDP1 "
-    "needs use_orig_params=True) and leave the callback out. For dynamic Spectrum on several GPUs use "
-    "DDP or DeepSpeed ZeRO-1/2/3 (configs/ds_zero3.json)"
+    "SpectrumCallback reads each weight matrix whole and moves matrices in and out of a plain torch optimizer, "
+    "a DeepSpeed ZeRO optimizer or one over FSDP2's DTensor shards; FSDP1's flat parameters allow neither. Use "
+    "FSDP2: TrainingArguments(fsdp=\"full_shard\", fsdp_config={\"fsdp_version\": 2}) or fsdp_version: 2 in the "
+    "accelerate config (configs/accelerate_fsdp2.yaml). For static Spectrum under FSDP1, call "
+    "spectrum_freeze(model, top_pct=...) before the model is wrapped (use_orig_params=True) and leave the callback out"
 )
+
+FSDP2_LABEL = "FSDP2 (fully_shard)"
 
 
 def sharding_engine(model: nn.Module) -> Optional[str]:
@@ -86,7 +89,7 @@ def sharding_engine(model: nn.Module) -> Optional[str]:
     with contextlib.suppress(ImportError):
         from torch.distributed.fsdp import FSDPModule
 
-        kinds.append((FSDPModule, "FSDP2 (fully_shard)"))
+        kinds.append((FSDPModule, FSDP2_LABEL))
     for mod in model.modules():
         for cls, label in kinds:
             if isinstance(mod, cls):
@@ -107,9 +110,10 @@ def sharding_engine(model: nn.Module) -> Optional[str]:
 
 def check_model_supported(model: nn.Module) -> None:
     """Refuse models whose weights cannot be trained in place (quantized, PEFT-wrapped)
-    or that are sharded by an engine the backends do not cover (FSDP, DTensor)."""
+    or that are sharded by an engine the backends do not cover (FSDP1, DTensor without
+    FSDP2, e.g. tensor parallelism alone).  FSDP2 (``fully_shard``) is covered."""
     engine = sharding_engine(model)
-    if engine is not None:
+    if engine is not None and engine != FSDP2_LABEL:
         raise ValueError(f"the model's parameters are distributed by {engine}: {SHARDED_HELP}")
     if getattr(model, "hf_quantizer", None) is not None or getattr(model, "is_quantized", False):
         method = getattr(getattr(model, "hf_quantizer", None), "quantization_config", None)
@@ -426,7 +430,7 @@ class SpectrumAnalyzer:
     @staticmethod
     def _key(unit: Candidate):
         # storage, shape and dtype of what this rank holds of each parameter of the unit
-        return tuple((t.data_ptr(), tuple(t.shape), t.dtype) for t in map(local_tensor, unit.params))
+        return tuple((t.data_ptr(), tuple(t.shape), t.dtype) for t in (local_part(local_tensor(p)) for p in unit.params))
 
     # ------------------------------------------------------------------ scan
     def scan(self, names: Optional[Sequence[str]] = None) -> "OrderedDict[str, dict]":
@@ -455,9 +459,10 @@ class SpectrumAnalyzer:
             torch.distributed.all_gather_object(lists, todo)
             union = set().union(*[set(x or []) for x in lists])
             todo = [n for n in names if n in union]
-        mine = _split_by_cost(todo, {n: self._cost(n) for n in todo}, world)[rank] if world > 1 else todo
+        parts = _split_by_cost(todo, {n: self._cost(n) for n in todo}, world) if world > 1 else [todo]
+        owner = {n: r for r, part in enumerate(parts) for n in part}
         results: Dict[str, tuple] = {}  # name -> (snr, per-expert SNRs or None)
-        self._scan_local(todo, set(mine), results)
+        self._scan_local(todo, owner, results)
         if world > 1:
             gathered: List[Optional[Dict[str, tuple]]] = [None] * world
             torch.distributed.all_gather_object(gathered, results)
@@ -515,13 +520,16 @@ class SpectrumAnalyzer:
         k, big = min(unit.matrix_shape), max(unit.matrix_shape)
         return (float(k) ** 3 + float(k) ** 2 * big) * unit.matrices()
 
-    def _scan_local(self, todo: List[str], mine: set, results: Dict[str, tuple]) -> None:
-        """Compute the SNR of ``mine``; gather (collectively) every unit in ``todo``.
+    def _scan_local(self, todo: List[str], owner: Dict[str, int], results: Dict[str, tuple]) -> None:
+        """Compute the SNR of the units ``owner`` gives this rank; take part in reading the
+        others (collectively, when the weights are sharded).
 
         The work items are matrices: one per unit, E per fused expert bank.  They are grouped
         by shape and batched in chunks bounded by ``chunk_bytes`` (so a fused bank is split
         across chunks when it must be).  All ranks walk ``todo`` in the same order so that
-        collective gathers line up.
+        collective gathers line up: the engine's ``gather`` context around each chunk
+        (DeepSpeed ZeRO-3), then :func:`~spectrum_callback._sharded.whole_on` per unit, which
+        brings a DTensor (FSDP2) whole to its owner only.
         """
         from tqdm.auto import tqdm
 
@@ -531,9 +539,12 @@ class SpectrumAnalyzer:
             for e in (range(unit.experts) if unit.kind == "fused" else [None]):
                 groups.setdefault(unit.matrix_shape, []).append((n, e))
         rank = _dist.rank()
+        mine = {n for n in todo if owner[n] == rank}
         threads = self._solver_threads(todo) if any(
             (self.device or self.modules[n].weight.device).type == "cpu" for n in todo[:1]) else None
         per_item: Dict[tuple, float] = {}
+        whole: Dict[str, torch.Tensor] = {}  # unit -> its whole weight, on its owner
+        kept: set = set()  # units gathered from DTensor shards (the same set on every rank)
         nonfinite: set = set()
         bar = tqdm(
             total=len(todo),
@@ -555,11 +566,20 @@ class SpectrumAnalyzer:
                     chunk = items[i : i + per_chunk]
                     units = list(OrderedDict((c, self.modules[c]) for c, _ in chunk).values())
                     with torch.no_grad(), self.gather(units), _threads(threads):
+                        for unit in units:  # same order on every rank (collective for DTensors)
+                            if unit.name in kept:
+                                continue
+                            w = unit.weight
+                            if is_dtensor(w):
+                                kept.add(unit.name)  # a gathered copy: kept while its bank spans chunks
+                            w = whole_on(w, owner[unit.name])
+                            if w is not None:
+                                whole[unit.name] = w
                         local = [(c, e) for c, e in chunk if c in mine]
                         if local:
                             mats, finite = [], []
                             for c, e in local:
-                                w = self.modules[c].weight
+                                w = whole[c]
                                 w = (w[e] if e is not None else as_matrix(w)).to(dev)
                                 ok = bool(torch.isfinite(w).all())
                                 finite.append(ok)
@@ -573,7 +593,11 @@ class SpectrumAnalyzer:
                     for c, _ in chunk:
                         remaining[c] -= 1
                         if remaining[c] == 0:
+                            kept.discard(c)
+                            whole.pop(c, None)
                             bar.update(1)
+                    for c in [c for c in whole if c not in kept]:
+                        del whole[c]  # the weight itself, whole only inside the engine's gather context
         finally:
             bar.close()
         for c in todo:

@@ -219,7 +219,7 @@ class SpectrumCallback(TrainerCallback):
             snr_json=snr_json, method=method, dtype=dtype, chunk_mb=chunk_mb, plot_dir=plot_dir, verbose=verbose,
             train_heads=train_heads,
         )
-        _install_deepspeed_resume_hook()
+        _install_resume_hooks()
 
         self.selected: List[str] = []
         self.history: List[dict] = []
@@ -319,12 +319,12 @@ class SpectrumCallback(TrainerCallback):
         check_versions()  # a warning for versions the fenced internals were not checked on
         # The running Trainer, found once (no public API hands it to callbacks) and passed down.
         self.trainer, resume_dir = find_trainer(lambda t: self in getattr(t.callback_handler, "callbacks", []))
-        if getattr(self.trainer, "is_fsdp_enabled", False):
-            # transformers 5.24 hands callbacks the FSDP-wrapped model, which the analyzer refuses
-            # too; this check also covers versions that hand over the inner module (whose
+        if getattr(self.trainer, "is_fsdp_enabled", False) and _fsdp_version(self.trainer) != 2:
+            # FSDP1: transformers 5.24 hands callbacks the FSDP-wrapped model, which the analyzer
+            # refuses too; this check also covers versions that hand over the inner module (whose
             # parameters are views of FSDP's flat shards) and names where FSDP came from.
             raise ValueError(
-                f"the Trainer runs FSDP (TrainingArguments.fsdp or an accelerate FSDP config): {SHARDED_HELP}"
+                f"the Trainer runs FSDP1 (TrainingArguments.fsdp or an accelerate FSDP config): {SHARDED_HELP}"
             )
         self._check_one_spectrum()
         if self._model is not None and model is not self._model:
@@ -518,6 +518,10 @@ class SpectrumCallback(TrainerCallback):
             "config": self.config.to_dict(),
             "last_scan_step": self.last_scan_step,
             "selected": list(self.selected),
+            # parameter names that train now (selection, heads, always_train): an FSDP2 resume
+            # sets requires_grad from them before the optimizer state loads
+            "trainable": [n for n, p in self._model.named_parameters() if p.requires_grad]
+            if self._model is not None else [],
             "history": self.history,
         }
 
@@ -594,16 +598,25 @@ class SpectrumCallback(TrainerCallback):
             self._scan_and_apply(step)
 
 
-def _install_deepspeed_resume_hook() -> None:
-    """Under DeepSpeed the Trainer loads a checkpoint before any callback event; let the
-    DeepSpeed backend lay the optimizer out as saved first (backends/deepspeed/resume.py)."""
+def _install_resume_hooks() -> None:
+    """Under DeepSpeed and FSDP2 the Trainer loads a checkpoint before any callback event; let
+    the backend lay the optimizer out as saved first (backends/deepspeed/resume.py,
+    backends/fsdp2_resume.py)."""
     import importlib.util
 
+    from .backends.fsdp2_resume import install_resume_hook as install_fsdp2_hook
+
+    install_fsdp2_hook()
     if importlib.util.find_spec("deepspeed") is None:
         return
     from .backends.deepspeed.resume import install_resume_hook
 
     install_resume_hook()
+
+
+def _fsdp_version(trainer) -> int:
+    plugin = getattr(getattr(getattr(trainer, "accelerator", None), "state", None), "fsdp_plugin", None)
+    return int(getattr(plugin, "fsdp_version", 1) or 1)
 
 
 _CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(SpectrumConfig))

@@ -100,23 +100,27 @@ def snapshot(model):
 
 
 def snapshot_frozen(model):
-    """Copies of the parameters that do not require grad now (ZeRO-3 partitions gathered)."""
+    """Copies of the parameters that do not require grad now (ZeRO-3 partitions gathered;
+    FSDP2 DTensors: this rank's shard)."""
     from spectrum_callback._fence.deepspeed_internals import whole
 
+    from spectrum_callback._sharded import local_part
+
     frozen = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
-    with whole([p for _, p in frozen]):
-        return {n: p.detach().clone() for n, p in frozen}
+    with whole([p for _, p in frozen]):  # FSDP2: this rank's shards (each rank checks its own)
+        return {n: local_part(p.detach()).clone() for n, p in frozen}
 
 
 def frozen_changes(model, snap):
     """``[(name, max abs difference)]`` of the parameters in ``snap`` whose bits changed."""
     from spectrum_callback._fence.deepspeed_internals import whole
+    from spectrum_callback._sharded import local_part
 
     named = dict(model.named_parameters())
     out = []
     with whole([named[n] for n in snap]):
         for n, before in snap.items():
-            now = named[n].detach()
+            now = local_part(named[n].detach())
             if now.shape != before.shape or not torch.equal(now, before):
                 diff = float((now.float() - before.float()).abs().max()) if now.shape == before.shape else float("inf")
                 out.append((n, diff))

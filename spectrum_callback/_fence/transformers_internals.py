@@ -10,7 +10,10 @@ checkpoint folder is derived from ``output_dir`` and ``global_step``).
 Under DeepSpeed the Trainer loads a checkpoint right after it built the engine, before any
 callback event (``Trainer._prepare_for_training`` calls the module-level
 ``deepspeed_load_checkpoint``); :func:`wrap_deepspeed_load_checkpoint` wraps that function
-so that the optimizer can be laid out as saved first.
+so that the optimizer can be laid out as saved first.  Under FSDP2 it loads the optimizer
+through the module-level ``load_fsdp_optimizer`` (accelerate's, imported into
+``transformers.trainer``), also before any callback event; :func:`wrap_fsdp_load_optimizer`
+lets the trainable set be restored first.
 """
 from __future__ import annotations
 
@@ -47,22 +50,38 @@ def find_trainer(wanted: Callable[[object], bool], depth: int = 60) -> Tuple[Opt
     return trainer, resume
 
 
-def wrap_deepspeed_load_checkpoint(before_load: Callable[[object, str], None]) -> bool:
-    """Wrap ``transformers.trainer.deepspeed_load_checkpoint`` (once per process) so that
-    ``before_load(engine, checkpoint_path)`` runs first.  Returns whether the hook is in place."""
+def _wrap_trainer_global(name: str, before: Callable[..., None]) -> bool:
+    """Replace the function ``transformers.trainer.<name>`` (once per process) by one that
+    calls ``before(*args, **kwargs)`` first.  Returns whether the hook is in place."""
     try:
         import transformers.trainer as tr
     except Exception:  # pragma: no cover
         return False
-    orig = getattr(tr, "deepspeed_load_checkpoint", None)
+    orig = getattr(tr, name, None)
     if orig is None or getattr(orig, _HOOKED, False):
         return orig is not None
 
-    def deepspeed_load_checkpoint(deepspeed_engine, checkpoint_path, *args, **kwargs):
-        before_load(deepspeed_engine, checkpoint_path)
-        return orig(deepspeed_engine, checkpoint_path, *args, **kwargs)
+    def hooked(*args, **kwargs):
+        before(*args, **kwargs)
+        return orig(*args, **kwargs)
 
-    setattr(deepspeed_load_checkpoint, _HOOKED, True)
-    deepspeed_load_checkpoint.__wrapped__ = orig
-    tr.deepspeed_load_checkpoint = deepspeed_load_checkpoint
+    setattr(hooked, _HOOKED, True)
+    hooked.__wrapped__ = orig
+    hooked.__name__ = name
+    setattr(tr, name, hooked)
     return True
+
+
+def wrap_deepspeed_load_checkpoint(before_load: Callable[[object, str], None]) -> bool:
+    """Wrap ``transformers.trainer.deepspeed_load_checkpoint(engine, checkpoint_path, ...)`` so
+    that ``before_load(engine, checkpoint_path)`` runs first."""
+    return _wrap_trainer_global(
+        "deepspeed_load_checkpoint", lambda engine, checkpoint_path, *a, **k: before_load(engine, checkpoint_path))
+
+
+def wrap_fsdp_load_optimizer(before_load: Callable[[object, object, str], None]) -> bool:
+    """Wrap ``transformers.trainer.load_fsdp_optimizer(fsdp_plugin, accelerator, optimizer, model,
+    input_dir, ...)`` so that ``before_load(fsdp_plugin, model, input_dir)`` runs first."""
+    return _wrap_trainer_global(
+        "load_fsdp_optimizer",
+        lambda plugin, accelerator, optimizer, model, input_dir, *a, **k: before_load(plugin, model, input_dir))

@@ -1,7 +1,8 @@
 """Optimizer backends: how a change of the trainable set reaches the optimizer.
 
 One backend per engine, behind :class:`~spectrum_callback.backends.base.OptimizerBackend`:
-:class:`TorchBackend` (plain torch optimizers, one process or DDP) and
+:class:`TorchBackend` (plain torch optimizers, one process or DDP),
+:class:`FSDP2Backend` (torch ``fully_shard``: a torch optimizer over DTensor shards) and
 :class:`~spectrum_callback.backends.deepspeed.DeepSpeedBackend` (ZeRO-1/2/3, imported only
 when a ZeRO optimizer is in use).
 """
@@ -9,9 +10,10 @@ from __future__ import annotations
 
 from .._fence.deepspeed_internals import is_zero_optimizer
 from .base import OptimizerBackend, SwitchResult
+from .fsdp2 import FSDP2Backend, fsdp2_modules
 from .torch_backend import TorchBackend, unwrap_optimizer
 
-__all__ = ["OptimizerBackend", "SwitchResult", "TorchBackend", "make_backend", "unwrap_optimizer"]
+__all__ = ["FSDP2Backend", "OptimizerBackend", "SwitchResult", "TorchBackend", "make_backend", "unwrap_optimizer"]
 
 
 def make_backend(optimizer, model, trainer=None, lr_scheduler=None) -> OptimizerBackend:
@@ -20,4 +22,6 @@ def make_backend(optimizer, model, trainer=None, lr_scheduler=None) -> Optimizer
         from .deepspeed import backend_for
 
         return backend_for(optimizer, model, trainer, lr_scheduler)
+    if fsdp2_modules(model):
+        return FSDP2Backend(optimizer, model, trainer, lr_scheduler)
     return TorchBackend(optimizer, model, trainer, lr_scheduler)
