@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Spectrum + DeepSpeed ZeRO across several machines, from a DeepSpeed hostfile.
+# Spectrum + DeepSpeed ZeRO (or FSDP2) across several machines, from a DeepSpeed hostfile.
+# FSDP2: LAUNCHER=torchrun, and your script sets TrainingArguments(fsdp="full_shard",
+# fsdp_config={"fsdp_version": 2}) (DS_CONFIG is then unused).
 #
 #   scripts/launch_multi_node.sh HOSTFILE your_train.py [your args...]
 #
@@ -14,7 +16,7 @@
 #   LAUNCHER     deepspeed (default) | torchrun (then run this script on EVERY node with NODE_RANK set)
 set -euo pipefail
 if [ $# -lt 2 ]; then
-  sed -n '2,15p' "$0"; exit 2
+  sed -n '2,17p' "$0"; exit 2
 fi
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 HOSTFILE="$1"; shift

@@ -430,7 +430,8 @@ class SpectrumAnalyzer:
     @staticmethod
     def _key(unit: Candidate):
         # storage, shape and dtype of what this rank holds of each parameter of the unit
-        return tuple((t.data_ptr(), tuple(t.shape), t.dtype) for t in (local_part(local_tensor(p)) for p in unit.params))
+        held = (local_part(local_tensor(p)) for p in unit.params)
+        return tuple((t.data_ptr(), tuple(t.shape), t.dtype) for t in held)
 
     # ------------------------------------------------------------------ scan
     def scan(self, names: Optional[Sequence[str]] = None) -> "OrderedDict[str, dict]":
@@ -451,7 +452,7 @@ class SpectrumAnalyzer:
         unknown = [n for n in names if n not in self.modules]
         if unknown:
             raise ValueError(f"not candidate modules: {unknown[:5]}; see analyzer.names")
-        rank, world = _dist.rank(), _dist.world()
+        world = _dist.world()
         todo = [n for n in names if not self._is_cached(n)]
         if world > 1:
             # Ranks may disagree on what is cached; scan the union so every entry has an owner.

@@ -57,6 +57,19 @@ def test_torch_internals():
     assert "_fsdp_flattened" in inspect.getsource(_flat_param)
 
 
+def test_torch_fsdp2_internals():
+    """refresh_fsdp2_dtypes: FSDPModule._get_fsdp_state()._fsdp_param_group._init_mp_dtypes(),
+    which recomputes the group dtypes from the parameters that require grad now."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp._fully_shard import _fsdp_param_group, _fully_shard
+
+    assert callable(FSDPModule._get_fsdp_state)
+    src = inspect.getsource(_fsdp_param_group.FSDPParamGroup._init_mp_dtypes)
+    for needle in ("if p.sharded_param.requires_grad", "self._orig_dtype =", "self._reduce_dtype ="):
+        assert needle in src, needle
+    assert "._fsdp_param_group" in inspect.getsource(_fully_shard)
+
+
 def test_accelerate_internals():
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
@@ -71,6 +84,13 @@ def test_transformers_internals():
 
     assert callable(getattr(tr, "deepspeed_load_checkpoint", None))
     assert "deepspeed_load_checkpoint(" in inspect.getsource(tr.Trainer._prepare_for_training)
+    # FSDP2 resume: the Trainer loads the optimizer through its module-level load_fsdp_optimizer,
+    # positional (plugin, accelerator, optimizer, model, checkpoint dir), before any callback event
+    assert callable(getattr(tr, "load_fsdp_optimizer", None))
+    src = inspect.getsource(tr.Trainer._load_optimizer_and_scheduler)
+    assert "load_fsdp_optimizer(\n" in src and "self.accelerator.state.fsdp_plugin,\n" in src
+    assert list(inspect.signature(tr.load_fsdp_optimizer).parameters)[:5] == [
+        "fsdp_plugin", "accelerator", "optimizer", "model", "input_dir"]
     # find_trainer reads `self` and `resume_from_checkpoint` from the train() frame
     assert "resume_from_checkpoint" in inspect.signature(Trainer.train).parameters
 
@@ -134,7 +154,8 @@ PRIVATE = ("ds_tensor", "ds_shape", "ds_numel", "ds_id", "_fsdp_flattened", "_ge
            "_lazy_init_hp_params_optimizer_state", "deepspeed_load_checkpoint", "_models", "_hp_mapping",
            "_hp_optimizer_states_linked", "parameter_offload", "sub_group_to_group_id",
            "single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "_config", "_reset_state",
-           "_PartitionedParameterCoordinator__params_to_release")
+           "_PartitionedParameterCoordinator__params_to_release", "_get_fsdp_state", "_init_mp_dtypes",
+           "_fsdp_param_group", "load_fsdp_optimizer")
 
 
 @pytest.mark.parametrize("room", ["spectrum_callback", "spectrum_study", "scripts"])

@@ -1,5 +1,6 @@
-"""FSDP and DTensor-sharded models: refused by the callback with a clear error; the
-documented alternative (spectrum_freeze before wrapping) keeps frozen weights as they were.
+"""FSDP1 and DTensor-sharded models without FSDP2: refused with a clear error that names FSDP2;
+FSDP2 models are accepted (their training is tested with 2 processes in test_fsdp2.py); the
+static alternative (spectrum_freeze before wrapping) keeps frozen weights as they were.
 
 One process, gloo, on CPU: FSDP1 and FSDP2 both wrap on CPU with a world of 1 (FSDP1
 then uses NO_SHARD, FSDP2 still turns every parameter into a DTensor).
@@ -39,7 +40,7 @@ def test_fsdp1_wrapped_model_is_refused(process_group):
     # The wrapper and the inner module (what the Trainer's callbacks are handed) are both refused.
     for model in (wrapped, inner):
         assert sharding_engine(model) == "FSDP (FullyShardedDataParallel)"
-        with pytest.raises(ValueError, match=r"distributed by FSDP .*spectrum_freeze\(model.*before it is wrapped"):
+        with pytest.raises(ValueError, match=r"distributed by FSDP .*Use FSDP2.*spectrum_freeze\(model"):
             SpectrumAnalyzer(model)
         with pytest.raises(ValueError, match="distributed by FSDP"):
             spectrum_freeze(model, top_pct=0.25)
@@ -54,14 +55,17 @@ def test_inner_module_of_a_root_only_fsdp1_wrap_is_refused(process_group, use_or
         SpectrumAnalyzer(inner)
 
 
-def test_fsdp2_model_is_refused(process_group):
+def test_fsdp2_model_is_accepted_and_scanned_like_the_plain_model(process_group):
+    plain = tiny_model("qwen2")
     model = tiny_model("qwen2")
     for layer in model.model.layers:
         fsdp.fully_shard(layer)
     fsdp.fully_shard(model)
     assert sharding_engine(model) == "FSDP2 (fully_shard)"
-    with pytest.raises(ValueError, match=r"distributed by FSDP2 \(fully_shard\).*DDP or DeepSpeed ZeRO-1/2/3"):
-        SpectrumAnalyzer(model)
+    got, want = SpectrumAnalyzer(model).scan(), SpectrumAnalyzer(plain).scan()
+    assert list(got) == list(want)
+    for n in want:
+        assert got[n]["snr"] == pytest.approx(want[n]["snr"], rel=1e-6), n
 
 
 def test_dtensor_parameters_are_refused(process_group):
@@ -88,24 +92,33 @@ class _FlagTrainer(transformers.Trainer):
         return self.callback_handler.on_train_begin(self.args, self.state, self.control)
 
 
-def test_trainer_with_fsdp_enabled_is_refused_before_any_change(tmp_path):
-    """Under the Trainer's FSDP the callback may be handed the inner module, whose parameters
-    are views of FSDP's shards: the callback refuses on ``trainer.is_fsdp_enabled``."""
+@pytest.mark.parametrize("version", [1, None])
+def test_trainer_with_fsdp1_is_refused_before_any_change(tmp_path, version):
+    """Under the Trainer's FSDP1 the callback may be handed the inner module, whose parameters
+    are views of FSDP's flat shards: the callback refuses on ``trainer.is_fsdp_enabled`` unless
+    the plugin says ``fsdp_version`` 2, and the message names FSDP2 as the way."""
+    from types import SimpleNamespace
+
     model = tiny_model("llama")
     before = snapshot(model)
     cb = SpectrumCallback(top_pct=0.25)
     trainer = _FlagTrainer(model=model, args=training_args(tmp_path, max_steps=1), train_dataset=RandomTokens(8),
                            callbacks=[cb])
     trainer.is_fsdp_enabled = True
-    with pytest.raises(ValueError, match=r"Trainer runs FSDP .*spectrum_freeze"):
-        trainer.fire_train_begin()
+    plugin = SimpleNamespace(fsdp_version=version) if version else None
+    trainer.accelerator.state.fsdp_plugin = plugin
+    try:
+        with pytest.raises(ValueError, match=r"Trainer runs FSDP1 .*Use FSDP2.*fsdp_version"):
+            trainer.fire_train_begin()
+    finally:
+        trainer.accelerator.state.fsdp_plugin = None
     assert all(p.requires_grad for p in model.parameters())  # nothing was frozen
     after = snapshot(model)
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_spectrum_freeze_before_fsdp2_keeps_frozen_weights(process_group):
-    """The path the error message recommends: freeze on the plain model, then shard, then train."""
+    """Static Spectrum without the callback: freeze on the plain model, then shard, then train."""
     model = tiny_model("llama")
     selected = spectrum_freeze(model, top_pct=0.25)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}

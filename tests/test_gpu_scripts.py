@@ -21,14 +21,17 @@ def _run(args, timeout=240):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", ["torch", "zero3"])
+@pytest.mark.parametrize("engine", ["torch", "zero3", "fsdp2"])
 def test_trainer_check_script_on_cpu(tmp_path, engine):
     out = tmp_path / f"{engine}.json"
+    extra = ["--force-fsdp2-on-cpu", "--gradient-checkpointing"] if engine == "fsdp2" else []
     proc = _run([os.path.join(SCRIPTS, "gpu_trainer_check.py"), "--device", "cpu", "--model", "tiny",
                  "--engine", engine, "--modes", "full,static,dynamic", "--steps", "8", "--full-steps", "4",
-                 "--update-every", "2", "--batch", "4", "--seq", "32", "--lr", "3e-3", "--json", str(out)])
+                 "--update-every", "2", "--batch", "4", "--seq", "32", "--lr", "3e-3", "--json", str(out), *extra])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     runs = json.loads(out.read_text())["runs"]
+    if engine == "fsdp2":  # the same checks ran on FSDP2's shards, with the FSDP2 backend
+        assert {r["backend"] for r in runs.values()} == {"fsdp2"}
     assert all(r["ok"] for r in runs.values()), {m: (r["error"], r["n_violations"]) for m, r in runs.items()}
     for mode in ("static", "dynamic"):
         assert runs[mode]["state_ratio_to_full"] < 0.35  # a quarter of the linear layers, no embeddings

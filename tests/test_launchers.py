@@ -72,3 +72,34 @@ def test_readme_launch_path_with_zero3_init(setup, tmp_path, launcher):
     assert ranks[0]["selected"] == ranks[1]["selected"] and ranks[0]["losses"] == ranks[1]["losses"]
     # the scan of the weights that arrived partitioned equals a scan of the same weights loaded whole
     assert ranks[0]["first_scan"] == _expected_first_selection(setup / "model")
+
+
+@pytest.mark.parametrize("engine,launcher,want", [
+    ("fsdp2", None, ["accelerate", "launch", "--config_file", "configs/accelerate_fsdp2.yaml"]),
+    ("zero2", None, ["torchrun", "--standalone"]),
+    ("zero3", "accelerate", ["accelerate", "launch", "--config_file", "configs/accelerate_deepspeed_zero3.yaml"]),
+])
+def test_launcher_picks_the_engines_config(tmp_path, engine, launcher, want):
+    """ENGINE selects the default launcher and config (the launchers are stand-ins that print
+    what they were called with; on CPU accelerate would silently run DDP, not FSDP2)."""
+    for tool in ("accelerate", "torchrun", "deepspeed"):
+        stub = tmp_path / tool
+        stub.write_text(f'#!/bin/sh\necho {tool} "$@" DS_CONFIG=$DS_CONFIG\n')
+        stub.chmod(0o755)
+    env = dict(os.environ, PATH=f"{tmp_path}:{os.environ['PATH']}", ENGINE=engine)
+    env.pop("DS_CONFIG", None)
+    if launcher:
+        env["LAUNCHER"] = launcher
+    out = subprocess.run(["bash", os.path.join(ROOT, "scripts", "launch_single_node.sh"), "8", "train.py"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    words = out.stdout.replace(ROOT + "/", "").split()
+    assert words[:len(want)] == want, words
+    if engine == "zero2":
+        assert "DS_CONFIG=configs/ds_zero2.json" in words
+
+
+def test_launcher_refuses_an_unknown_engine():
+    out = subprocess.run(["bash", os.path.join(ROOT, "scripts", "launch_single_node.sh"), "8", "train.py"],
+                         cwd=ROOT, env=dict(os.environ, ENGINE="fsdp1"), capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and "use zero3, zero2 or fsdp2" in out.stderr

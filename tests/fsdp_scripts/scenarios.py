@@ -10,7 +10,8 @@ Two routes bring an FSDP2 model to the Trainer, and both are run here:
   ``load_fsdp_optimizer``).  accelerate only enables FSDP on GPUs (on CPU it silently runs
   DDP), so this script sets on the accelerator state, after ``Trainer(...)``, what
   ``TrainingArguments(fsdp=..., fsdp_config={"fsdp_version": 2})`` sets on a GPU node:
-  ``distributed_type=FSDP``, the FSDP2 plugin, ``trainer.is_fsdp_enabled``.  Everything after
+  ``distributed_type=FSDP``, the FSDP2 plugin (built from configs/accelerate_fsdp2.yaml by
+  accelerate's launch parsing), ``trainer.is_fsdp_enabled``.  Everything after
   that is accelerate's and the Trainer's own code.
 * ``tload``: a model sharded at load time by transformers
   (``from_pretrained(distributed_config=DistributedConfig(fsdp_size=2))``), which the Trainer
@@ -30,6 +31,7 @@ import traceback
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, os.path.dirname(HERE))  # tests/ for tiny.py
 torch.set_num_threads(1)
 
@@ -153,19 +155,33 @@ class LossLog(TrainerCallback):
             self.losses[int(state.global_step)] = float(logs["loss"])
 
 
-def _layer_cls_name(model):
-    return type(model.model.layers[0]).__name__
+def fsdp2_plugin_from_config(path):
+    """The FSDP plugin ``accelerate launch --config_file <path>`` gives each process: the launch
+    command's own parsing turns the config into FSDP_* environment variables, which the plugin
+    reads."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    args = launch_command_parser().parse_args(["--config_file", path, "--num_processes", str(world()), "x.py"])
+    args, _, _ = _validate_launch_command(args)
+    env = {k: v for k, v in prepare_multi_gpu_env(args).items() if k.startswith("FSDP_")}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        return FullyShardedDataParallelPlugin()
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
 def force_accelerate_fsdp2(trainer, model, bf16):
-    """What accelerate does for ``fsdp_version: 2`` on a GPU node, set on CPU (see the module doc)."""
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    """What accelerate does with configs/accelerate_fsdp2.yaml on a GPU node, set on CPU (see
+    the module doc)."""
+    from accelerate.utils import DistributedType
 
-    plugin = FullyShardedDataParallelPlugin(
-        fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
-        transformer_cls_names_to_wrap=[_layer_cls_name(model)], reshard_after_forward=True,
-        state_dict_type="SHARDED_STATE_DICT",
-    )
+    plugin = fsdp2_plugin_from_config(os.path.join(ROOT, "configs", "accelerate_fsdp2.yaml"))
+    assert plugin.fsdp_version == 2
     if bf16:
         plugin.set_mixed_precision("bf16")
     st = trainer.accelerator.state
@@ -262,6 +278,7 @@ def run(name, out, reference=False):
         backend=getattr(spectrum.backend, "name", None),
         fsdp_modules=sum(type(m).__name__.startswith("FSDP") for m in model.modules()),
         dtensor_params=sum(is_dtensor(p) for p in model.parameters()),
+        local_numel=all_ranks(sum(local_part(p).numel() for p in model.parameters())),
         candidate_numel=sum(spectrum.analyzer.modules[n].weight.numel() for n in spectrum.analyzer.names),
         scans=len(spectrum.history),
     )
