@@ -54,8 +54,28 @@ logger = get_logger(__name__)
 # same layout before DeepSpeed loads the checkpoint (see .resume).
 LAYOUT_KEY = "spectrum_layout"
 
-# A stayer's values while the old optimizer is replaced: (step, fp32 master, moments).
-Kept = Tuple[int, Optional[torch.Tensor], Dict[str, torch.Tensor]]
+# A stayer's values while the old optimizer is replaced: (step, {state key: this rank's copy}),
+# key None = the fp32 master.  Stage 3: the local slice; stage 1/2: (offset, owned fragment).
+Kept = Tuple[int, Dict[Optional[str], object]]
+
+
+def _nbytes(v) -> int:
+    if isinstance(v, tuple):
+        v = v[1]
+    return v.numel() * v.element_size() if torch.is_tensor(v) else 0
+
+
+def _staging_device(zero, nbytes: int) -> torch.device:
+    """Where the stayers' copies wait during a switch: on the optimizer's device when it has
+    room for them (with 10 % to spare; the old optimizer's buffers are freed right after),
+    else in host memory."""
+    flats = ds.param_groups(zero)
+    dev = flats[0][2].device if flats else torch.device("cpu")
+    if dev.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(dev)
+        if free < 1.1 * nbytes:
+            return torch.device("cpu")
+    return dev
 
 
 def _hp_of(group: dict) -> dict:
@@ -91,6 +111,7 @@ class DeepSpeedBackend(OptimizerBackend):
         self.sched = None
         self.sched_base: Optional[Tuple[list, list]] = None
         self.rebuilds = 0
+        self.last_switch: dict = {}
         # Class of a parameter = index of the torch param group it was in when the engine was
         # built; the lr scheduler's per-group lists are indexed the same way.
         layouts = [g.get(LAYOUT_KEY) for g in base.param_groups]
@@ -238,6 +259,9 @@ class DeepSpeedBackend(OptimizerBackend):
         kept = self._read_stayers(old_groups, new_params, force_fresh, keys)
         moved = {id(p) for ps, _, _ in old_groups for p in ps} | {id(p) for p in new_params}
         self._retire(old_zero, old_groups, {id(p) for p in new_params})
+        # The old optimizer's fp32 partitions, moments and gradient buffers go now, before the
+        # new one allocates its own: a switch then costs the stayers' copies, not two optimizers.
+        self.last_switch["freed_bytes"] = ds.free_optimizer_memory(old_zero)
         del old_groups
         order, cohorts = self._cohorts(new_params, kept, layout)
         base = self._new_torch_optimizer(order, cohorts, class_lr)
@@ -250,30 +274,45 @@ class DeepSpeedBackend(OptimizerBackend):
         return SwitchResult(moved=moved)
 
     def _read_stayers(self, old_groups, new_params, force_fresh, keys) -> Dict[int, Kept]:
-        """Step 1: step count, fp32 master and moments of the parameters that stay, copied to
-        the host (``safe_get_full_*``: collective, the same order on every rank)."""
-        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+        """Step 1: step count, fp32 master and moments of the parameters that stay: copies of
+        what *this rank* holds of them, nothing gathered.
 
+        Stage 3 partitions each parameter on its own, so a stayer's slice on this rank is
+        the same in the new optimizer: its local master and moments are copied as they are
+        (``safe_get_local_*``, public).  Stage 1/2 partition flat groups, so the slice moves
+        with the group: the fragment this rank owns is copied with its offset, and the new
+        owner's slice is reassembled one parameter at a time after the rebuild
+        (:meth:`_write_stayers`).  Where the low-precision weights are fp32 they equal the
+        master bit for bit (the optimizer copies master to weights after every step) and the
+        new optimizer builds its master from them: the master is not copied then.
+        """
         base = ds.torch_optimizer(self.zero)
         where = {id(p): flat for ps, _, flat in old_groups for p in ps}
-        if keys:
+        if keys and self.stage != 3:
             # (Re)map fragments to the current state tensors: a checkpoint load replaces them.
             ds.link_optimizer_state(self.zero)
+        stayers = [p for p in new_params if id(p) in where and id(p) not in force_fresh]
+        staged = sum(ds.local_tensor(p).numel() for p in stayers) * 4 * (1 + len(keys))
+        dev = _staging_device(self.zero, staged)
         kept: Dict[int, Kept] = {}
-        for p in new_params:
-            if id(p) not in where or id(p) in force_fresh:
-                continue
+        for p in stayers:
             st = ds.flat_state(base, where[id(p)])
             step = int(_scalar(st["step"])) if "step" in st else 0
-            master = safe_get_full_fp32_param(p)
-            moments = {}
-            if step > 0:
-                for k in keys:
-                    v = safe_get_full_optimizer_state(p, k)
-                    if v is not None:
-                        moments[k] = v.detach().to("cpu", copy=True)
-            kept[id(p)] = (step, None if master is None else master.detach().to("cpu", copy=True), moments)
+            need = ([] if ds.local_tensor(p).dtype == torch.float32 else [None]) + (list(keys) if step > 0 else [])
+            kept[id(p)] = (step, {k: self._copy_local(p, k, dev) for k in need})
+        self.last_switch = {"stayers": len(stayers), "staged_bytes": sum(
+            _nbytes(v) for _, vals in kept.values() for v in vals.values()), "staging_device": str(dev)}
         return kept
+
+    def _copy_local(self, p, key, dev):
+        """A copy of this rank's slice of ``p``'s master (``key=None``) or optimizer state ``key``."""
+        if self.stage == 3:
+            from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
+
+            v = safe_get_local_fp32_param(p) if key is None else safe_get_local_optimizer_state(p, key)
+            return None if v is None else v.detach().to(dev, copy=True)
+        frag = ds.owned_fragment(p, key)
+        return None if frag is None else (frag[0], frag[1].detach().to(dev, copy=True))
 
     @staticmethod
     def _retire(old_zero, old_groups, new_ids) -> None:
@@ -331,19 +370,36 @@ class DeepSpeedBackend(OptimizerBackend):
         ds.link_optimizer_state(new_zero)
         return new_zero
 
-    @staticmethod
-    def _write_stayers(new_params, kept) -> None:
-        """Step 4b: the stayers' master weights and moments go back (``safe_set_full_*``)."""
-        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+    def _write_stayers(self, new_params, kept) -> None:
+        """Step 4b: the stayers' master weights and moments go into the new optimizer, one
+        parameter at a time, each copy freed once written.  Stage 3: this rank's slices, as
+        they were (``safe_set_local_*``).  Stage 1/2: per parameter and state, the whole
+        tensor reassembled from every rank's old fragment (collective, model order) and this
+        rank's new slice taken from it (``safe_set_full_*``)."""
+        from deepspeed.utils import (safe_set_full_fp32_param, safe_set_full_optimizer_state,
+                                     safe_set_local_fp32_param, safe_set_local_optimizer_state)
 
         for p in new_params:
             if id(p) not in kept:
                 continue
-            _, master, moments = kept.pop(id(p))
-            if master is not None:
-                safe_set_full_fp32_param(p, master.to(ds.device_of(p)))
-            for k, v in moments.items():
-                safe_set_full_optimizer_state(p, v.to(ds.device_of(p)), k)
+            _, vals = kept.pop(id(p))
+            for k in list(vals):
+                v = vals.pop(k)
+                if self.stage == 3:
+                    if v is None:
+                        continue
+                    v = v.to(ds.device_of(p))
+                    if k is None:
+                        safe_set_local_fp32_param(p, v)
+                    else:
+                        safe_set_local_optimizer_state(p, v, k)
+                else:
+                    whole = ds.reassemble(p, v, ds.device_of(p))
+                    if k is None:
+                        safe_set_full_fp32_param(p, whole)
+                    else:
+                        safe_set_full_optimizer_state(p, whole, k)
+                del v
 
     def _repoint(self, old_zero, new_zero, group_class, class_lr) -> None:
         """Step 5: accelerate's wrapper (held by the Trainer and the scheduler) and the lr
