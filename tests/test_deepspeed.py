@@ -181,10 +181,12 @@ def test_zero3_scan_matches_zero2(ds_results):
 def test_zero3_nonreentrant_checkpointing_after_rebuilds(ds_results):
     # Non-reentrant checkpointing (the transformers default) recomputes inside backward; it
     # used to get empty weights after a rebuild (stale pre_bwd_fn/post_bwd_fn, see
-    # spectrum_callback._fence.deepspeed_internals.forget_stage3_module_state).  Here 3 rebuilds at steps 0, 2, 4;
+    # spectrum_callback._fence.deepspeed_internals.forget_stage3_module_state).  Here rebuilds at steps 2 and 4;
     # same numbers as plain PyTorch is checked in test_same_losses_and_weights_as_plain_pytorch.
     r = _get(ds_results, "z3_dynamic_gc_nonreentrant")
-    assert r["rebuilds"] >= 3 and sorted(r["losses"], key=int) == ["1", "2", "3", "4", "5", "6"]
+    # (The start-up selection happens before the engine is built: rebuilds at steps 2 and 4; there
+    # was a third at step 0 when the engine was built over every parameter.)
+    assert r["rebuilds"] >= 2 and sorted(r["losses"], key=int) == ["1", "2", "3", "4", "5", "6"]
     assert len({tuple(h["selected"]) for h in r["history"]}) > 1
 
 
@@ -235,9 +237,9 @@ def test_zero2_switch_reassembles_one_stayer_at_a_time(ds_results):
     # that one tensor. fp32: the master is not moved (the weights equal it), so 2 per stayer.
     r = _get(ds_results, "z2_dynamic")
     switches = r["switch_comm"]
-    assert len(switches) == 3 and all(e["rebuilt"] and e["stayers"] for e in switches), switches
-    # at step 0 (the first selection) Adam has no moments yet: nothing to move
-    assert switches[0]["ops"] == {}, switches[0]
+    # step 0: the optimizer was built over the start-up selection (no rebuild); steps 2 and 4 rebuild
+    assert len(switches) == 3 and not switches[0]["rebuilt"] and switches[0]["ops"] == {}, switches
+    assert all(e["rebuilt"] and e["stayers"] for e in switches[1:]), switches
     for e in switches[1:]:
         assert e["ops"].get("all_reduce", [0])[0] == 2 * e["stayers"], e
         assert not any(op.startswith("all_gather") for op in e["ops"]), e

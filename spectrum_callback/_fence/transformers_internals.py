@@ -66,3 +66,30 @@ def wrap_deepspeed_load_checkpoint(before_load: Callable[[object, str], None]) -
     deepspeed_load_checkpoint.__wrapped__ = orig
     tr.deepspeed_load_checkpoint = deepspeed_load_checkpoint
     return True
+
+
+_STARTUP = "_spectrum_startup_hook"
+
+
+def wrap_deepspeed_init(before_init: Callable[[object], None]) -> bool:
+    """Wrap ``transformers.trainer.deepspeed_init`` (once per process) so that
+    ``before_init(trainer)`` runs first: ``Trainer._prepare_for_training`` calls it to create
+    the optimizer (from the parameters that require grad) and the engine right after.
+    Returns whether the hook is in place."""
+    try:
+        import transformers.trainer as tr
+    except Exception:  # pragma: no cover
+        return False
+    orig = getattr(tr, "deepspeed_init", None)
+    if orig is None or getattr(orig, _STARTUP, False):
+        return orig is not None
+
+    def deepspeed_init(trainer, *args, **kwargs):
+        if not kwargs.get("inference", False):
+            before_init(trainer)
+        return orig(trainer, *args, **kwargs)
+
+    setattr(deepspeed_init, _STARTUP, True)
+    deepspeed_init.__wrapped__ = orig
+    tr.deepspeed_init = deepspeed_init
+    return True

@@ -65,6 +65,24 @@ def _nbytes(v) -> int:
     return v.numel() * v.element_size() if torch.is_tensor(v) else 0
 
 
+_said_full_build = False
+
+
+def _say_full_build_once(built: int, selected: int) -> None:
+    global _said_full_build
+    if _said_full_build:
+        return
+    _said_full_build = True
+    from ..._dist import is_main
+
+    if is_main():
+        logger.warning(
+            "Spectrum/DeepSpeed: the ZeRO optimizer was built over %d trainable parameters before Spectrum selected %d "
+            "of them (its start-up peak is that of full fine-tuning); rebuilding it over the selection. To build it "
+            "over the selection only, attach SpectrumCallback before trainer.train() (Trainer(callbacks=[...]) or "
+            "trainer.add_callback), or freeze before Trainer(...) with spectrum_freeze", built, selected)
+
+
 def _staging_device(zero, nbytes: int) -> torch.device:
     """Where the stayers' copies wait during a switch: on the optimizer's device when it has
     room for them (with 10 % to spare; the old optimizer's buffers are freed right after),
@@ -192,7 +210,12 @@ class DeepSpeedBackend(OptimizerBackend):
         wds = [c.get("weight_decay", 0.0) for c in self.classes]
         decay = max(range(len(wds)), key=lambda i: (wds[i], -i))
         zero = [i for i, w in enumerate(wds) if w == 0.0]
-        return decay, (zero[0] if zero else decay)
+        if not zero:
+            # The optimizer was built over a selection without any no-decay parameter (its empty
+            # group dropped): the Trainer's no-decay class, for a bias or norm that joins later.
+            self.classes.append(dict(self.classes[decay], weight_decay=0.0))
+            zero = [len(self.classes) - 1]
+        return decay, zero[0]
 
     def _find_scheduler(self):
         sched = self.lr_scheduler
@@ -232,7 +255,13 @@ class DeepSpeedBackend(OptimizerBackend):
         old_ids = {id(p) for ps, _, _ in old_groups for p in ps}
         new_params = self._trainable_in_order()
         if {id(p) for p in new_params} == old_ids and not joining:
-            return SwitchResult()  # the optimizer already holds exactly the selection (e.g. resume)
+            # The optimizer already holds exactly the selection (built after the start-up selection,
+            # or laid out for a resume).  Create Adam's state now if it has none yet, as a rebuild does.
+            if self.rebuilds == 0 and not ds.moment_keys(ds.torch_optimizer(self.zero)):
+                self._init_state(self.zero, [(c, 0) for c in self._group_class], [])
+            return SwitchResult()
+        if self.rebuilds == 0:
+            _say_full_build_once(len(old_ids), len(new_params))
         return self.rebuild(new_params, force_fresh={id(p) for p in joining})
 
     def _trainable_in_order(self) -> List[nn.Parameter]:
@@ -361,14 +390,19 @@ class DeepSpeedBackend(OptimizerBackend):
         group is created (zeros, ``step`` = the cohort's count)."""
         new_zero = ds.configure_optimizer(self.engine, base)
         self.zero = new_zero
-        for params, gi, flat in ds.param_groups(new_zero):
+        self._init_state(new_zero, order, keys)
+        return new_zero
+
+    def _init_state(self, zero, order, keys) -> None:
+        """Adam's state for every flat partition: zeros, ``step`` = the cohort's count."""
+        base = ds.torch_optimizer(zero)
+        for params, gi, flat in ds.param_groups(zero):
             _, step = order[gi]
             state = {"step": adam_step_tensor(step, base.param_groups[gi], flat)}
             for k in keys or self._default_keys(base.param_groups[gi]):
                 state[k] = torch.zeros_like(flat, memory_format=torch.preserve_format)
             ds.set_flat_state(base, flat, state)
-        ds.link_optimizer_state(new_zero)
-        return new_zero
+        ds.link_optimizer_state(zero)
 
     def _write_stayers(self, new_params, kept) -> None:
         """Step 4b: the stayers' master weights and moments go into the new optimizer, one
