@@ -219,7 +219,7 @@ class SpectrumCallback(TrainerCallback):
             snr_json=snr_json, method=method, dtype=dtype, chunk_mb=chunk_mb, plot_dir=plot_dir, verbose=verbose,
             train_heads=train_heads,
         )
-        _install_resume_hooks()
+        _install_hooks()
 
         self.selected: List[str] = []
         self.history: List[dict] = []
@@ -230,6 +230,7 @@ class SpectrumCallback(TrainerCallback):
         self._pending_logs: Dict[str, float] = {}
         self._model: Optional[nn.Module] = None
         self._heads: List[str] = []
+        self._early: Optional[dict] = None  # a selection made before the optimizer (select_before_optimizer)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -308,6 +309,18 @@ class SpectrumCallback(TrainerCallback):
                                ", ".join(heads))
         return heads if self.config.train_heads else []
 
+    def _new_analyzer(self, model: nn.Module, args, gather, user_frozen, device=None) -> None:
+        """The analyzer of ``model``: candidates found, those the user froze or ``always_train``
+        keeps left out, task heads named, patterns checked."""
+        self.analyzer = SpectrumAnalyzer(
+            model, include=self.config.include, exclude=self.config.exclude, method=self.config.method,
+            dtype=self.config.torch_dtype, chunk_mb=self.config.chunk_mb, device=device,
+            progress=not getattr(args, "disable_tqdm", False), gather=gather,
+        )
+        self._leave_out_candidates(model, user_frozen)
+        self._heads = self._task_heads(model, user_frozen)
+        self._validate_patterns(model)
+
     def _candidate_params(self) -> Dict[str, List[nn.Parameter]]:
         return {n: self.analyzer.params_of(n) for n in self.analyzer.names}
 
@@ -334,14 +347,16 @@ class SpectrumCallback(TrainerCallback):
         user_frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if _frozen.frozen_by_user(p)}
         # Data flows one way: model -> analyzer -> selection -> callback -> backend -> optimizer.
         self.backend = make_backend(optimizer, model, self.trainer, kwargs.get("lr_scheduler"))
-        self.analyzer = SpectrumAnalyzer(
-            model, include=self.config.include, exclude=self.config.exclude, method=self.config.method,
-            dtype=self.config.torch_dtype, chunk_mb=self.config.chunk_mb,
-            progress=not getattr(args, "disable_tqdm", False), gather=self.backend.gather,
-        )
-        self._leave_out_candidates(model, user_frozen)
-        self._heads = self._task_heads(model, user_frozen)
-        self._validate_patterns(model)
+        early, self._early = self._early, None
+        if early is not None and early["model"] is model:
+            self.analyzer = early["analyzer"]  # candidates already settled
+            self.analyzer.gather = self.backend.gather
+            # The engine moved the weights' storage (ZeRO-3 partitions, ZeRO-1/2 flat buffers), not
+            # their values: keep the SNRs scanned before it.
+            self.analyzer.refresh_keys(self.analyzer.names)
+        else:
+            early = None
+            self._new_analyzer(model, args, self.backend.gather, user_frozen)
         self.backend.prepare(self._candidate_params(), dynamic=self.dynamic)
         self._gradient_checkpointing_inputs(model, args)
 
@@ -349,12 +364,65 @@ class SpectrumCallback(TrainerCallback):
         if state.global_step > 0:
             restored = self._restore(args, state, resume_dir)
         if not restored:
-            if self.config.snr_json is not None and not self.history:
+            if early is not None and "snr" in early:
+                self._apply(state.global_step, early["snr"], source=early["source"])
+            elif self.config.snr_json is not None and not self.history:
                 snr = _snr_from_json(self.config.snr_json, self.analyzer)
                 self._apply(state.global_step, snr, source="snr_json")
             else:
                 self._scan_and_apply(state.global_step)
         return control
+
+    def select_before_optimizer(self, trainer, resume_dir: Optional[str] = None) -> bool:
+        """Select and freeze before ``trainer`` builds its optimizer, so that the optimizer
+        (and DeepSpeed's fp32 master partitions) never holds more than the selection.
+
+        Called by the DeepSpeed start-up hook (``backends/deepspeed/startup.py``) right
+        before ``deepspeed_init``; ``on_train_begin`` then applies this same selection (the
+        optimizer already matches it: nothing is rebuilt) and keeps this analyzer.  ZeRO-3
+        weights that ``zero.Init`` partitioned are gathered for the scan (collective; every
+        rank calls this).  On a resume the checkpoint's saved selection is applied without a
+        scan (the weights are not loaded yet).
+
+        Returns:
+            Whether the model was frozen to a selection; ``False`` (nothing changed, the
+            optimizer is built over every trainable parameter and the first switch rebuilds
+            it, said once in the log) on a resume from a checkpoint without Spectrum state.
+        """
+        from ._fence.deepspeed_internals import whole
+
+        model = trainer.model
+        if resume_dir:
+            path = os.path.join(resume_dir, STATE_FILE)
+            if not os.path.isfile(path):
+                if _dist.is_main():
+                    logger.warning(
+                        "Spectrum: resuming from %s, which has no %s: the optimizer is built over every trainable "
+                        "parameter and rebuilt at on_train_begin (start-up peak as full fine-tuning). Resume from a "
+                        "checkpoint written with SpectrumCallback to avoid it", resume_dir, STATE_FILE)
+                return False
+        self.trainer = trainer
+        if self._model is not None and model is not self._model:
+            self.selected, self.history, self.last_scan_step = [], [], None
+        self._model = model
+        user_frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if _frozen.frozen_by_user(p)}
+        device = getattr(trainer.args, "device", None)
+        self._new_analyzer(model, trainer.args, lambda units: whole([p for u in units for p in u.params]),
+                           user_frozen, device=device if getattr(device, "type", None) == "cuda" else None)
+        self._early = {"model": model, "analyzer": self.analyzer}
+        if resume_dir:
+            with open(os.path.join(resume_dir, STATE_FILE)) as fh:
+                saved = [n for n in json.load(fh).get("selected", []) if n in self.analyzer.modules]
+            apply_selection(model, self.analyzer, saved, self.config.always_train, train_names=self._heads)
+            return True
+        if self.config.snr_json is not None and not self.history:
+            snr, source = _snr_from_json(self.config.snr_json, self.analyzer), "snr_json"
+        else:
+            snr, source = self.analyzer.scan(), "scan"
+        selected, snr = _dist.broadcast_from_main((self._select(snr), dict(snr)))
+        apply_selection(model, self.analyzer, selected, self.config.always_train, train_names=self._heads)
+        self._early.update(snr=snr, source=source)
+        return True
 
     def on_step_begin(self, args, state, control, **kwargs):
         if not self.dynamic or self.analyzer is None:
@@ -598,10 +666,11 @@ class SpectrumCallback(TrainerCallback):
             self._scan_and_apply(step)
 
 
-def _install_resume_hooks() -> None:
-    """Under DeepSpeed and FSDP2 the Trainer loads a checkpoint before any callback event; let
-    the backend lay the optimizer out as saved first (backends/deepspeed/resume.py,
-    backends/fsdp2_resume.py)."""
+def _install_hooks() -> None:
+    """Under DeepSpeed and FSDP2 the Trainer builds the optimizer and loads a checkpoint before
+    any callback event.  Let the callback select before DeepSpeed builds its optimizer
+    (backends/deepspeed/startup.py), and the backends lay the optimizer out as saved before a
+    checkpoint loads (backends/deepspeed/resume.py, backends/fsdp2_resume.py)."""
     import importlib.util
 
     from .backends.fsdp2_resume import install_resume_hook as install_fsdp2_hook
@@ -609,9 +678,10 @@ def _install_resume_hooks() -> None:
     install_fsdp2_hook()
     if importlib.util.find_spec("deepspeed") is None:
         return
-    from .backends.deepspeed.resume import install_resume_hook
+    from .backends.deepspeed import install_resume_hook, install_startup_hook
 
     install_resume_hook()
+    install_startup_hook()
 
 
 def _fsdp_version(trainer) -> int:

@@ -302,3 +302,80 @@ def forget_zero3_engines() -> None:
     for cell in getattr(fn, "__closure__", None) or ():  # instrument_w_nvtx wraps the lru_cache
         if hasattr(cell.cell_contents, "cache_clear"):
             cell.cell_contents.cache_clear()
+
+
+# ------------------------------------------------------------------ switches that move local state only
+def owned_fragment(p: nn.Parameter, key: Optional[str] = None) -> Optional[Tuple[int, torch.Tensor]]:
+    """Stage 1/2: ``(start, values)`` of the slice of ``p`` (flattened) that this rank's fp32
+    partition holds: the master (``key=None``) or the optimizer state ``key``; ``None`` when
+    this rank owns no element of ``p``.  ``values`` is a view into the optimizer's flat
+    buffers (``p._hp_mapping``, set by ``link_hp_params``; ``destroy()`` clears it)."""
+    mapping = getattr(p, "_hp_mapping", None)
+    if mapping is None:
+        return None
+    addr = mapping.lp_fragment_address
+    return int(addr.start), mapping.get_hp_fragment(key)
+
+
+def reassemble(p: nn.Parameter, fragment: Optional[Tuple[int, torch.Tensor]], device) -> torch.Tensor:
+    """Stage 1/2, collective over ``p``'s data-parallel group: the whole fp32 tensor of ``p``
+    from every rank's :func:`owned_fragment` (what ``safe_get_full_*`` does, but from copies
+    taken before the optimizer that owned them was destroyed).  Every rank calls it for the
+    same parameters in the same order."""
+    import deepspeed.comm as dist
+
+    buf = torch.zeros(full_numel(p), dtype=torch.float32, device=device)
+    if fragment is not None:
+        start, values = fragment
+        buf.narrow(0, start, values.numel()).copy_(values.reshape(-1))
+    dist.all_reduce(buf, group=p._dp_group)
+    return buf.view(full_shape(p))
+
+
+def _free(t: Optional[torch.Tensor]) -> int:
+    if t is None or not torch.is_tensor(t) or t.numel() == 0:
+        return 0
+    st = t.untyped_storage()
+    n = st.nbytes()
+    st.resize_(0)
+    return n
+
+
+def free_optimizer_memory(zero) -> int:
+    """Release, now, the memory a destroyed ZeRO optimizer owns alone: the fp32 master
+    partitions, the optimizer state keyed by them, their gradient buffers and (stage 3) the
+    flat gradient partition buffer.  Their storages are shrunk to 0 bytes, so the memory
+    goes back even while something still refers to the old optimizer (the engine, until it
+    gets the new one).  The low-precision buffers are left alone: parameters still view
+    them until the new optimizer re-flattens.  Returns the bytes released."""
+    base = torch_optimizer(zero)
+    freed = 0
+    seen = set()
+
+    def free(t):
+        nonlocal freed
+        if torch.is_tensor(t) and t.numel():
+            key = t.untyped_storage().data_ptr()
+            if key not in seen:
+                seen.add(key)
+                freed += _free(t)
+
+    with torch.no_grad():
+        for st in list(base.state.values()):
+            for v in st.values():
+                if torch.is_tensor(v) and v.ndim > 0:
+                    free(v)
+        base.state.clear()
+        flats = zero.fp32_partitioned_groups_flat if stage(zero) == 3 else zero.single_partition_of_fp32_groups
+        for flat in flats:
+            if flat.grad is not None:
+                free(flat.grad)
+                flat.grad = None
+            free(flat)
+        if stage(zero) == 3:
+            free(getattr(zero, "grad_partitions_flat_buffer", None))
+        else:
+            for buf in getattr(zero, "ipg_buffer", None) or []:
+                free(buf)
+            free(getattr(zero, "grads_in_partition", None))
+    return freed

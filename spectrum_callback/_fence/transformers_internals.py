@@ -13,7 +13,9 @@ callback event (``Trainer._prepare_for_training`` calls the module-level
 so that the optimizer can be laid out as saved first.  Under FSDP2 it loads the optimizer
 through the module-level ``load_fsdp_optimizer`` (accelerate's, imported into
 ``transformers.trainer``), also before any callback event; :func:`wrap_fsdp_load_optimizer`
-lets the trainable set be restored first.
+lets the trainable set be restored first.  Before either, the Trainer builds the DeepSpeed
+optimizer and engine in the module-level ``deepspeed_init``; :func:`wrap_deepspeed_init` lets
+the callback select and freeze first, so that start-up never builds the full optimizer.
 """
 from __future__ import annotations
 
@@ -85,3 +87,15 @@ def wrap_fsdp_load_optimizer(before_load: Callable[[object, object, str], None])
     return _wrap_trainer_global(
         "load_fsdp_optimizer",
         lambda plugin, accelerator, optimizer, model, input_dir, *a, **k: before_load(plugin, model, input_dir))
+
+
+def wrap_deepspeed_init(before_init: Callable[[object], None]) -> bool:
+    """Wrap ``transformers.trainer.deepspeed_init(trainer, ...)`` so that ``before_init(trainer)``
+    runs first (not for ``inference=True``): ``Trainer._prepare_for_training`` calls it to create
+    the optimizer (from the parameters that require grad) and the engine right after."""
+
+    def before(trainer, *args, **kwargs):
+        if not kwargs.get("inference", False):
+            before_init(trainer)
+
+    return _wrap_trainer_global("deepspeed_init", before)

@@ -71,6 +71,74 @@ def world():
     return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
 
+class SwitchComm:
+    """What each DeepSpeed switch moved between ranks: per call of the backend's ``switch``,
+    the collectives that went through DeepSpeed's comm backend (count and elements per op)
+    and the calls of ZeRO-3's full-parameter gather (``get_full_hp_param``, behind
+    ``safe_get_full_*``).  Installed once per process (2-process runs only)."""
+
+    OPS = ("all_gather", "all_gather_into_tensor", "all_gather_coalesced", "all_reduce", "all_reduce_coalesced",
+           "broadcast", "reduce_scatter_tensor", "reduce_scatter", "all_to_all_single")
+
+    def __init__(self):
+        self.active = None
+        self.log = []
+
+    def install(self):
+        from deepspeed.comm import comm as ds_comm
+        from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+        from spectrum_callback.backends.deepspeed import DeepSpeedBackend
+
+        me = self
+        cdb = ds_comm.cdb
+        for op in self.OPS:
+            fn = getattr(cdb, op, None)
+            if fn is None:
+                continue
+
+            def counted(*a, _fn=fn, _op=op, **kw):
+                if me.active is not None:
+                    # elements of the result: the gathered output, or the reduced/sent tensor
+                    t = kw.get("output_tensor", kw.get("tensor", a[0] if a else None))
+                    n = t.numel() if torch.is_tensor(t) else sum(x.numel() for x in (t or []) if torch.is_tensor(x))
+                    c = me.active["ops"].setdefault(_op, [0, 0])
+                    c[0] += 1
+                    c[1] += n
+                return _fn(*a, **kw)
+
+            setattr(cdb, op, counted)
+        full = DeepSpeedZeroOptimizer_Stage3.get_full_hp_param
+
+        def get_full_hp_param(self_, *a, **kw):
+            if me.active is not None:
+                me.active["full_reads"] += 1
+            return full(self_, *a, **kw)
+
+        DeepSpeedZeroOptimizer_Stage3.get_full_hp_param = get_full_hp_param
+        switch = DeepSpeedBackend.switch
+
+        def counted_switch(self_, leaving, joining):
+            from spectrum_callback._fence.deepspeed_internals import param_groups
+
+            held = {id(p) for ps, _, _ in param_groups(self_.zero) for p in ps} - {id(p) for p in joining}
+            me.active = {"ops": {}, "full_reads": 0, "stage": self_.stage, "rebuilds_before": self_.rebuilds,
+                         "stayers": sum(1 for p in self_.model.parameters() if p.requires_grad and id(p) in held)}
+            try:
+                return switch(self_, leaving, joining)
+            finally:
+                entry, me.active = me.active, None
+                entry["rebuilt"] = self_.rebuilds > entry.pop("rebuilds_before")
+                entry["trainable_numel"] = sum(getattr(p, "ds_numel", p.numel()) for p in self_.model.parameters()
+                                               if p.requires_grad)
+                me.log.append(entry)
+
+        DeepSpeedBackend.switch = counted_switch
+
+
+SWITCH_COMM = SwitchComm()
+
+
 def full_state(model):
     params = list(model.named_parameters())
     with whole([p for _, p in params]):
@@ -233,7 +301,9 @@ def run(name, out, reference=False):
         finish(trainer)
         return result
     trainer, model, spectrum, rec, losses = make_trainer(name, s, out, reference)
+    first_switch = len(SWITCH_COMM.log)
     trainer.train()
+    result["switch_comm"] = SWITCH_COMM.log[first_switch:]
     result.update(
         losses=losses.losses,
         violations=rec.violations,
@@ -269,6 +339,7 @@ def main():
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="gloo")
+        SWITCH_COMM.install()
     for spec in names:
         reference = spec.startswith("ref:")
         name = spec[4:] if reference else spec

@@ -54,8 +54,46 @@ logger = get_logger(__name__)
 # same layout before DeepSpeed loads the checkpoint (see .resume).
 LAYOUT_KEY = "spectrum_layout"
 
-# A stayer's values while the old optimizer is replaced: (step, fp32 master, moments).
-Kept = Tuple[int, Optional[torch.Tensor], Dict[str, torch.Tensor]]
+# A stayer's values while the old optimizer is replaced: (step, {state key: this rank's copy}),
+# key None = the fp32 master.  Stage 3: the local slice; stage 1/2: (offset, owned fragment).
+Kept = Tuple[int, Dict[Optional[str], object]]
+
+
+def _nbytes(v) -> int:
+    if isinstance(v, tuple):
+        v = v[1]
+    return v.numel() * v.element_size() if torch.is_tensor(v) else 0
+
+
+_said_full_build = False
+
+
+def _say_full_build_once(built: int, selected: int) -> None:
+    global _said_full_build
+    if _said_full_build:
+        return
+    _said_full_build = True
+    from ..._dist import is_main
+
+    if is_main():
+        logger.warning(
+            "Spectrum/DeepSpeed: the ZeRO optimizer was built over %d trainable parameters before Spectrum selected %d "
+            "of them (its start-up peak is that of full fine-tuning); rebuilding it over the selection. To build it "
+            "over the selection only, attach SpectrumCallback before trainer.train() (Trainer(callbacks=[...]) or "
+            "trainer.add_callback), or freeze before Trainer(...) with spectrum_freeze", built, selected)
+
+
+def _staging_device(zero, nbytes: int) -> torch.device:
+    """Where the stayers' copies wait during a switch: on the optimizer's device when it has
+    room for them (with 10 % to spare; the old optimizer's buffers are freed right after),
+    else in host memory."""
+    flats = ds.param_groups(zero)
+    dev = flats[0][2].device if flats else torch.device("cpu")
+    if dev.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(dev)
+        if free < 1.1 * nbytes:
+            return torch.device("cpu")
+    return dev
 
 
 def _hp_of(group: dict) -> dict:
@@ -91,6 +129,7 @@ class DeepSpeedBackend(OptimizerBackend):
         self.sched = None
         self.sched_base: Optional[Tuple[list, list]] = None
         self.rebuilds = 0
+        self.last_switch: dict = {}
         # Class of a parameter = index of the torch param group it was in when the engine was
         # built; the lr scheduler's per-group lists are indexed the same way.
         layouts = [g.get(LAYOUT_KEY) for g in base.param_groups]
@@ -171,7 +210,12 @@ class DeepSpeedBackend(OptimizerBackend):
         wds = [c.get("weight_decay", 0.0) for c in self.classes]
         decay = max(range(len(wds)), key=lambda i: (wds[i], -i))
         zero = [i for i, w in enumerate(wds) if w == 0.0]
-        return decay, (zero[0] if zero else decay)
+        if not zero:
+            # The optimizer was built over a selection without any no-decay parameter (its empty
+            # group dropped): the Trainer's no-decay class, for a bias or norm that joins later.
+            self.classes.append(dict(self.classes[decay], weight_decay=0.0))
+            zero = [len(self.classes) - 1]
+        return decay, zero[0]
 
     def _find_scheduler(self):
         sched = self.lr_scheduler
@@ -211,7 +255,13 @@ class DeepSpeedBackend(OptimizerBackend):
         old_ids = {id(p) for ps, _, _ in old_groups for p in ps}
         new_params = self._trainable_in_order()
         if {id(p) for p in new_params} == old_ids and not joining:
-            return SwitchResult()  # the optimizer already holds exactly the selection (e.g. resume)
+            # The optimizer already holds exactly the selection (built after the start-up selection,
+            # or laid out for a resume).  Create Adam's state now if it has none yet, as a rebuild does.
+            if self.rebuilds == 0 and not ds.moment_keys(ds.torch_optimizer(self.zero)):
+                self._init_state(self.zero, [(c, 0) for c in self._group_class], [])
+            return SwitchResult()
+        if self.rebuilds == 0:
+            _say_full_build_once(len(old_ids), len(new_params))
         return self.rebuild(new_params, force_fresh={id(p) for p in joining})
 
     def _trainable_in_order(self) -> List[nn.Parameter]:
@@ -238,6 +288,9 @@ class DeepSpeedBackend(OptimizerBackend):
         kept = self._read_stayers(old_groups, new_params, force_fresh, keys)
         moved = {id(p) for ps, _, _ in old_groups for p in ps} | {id(p) for p in new_params}
         self._retire(old_zero, old_groups, {id(p) for p in new_params})
+        # The old optimizer's fp32 partitions, moments and gradient buffers go now, before the
+        # new one allocates its own: a switch then costs the stayers' copies, not two optimizers.
+        self.last_switch["freed_bytes"] = ds.free_optimizer_memory(old_zero)
         del old_groups
         order, cohorts = self._cohorts(new_params, kept, layout)
         base = self._new_torch_optimizer(order, cohorts, class_lr)
@@ -250,30 +303,45 @@ class DeepSpeedBackend(OptimizerBackend):
         return SwitchResult(moved=moved)
 
     def _read_stayers(self, old_groups, new_params, force_fresh, keys) -> Dict[int, Kept]:
-        """Step 1: step count, fp32 master and moments of the parameters that stay, copied to
-        the host (``safe_get_full_*``: collective, the same order on every rank)."""
-        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+        """Step 1: step count, fp32 master and moments of the parameters that stay: copies of
+        what *this rank* holds of them, nothing gathered.
 
+        Stage 3 partitions each parameter on its own, so a stayer's slice on this rank is
+        the same in the new optimizer: its local master and moments are copied as they are
+        (``safe_get_local_*``, public).  Stage 1/2 partition flat groups, so the slice moves
+        with the group: the fragment this rank owns is copied with its offset, and the new
+        owner's slice is reassembled one parameter at a time after the rebuild
+        (:meth:`_write_stayers`).  Where the low-precision weights are fp32 they equal the
+        master bit for bit (the optimizer copies master to weights after every step) and the
+        new optimizer builds its master from them: the master is not copied then.
+        """
         base = ds.torch_optimizer(self.zero)
         where = {id(p): flat for ps, _, flat in old_groups for p in ps}
-        if keys:
+        if keys and self.stage != 3:
             # (Re)map fragments to the current state tensors: a checkpoint load replaces them.
             ds.link_optimizer_state(self.zero)
+        stayers = [p for p in new_params if id(p) in where and id(p) not in force_fresh]
+        staged = sum(ds.local_tensor(p).numel() for p in stayers) * 4 * (1 + len(keys))
+        dev = _staging_device(self.zero, staged)
         kept: Dict[int, Kept] = {}
-        for p in new_params:
-            if id(p) not in where or id(p) in force_fresh:
-                continue
+        for p in stayers:
             st = ds.flat_state(base, where[id(p)])
             step = int(_scalar(st["step"])) if "step" in st else 0
-            master = safe_get_full_fp32_param(p)
-            moments = {}
-            if step > 0:
-                for k in keys:
-                    v = safe_get_full_optimizer_state(p, k)
-                    if v is not None:
-                        moments[k] = v.detach().to("cpu", copy=True)
-            kept[id(p)] = (step, None if master is None else master.detach().to("cpu", copy=True), moments)
+            need = ([] if ds.local_tensor(p).dtype == torch.float32 else [None]) + (list(keys) if step > 0 else [])
+            kept[id(p)] = (step, {k: self._copy_local(p, k, dev) for k in need})
+        self.last_switch = {"stayers": len(stayers), "staged_bytes": sum(
+            _nbytes(v) for _, vals in kept.values() for v in vals.values()), "staging_device": str(dev)}
         return kept
+
+    def _copy_local(self, p, key, dev):
+        """A copy of this rank's slice of ``p``'s master (``key=None``) or optimizer state ``key``."""
+        if self.stage == 3:
+            from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
+
+            v = safe_get_local_fp32_param(p) if key is None else safe_get_local_optimizer_state(p, key)
+            return None if v is None else v.detach().to(dev, copy=True)
+        frag = ds.owned_fragment(p, key)
+        return None if frag is None else (frag[0], frag[1].detach().to(dev, copy=True))
 
     @staticmethod
     def _retire(old_zero, old_groups, new_ids) -> None:
@@ -322,28 +390,50 @@ class DeepSpeedBackend(OptimizerBackend):
         group is created (zeros, ``step`` = the cohort's count)."""
         new_zero = ds.configure_optimizer(self.engine, base)
         self.zero = new_zero
-        for params, gi, flat in ds.param_groups(new_zero):
+        self._init_state(new_zero, order, keys)
+        return new_zero
+
+    def _init_state(self, zero, order, keys) -> None:
+        """Adam's state for every flat partition: zeros, ``step`` = the cohort's count."""
+        base = ds.torch_optimizer(zero)
+        for params, gi, flat in ds.param_groups(zero):
             _, step = order[gi]
             state = {"step": adam_step_tensor(step, base.param_groups[gi], flat)}
             for k in keys or self._default_keys(base.param_groups[gi]):
                 state[k] = torch.zeros_like(flat, memory_format=torch.preserve_format)
             ds.set_flat_state(base, flat, state)
-        ds.link_optimizer_state(new_zero)
-        return new_zero
+        ds.link_optimizer_state(zero)
 
-    @staticmethod
-    def _write_stayers(new_params, kept) -> None:
-        """Step 4b: the stayers' master weights and moments go back (``safe_set_full_*``)."""
-        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+    def _write_stayers(self, new_params, kept) -> None:
+        """Step 4b: the stayers' master weights and moments go into the new optimizer, one
+        parameter at a time, each copy freed once written.  Stage 3: this rank's slices, as
+        they were (``safe_set_local_*``).  Stage 1/2: per parameter and state, the whole
+        tensor reassembled from every rank's old fragment (collective, model order) and this
+        rank's new slice taken from it (``safe_set_full_*``)."""
+        from deepspeed.utils import (safe_set_full_fp32_param, safe_set_full_optimizer_state,
+                                     safe_set_local_fp32_param, safe_set_local_optimizer_state)
 
         for p in new_params:
             if id(p) not in kept:
                 continue
-            _, master, moments = kept.pop(id(p))
-            if master is not None:
-                safe_set_full_fp32_param(p, master.to(ds.device_of(p)))
-            for k, v in moments.items():
-                safe_set_full_optimizer_state(p, v.to(ds.device_of(p)), k)
+            _, vals = kept.pop(id(p))
+            for k in list(vals):
+                v = vals.pop(k)
+                if self.stage == 3:
+                    if v is None:
+                        continue
+                    v = v.to(ds.device_of(p))
+                    if k is None:
+                        safe_set_local_fp32_param(p, v)
+                    else:
+                        safe_set_local_optimizer_state(p, v, k)
+                else:
+                    whole = ds.reassemble(p, v, ds.device_of(p))
+                    if k is None:
+                        safe_set_full_fp32_param(p, whole)
+                    else:
+                        safe_set_full_optimizer_state(p, whole, k)
+                del v
 
     def _repoint(self, old_zero, new_zero, group_class, class_lr) -> None:
         """Step 5: accelerate's wrapper (held by the Trainer and the scheduler) and the lr
