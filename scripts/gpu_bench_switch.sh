@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Issue #13 on one GPU: scripts/bench_switch.py with one process (NCCL, world size 1), device
+# memory of a ZeRO-3 / ZeRO-2 switch and of start-up, at real widths. One device call with
+# .whl carried (deepspeed 0.19.8 built as a pure-Python wheel, its kin, transformers 5.24.0):
+#   bash scripts/gpu_bench_switch.sh      # writes $OUT/bench_switch_gpu.json and logs
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/gpu}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export TORCH_EXTENSIONS_DIR=/tmp/torch_extensions
+for cfg in ${CONFIGS:-"zero3 4096" "zero2 4096" "zero3 2048"}; do
+    set -- $cfg
+    echo "== $1 hidden $2"
+    timeout -k 10 "${LIMIT:-150}" python3 scripts/bench_switch.py --engine "$1" --hidden "$2" --nproc 1 --device cuda \
+        --json "$OUT/bench_switch_gpu.json" >"$OUT/bench_switch_$1_$2.log" 2>&1
+    echo "   exit $?"; tail -n 4 "$OUT/bench_switch_$1_$2.log"
+done
