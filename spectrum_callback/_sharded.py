@@ -34,6 +34,12 @@ def local_part(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if is_dtensor(t) else t
 
 
+def _mesh_device(mesh) -> torch.device:
+    if mesh.device_type == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(mesh.device_type)
+
+
 def whole_on(t: torch.Tensor, owner: int) -> Optional[torch.Tensor]:
     """The whole of ``t`` on global rank ``owner``, ``None`` on the other ranks.
 
@@ -53,6 +59,8 @@ def whole_on(t: torch.Tensor, owner: int) -> Optional[torch.Tensor]:
         dim, world, n = placements[0].dim, mesh.size(), t.shape[placements[0].dim]
         chunk = -(-n // world)  # torch.chunk's split, which FSDP2 and DTensor use
         local = t.to_local()
+        if local.device.type != mesh.device_type:  # shards offloaded to the host (CPUOffloadPolicy)
+            local = local.to(_mesh_device(mesh))
         short = chunk - local.shape[dim]
         if short:
             pad_shape = list(local.shape)

@@ -365,7 +365,9 @@ class SpectrumCallback(TrainerCallback):
             restored = self._restore(args, state, resume_dir)
         if not restored:
             if early is not None and "snr" in early:
-                self._apply(state.global_step, early["snr"], source=early["source"])
+                # The optimizer was just built over this selection: a first selection (nothing
+                # to move), also on a second train() whose earlier selection differed.
+                self._apply(state.global_step, early["snr"], source=early["source"], first=True)
             elif self.config.snr_json is not None and not self.history:
                 snr = _snr_from_json(self.config.snr_json, self.analyzer)
                 self._apply(state.global_step, snr, source="snr_json")
@@ -492,10 +494,12 @@ class SpectrumCallback(TrainerCallback):
                 )
         self._apply(step, snr, source="scan")
 
-    def _apply(self, step: int, snr, source: str) -> None:
-        """A new selection from ``snr``: select, agree across ranks, switch, record, report."""
+    def _apply(self, step: int, snr, source: str, first: Optional[bool] = None) -> None:
+        """A new selection from ``snr``: select, agree across ranks, switch, record, report.
+        ``first`` (default: no history yet): nothing outside the selection may keep state,
+        and nothing counts as joined or left."""
         selected, snr = self.backend.sync_selection((self._select(snr), dict(snr)))
-        first = not self.history
+        first = not self.history if first is None else first
         old, new = set(self.selected), set(selected)
         trainable = self._switch(selected, first)
         self.last_scan_step = step
@@ -588,7 +592,7 @@ class SpectrumCallback(TrainerCallback):
             "selected": list(self.selected),
             # parameter names that train now (selection, heads, always_train): an FSDP2 resume
             # sets requires_grad from them before the optimizer state loads
-            "trainable": [n for n, p in self._model.named_parameters() if p.requires_grad]
+            "trainable": [n for n, p in self._model.named_parameters(remove_duplicate=False) if p.requires_grad]
             if self._model is not None else [],
             "history": self.history,
         }

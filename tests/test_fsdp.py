@@ -140,3 +140,35 @@ def test_spectrum_freeze_before_fsdp2_keeps_frozen_weights(process_group):
         assert torch.equal(params[n], w), n
     changed = [n for n, w in trainable.items() if not torch.equal(params[n], w)]
     assert len(changed) == len(trainable)
+
+
+def test_fsdp2_resume_restores_trainable_as_saved_keeping_user_frozen_and_tied():
+    """The FSDP2 resume hook sets requires_grad from the state file before the optimizer state
+    loads: a parameter the user froze stays the user's, a tied weight trains when any of its
+    names was saved as trainable."""
+    from spectrum_callback import _frozen
+    from spectrum_callback.backends.fsdp2_resume import restore_trainable
+
+    model = tiny_model("llama", tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    user = model.model.layers[0].mlp.up_proj.weight
+    user.requires_grad_(False)  # frozen by the user before the Trainer
+    saved = ["model.embed_tokens.weight", "model.layers.1.self_attn.q_proj.weight"]
+    restore_trainable(model, saved)
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trainable == sorted(saved)
+    assert model.lm_head.weight.requires_grad  # its other name was not in the file
+    assert _frozen.frozen_by_user(user)
+    assert not _frozen.frozen_by_user(model.model.layers[1].mlp.up_proj.weight)  # frozen by Spectrum
+
+
+def test_state_file_names_every_alias_of_a_trainable_tied_weight(tmp_path):
+    from spectrum_callback import SpectrumCallback
+
+    model = tiny_model("llama", tie_word_embeddings=True)
+    cb = SpectrumCallback(top_pct=0.25, always_train=[r"embed_tokens"])
+    cb._model = model
+    for n, p in model.named_parameters():
+        p.requires_grad_("embed_tokens" in n)
+    names = cb.state_dict()["trainable"]
+    assert {"model.embed_tokens.weight", "lm_head.weight"} <= set(names)

@@ -54,10 +54,19 @@ def _before_load(fsdp_plugin, model, input_dir: str) -> None:
 
 
 def restore_trainable(model, trainable) -> None:
-    """``requires_grad`` as saved: the parameters named in ``trainable`` train, the rest are
-    frozen (marked as frozen by Spectrum, not by the user)."""
+    """``requires_grad`` as saved: the parameters named in ``trainable`` train (a tied parameter
+    when any of its names is there), the others that train now are frozen and marked as frozen
+    by Spectrum.  Parameters frozen already (by the user, before the Trainer) stay as they are,
+    still counted as the user's."""
     keep = set(trainable)
+    names: dict = {}
     for name, p in model.named_parameters(remove_duplicate=False):
-        on = name in keep
-        p.requires_grad_(on)
-        (_frozen.unmark if on else _frozen.mark)([p])
+        names.setdefault(id(p), (p, []))[1].append(name)
+    for p, aliases in names.values():
+        on = any(n in keep for n in aliases)
+        if on and not p.requires_grad:
+            p.requires_grad_(True)
+            _frozen.unmark([p])
+        elif not on and p.requires_grad:
+            p.requires_grad_(False)
+            _frozen.mark([p])
