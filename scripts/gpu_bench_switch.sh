@@ -5,14 +5,7 @@
 #   bash scripts/gpu_bench_switch.sh      # writes $OUT/bench_switch_gpu.json and logs
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-runs/gpu}
-mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-export TORCH_EXTENSIONS_DIR=/tmp/torch_extensions
+source scripts/gpu_env.sh
 for cfg in ${CONFIGS:-"zero3 4096" "zero2 4096" "zero3 2048"}; do
     set -- $cfg
     echo "== $1 hidden $2"

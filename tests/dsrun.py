@@ -44,3 +44,46 @@ def read_rank_results(out, prefix, log):
             pytest.fail(f"{prefix} run wrote no result for rank {r}:\n{log[-4000:]}")
         got.append(json.loads(path.read_text()))
     return got
+
+
+def run_scenarios(script, out, names, refs, parallel=True, timeout=420, what="scenarios"):
+    """Run ``script OUT NAME...`` under torchrun (2 processes) and ``script OUT ref:NAME...`` in
+    one process (the plain-PyTorch references), side by side or one after the other; return
+    ``{name: result, "ref:name": result, "_out": OUT, "_log": both logs}`` (a missing result file
+    reads as a crash)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}", f"--master_port={free_port()}",
+           script, out, *names]
+    ref_cmd = [sys.executable, script, out, *[f"ref:{n}" for n in refs]]
+    logs = []
+
+    def wait(p):
+        try:
+            logs.append(p.communicate(timeout=timeout)[0])
+        except subprocess.TimeoutExpired:
+            p.kill()
+            logs.append(p.communicate()[0])
+            pytest.fail(f"{what} timed out (deadlock?):\n" + logs[-1][-4000:])
+
+    procs = []
+    for c in (cmd, ref_cmd):
+        procs.append(subprocess.Popen(["nice", "-n", "5", *c], cwd=ROOT, env=ds_env(), stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+        if not parallel:
+            wait(procs[-1])
+    if parallel:
+        for p in procs:
+            wait(p)
+    results = {}
+    for key, file in [(n, f"{n}.json") for n in names] + [("ref:" + n, f"{n}.ref.json") for n in refs]:
+        path = os.path.join(out, file)
+        results[key] = json.load(open(path)) if os.path.isfile(path) else {"crash": "no result file"}
+    results["_out"], results["_log"] = out, "\n".join(logs)
+    return results
+
+
+def scenario_result(results, name):
+    """One scenario's result; fails the test with its trace and the log tail if it crashed."""
+    r = results[name]
+    if "crash" in r:
+        pytest.fail(f"{name} crashed: {r['crash']}\n{r.get('trace', '')}\n--- log tail ---\n{results['_log'][-3000:]}")
+    return r

@@ -8,14 +8,11 @@ single-process subprocess with the same global batch.
 """
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from dsrun import ds_env, free_port
+from dsrun import run_scenarios, scenario_result
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -44,39 +41,11 @@ MOE_WEIGHT_ATOL = 5e-5
 
 @pytest.fixture(scope="session")
 def ds_results(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("ds"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           SCRIPT, out, *DS_SCENARIOS]
-    ref_cmd = [sys.executable, SCRIPT, out, *[f"ref:{n}" for n in REF_SCENARIOS]]
-    procs = []
-    for c in (cmd, ref_cmd):
-        procs.append(subprocess.Popen(["nice", "-n", "5", *c], cwd=ROOT, env=ds_env(), stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=420)[0])
-        except subprocess.TimeoutExpired:
-            p.kill()
-            logs.append(p.communicate()[0])
-            pytest.fail("DeepSpeed scenarios timed out (deadlock?):\n" + logs[-1][-4000:])
-    results = {}
-    for name in DS_SCENARIOS:
-        path = os.path.join(out, f"{name}.json")
-        results[name] = json.load(open(path)) if os.path.isfile(path) else {"crash": "no result file"}
-    for name in REF_SCENARIOS:
-        path = os.path.join(out, f"{name}.ref.json")
-        results["ref:" + name] = json.load(open(path)) if os.path.isfile(path) else {"crash": "no result file"}
-    results["_out"] = out
-    results["_log"] = "\n".join(logs)
-    return results
+    return run_scenarios(SCRIPT, str(tmp_path_factory.mktemp("ds")), DS_SCENARIOS, REF_SCENARIOS,
+                         what="DeepSpeed scenarios")
 
 
-def _get(results, name):
-    r = results[name]
-    if "crash" in r:
-        pytest.fail(f"{name} crashed: {r['crash']}\n{r.get('trace', '')}\n--- log tail ---\n{results['_log'][-3000:]}")
-    return r
+_get = scenario_result
 
 
 def _weights(results, name, ref=False):

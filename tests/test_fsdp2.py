@@ -14,14 +14,11 @@ subprocess with the same global batch.  What CPU covers, and what only a GPU doe
 """
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from dsrun import ds_env, free_port
+from dsrun import run_scenarios, scenario_result
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -44,31 +41,12 @@ MOE_WEIGHT_ATOL = 5e-5
 
 @pytest.fixture(scope="session")
 def fsdp_results(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("fsdp2"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           SCRIPT, out, *SCENARIOS]
-    ref_cmd = [sys.executable, SCRIPT, out, *[f"ref:{n}" for n in REFS]]
-    logs = []
-    for c in (cmd, ref_cmd):  # one after the other: 2 cores
-        p = subprocess.run(["nice", "-n", "5", *c], cwd=ROOT, env=ds_env(), stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True, timeout=420)
-        logs.append(p.stdout)
-    results = {}
-    for name in SCENARIOS:
-        path = os.path.join(out, f"{name}.json")
-        results[name] = json.load(open(path)) if os.path.isfile(path) else {"crash": "no result file"}
-    for name in REFS:
-        path = os.path.join(out, f"{name}.ref.json")
-        results["ref:" + name] = json.load(open(path)) if os.path.isfile(path) else {"crash": "no result file"}
-    results["_out"], results["_log"] = out, "\n".join(logs)
-    return results
+    # one after the other: 2 cores
+    return run_scenarios(SCRIPT, str(tmp_path_factory.mktemp("fsdp2")), SCENARIOS, REFS, parallel=False,
+                         what="FSDP2 scenarios")
 
 
-def _get(results, name):
-    r = results[name]
-    if "crash" in r:
-        pytest.fail(f"{name} crashed: {r['crash']}\n{r.get('trace', '')}\n--- log tail ---\n{results['_log'][-3000:]}")
-    return r
+_get = scenario_result
 
 
 def _weights(results, name, ref=False):

@@ -179,3 +179,40 @@ def ds_config(stage, out, optimizer_block=False):
     if dist.is_initialized():
         dist.barrier()
     return path
+
+
+class LossLog(transformers.TrainerCallback):
+    """The logged losses by step, and SpectrumCallback's ``spectrum/trainable_params`` metric."""
+
+    def __init__(self):
+        self.losses = {}
+        self.trainable_logged = []
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if logs and "loss" in logs:
+            self.losses[int(state.global_step)] = float(logs["loss"])
+        if logs and "spectrum/trainable_params" in logs:
+            self.trainable_logged.append(float(logs["spectrum/trainable_params"]))
+
+
+def run_scenario_specs(run, out, specs):
+    """The scenario scripts' loop: ``run(name, out, reference=...)`` for each spec (``NAME`` or
+    ``ref:NAME``); a crash is reported and the next goes on; rank 0 writes OUT/NAME[.ref].json."""
+    import sys
+    import traceback
+
+    import torch
+
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    for spec in specs:
+        reference = spec.startswith("ref:")
+        name = spec[4:] if reference else spec
+        try:
+            result = run(name, out, reference=reference)
+        except Exception as exc:  # report and go on with the next scenario
+            result = {"name": name, "crash": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()}
+            print(f"[rank {rank}] " + result["trace"], file=sys.stderr, flush=True)
+        if rank == 0:
+            with open(os.path.join(out, f"{name}{'.ref' if reference else ''}.json"), "w") as fh:
+                json.dump(result, fh, indent=1)
+            print(f"SCENARIO {spec} done: {'crash' if 'crash' in result else 'ok'}", flush=True)

@@ -10,10 +10,8 @@ OUT/NAME.weights.pt (full final weights).
 from __future__ import annotations
 
 import gc
-import json
 import os
 import sys
-import traceback
 
 import torch
 
@@ -27,7 +25,8 @@ from transformers import Trainer, TrainerCallback  # noqa: E402
 
 from spectrum_callback._fence.deepspeed_internals import whole  # noqa: E402
 from tiny import (  # noqa: E402
-    RandomTokens, ds_config, frozen_changes, reset_accelerate, snapshot_frozen, tiny_model, training_args)
+    LossLog, RandomTokens, ds_config, frozen_changes, reset_accelerate, run_scenario_specs, snapshot_frozen,
+    tiny_model, training_args)
 from spectrum_callback import SpectrumCallback  # noqa: E402
 
 transformers.logging.set_verbosity_error()
@@ -202,18 +201,6 @@ class Recorder(TrainerCallback):
         self.frozen_snap = {}
 
 
-class LossLog(TrainerCallback):
-    def __init__(self):
-        self.losses = {}
-        self.trainable_logged = []  # SpectrumCallback's "spectrum/trainable_params" metric
-
-    def on_log(self, args, state, control, logs=None, **kw):
-        if logs and "loss" in logs:
-            self.losses[int(state.global_step)] = float(logs["loss"])
-        if logs and "spectrum/trainable_params" in logs:
-            self.trainable_logged.append(float(logs["spectrum/trainable_params"]))
-
-
 def make_trainer(name, s, out, reference, max_steps=None, save=False):
     reset_accelerate()
     # built before TrainingArguments: no zero.Init, same init everywhere
@@ -340,18 +327,7 @@ def main():
 
         deepspeed.init_distributed(dist_backend="gloo")
         SWITCH_COMM.install()
-    for spec in names:
-        reference = spec.startswith("ref:")
-        name = spec[4:] if reference else spec
-        try:
-            result = run(name, out, reference=reference)
-        except Exception as exc:  # report and go on with the next scenario
-            result = {"name": name, "crash": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()}
-            print(f"[rank {rank()}] " + result["trace"], file=sys.stderr, flush=True)
-        if rank() == 0:
-            with open(os.path.join(out, f"{name}{'.ref' if reference else ''}.json"), "w") as fh:
-                json.dump(result, fh, indent=1)
-            print(f"SCENARIO {spec} done: {'crash' if 'crash' in result else 'ok'}", flush=True)
+    run_scenario_specs(run, out, names)
     if dist and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 

@@ -23,10 +23,8 @@ weights OUT/NAME[.ref].weights.pt.
 from __future__ import annotations
 
 import gc
-import json
 import os
 import sys
-import traceback
 
 import torch
 
@@ -40,7 +38,9 @@ from transformers import Trainer, TrainerCallback  # noqa: E402
 
 from spectrum_callback import SpectrumCallback  # noqa: E402
 from spectrum_callback._sharded import is_dtensor, local_part  # noqa: E402
-from tiny import RandomTokens, frozen_changes, reset_accelerate, snapshot_frozen, tiny_model, training_args  # noqa: E402
+from tiny import (  # noqa: E402
+    LossLog, RandomTokens, frozen_changes, reset_accelerate, run_scenario_specs, snapshot_frozen, tiny_model,
+    training_args)
 
 transformers.logging.set_verbosity_error()
 
@@ -144,15 +144,6 @@ class Recorder(TrainerCallback):
         for n, diff in frozen_changes(model, self.snap):
             self.violations.append({"step": state.global_step, "param": n, "max_abs": diff})
         self.snap = {}
-
-
-class LossLog(TrainerCallback):
-    def __init__(self):
-        self.losses = {}
-
-    def on_log(self, args, state, control, logs=None, **kw):
-        if logs and "loss" in logs:
-            self.losses[int(state.global_step)] = float(logs["loss"])
 
 
 def fsdp2_plugin_from_config(path):
@@ -297,18 +288,7 @@ def main():
     os.makedirs(out, exist_ok=True)
     if "LOCAL_RANK" in os.environ:
         torch.distributed.init_process_group("gloo")
-    for spec in sys.argv[2:]:
-        reference = spec.startswith("ref:")
-        name = spec[4:] if reference else spec
-        try:
-            result = run(name, out, reference=reference)
-        except Exception as exc:  # report and go on with the next scenario
-            result = {"name": name, "crash": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()}
-            print(f"[rank {rank()}] " + result["trace"], file=sys.stderr, flush=True)
-        if rank() == 0:
-            with open(os.path.join(out, f"{name}{'.ref' if reference else ''}.json"), "w") as fh:
-                json.dump(result, fh, indent=1)
-            print(f"SCENARIO {spec} done: {'crash' if 'crash' in result else 'ok'}", flush=True)
+    run_scenario_specs(run, out, sys.argv[2:])
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
