@@ -1,11 +1,14 @@
 """Which parameters Spectrum itself froze, so that a parameter frozen by the user can be
 told apart and respected.  The mark is an attribute of our own on the parameter (a set of
-tensors cannot be used: tensors compare element-wise)."""
+tensors cannot be used: tensors compare element-wise), and the names are also recorded on
+the model: an engine that replaces the parameter objects when it wraps the model (FSDP2's
+``fully_shard`` makes new DTensor parameters) loses the attribute, not the model's record."""
 from __future__ import annotations
 
 from typing import Iterable
 
 _MARK = "_spectrum_frozen_it"
+_NAMES = "_spectrum_frozen_names"
 
 
 def mark(params: Iterable) -> None:
@@ -22,3 +25,15 @@ def unmark(params: Iterable) -> None:
 def frozen_by_user(p) -> bool:
     """``p`` does not require grad, and Spectrum did not freeze it."""
     return not p.requires_grad and not getattr(p, _MARK, False)
+
+
+def record(model, names: Iterable[str]) -> None:
+    """Remember on ``model`` the parameter names Spectrum froze (replacing the last record)."""
+    model.__dict__[_NAMES] = frozenset(names)
+
+
+def user_frozen_names(model) -> set:
+    """Names of the parameters of ``model`` that do not require grad and that Spectrum did not
+    freeze (neither marked nor recorded)."""
+    ours = model.__dict__.get(_NAMES, frozenset())
+    return {n for n, p in model.named_parameters(remove_duplicate=False) if frozen_by_user(p) and n not in ours}

@@ -70,6 +70,7 @@ def apply_selection(
         else:
             p.grad = None
             _frozen.mark([p])  # frozen by Spectrum, not by the user
+    _frozen.record(model, [n for n, p in model.named_parameters(remove_duplicate=False) if id(p) not in keep])
     return trainable
 
 
@@ -344,7 +345,7 @@ class SpectrumCallback(TrainerCallback):
             logger.warning("Spectrum: this callback was used with another model before; starting afresh for this one")
             self.selected, self.history, self.last_scan_step = [], [], None
         self._model = model
-        user_frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if _frozen.frozen_by_user(p)}
+        user_frozen = _frozen.user_frozen_names(model)
         # Data flows one way: model -> analyzer -> selection -> callback -> backend -> optimizer.
         self.backend = make_backend(optimizer, model, self.trainer, kwargs.get("lr_scheduler"))
         early, self._early = self._early, None
@@ -407,7 +408,7 @@ class SpectrumCallback(TrainerCallback):
         if self._model is not None and model is not self._model:
             self.selected, self.history, self.last_scan_step = [], [], None
         self._model = model
-        user_frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if _frozen.frozen_by_user(p)}
+        user_frozen = _frozen.user_frozen_names(model)
         device = getattr(trainer.args, "device", None)
         self._new_analyzer(model, trainer.args, lambda units: whole([p for u in units for p in u.params]),
                            user_frozen, device=device if getattr(device, "type", None) == "cuda" else None)

@@ -27,7 +27,7 @@ ROOT = os.path.dirname(HERE)
 SCRIPT = os.path.join(HERE, "fsdp_scripts", "scenarios.py")
 
 SCENARIOS = ["accel_dynamic", "accel_static", "accel_dynamic_ga", "accel_dynamic_bf16_gc", "accel_switch20",
-             "accel_resume", "accel_moe_dynamic", "tload_dynamic"]
+             "accel_resume", "accel_moe_dynamic", "tload_dynamic", "accel_prefrozen_dynamic"]
 REFS = ["accel_dynamic", "accel_static", "accel_dynamic_ga", "accel_moe_dynamic", "tload_dynamic"]
 
 # Tolerance vs plain PyTorch, fp32: float reassociation only (FSDP2's reduce-scatter sums the
@@ -58,7 +58,7 @@ def _params_of(module, names):
 
 
 RUNS = ["accel_dynamic", "accel_static", "accel_dynamic_ga", "accel_dynamic_bf16_gc", "accel_switch20",
-        "accel_moe_dynamic", "tload_dynamic"]
+        "accel_moe_dynamic", "tload_dynamic", "accel_prefrozen_dynamic"]
 
 
 @pytest.mark.parametrize("name", RUNS)
@@ -96,11 +96,13 @@ def test_optimizer_state_only_for_the_selection_per_rank(fsdp_results, name):
         assert max(numel) < 0.6 * 2 * r["local_numel"][rank]  # full fine-tuning's moments: 2x every element
 
 
-@pytest.mark.parametrize("name", ["accel_dynamic", "accel_switch20", "accel_moe_dynamic", "tload_dynamic"])
+@pytest.mark.parametrize("name", ["accel_dynamic", "accel_switch20", "accel_moe_dynamic", "tload_dynamic",
+                                  "accel_prefrozen_dynamic"])
 def test_state_kept_for_stayers_fresh_for_joiners_dropped_for_leavers(fsdp_results, name):
     r = _get(fsdp_results, name)
     hist = r["history"]
     assert any(h["joined"] for h in hist[1:]), "the selection never changed: the test would not exercise state transfer"
+    stayed = 0
     for rank in range(2):
         steps = r["steps"][rank]  # per step, after the switch and before the optimizer step: param -> Adam step
         for prev, h in zip(hist, hist[1:]):
@@ -112,11 +114,12 @@ def test_state_kept_for_stayers_fresh_for_joiners_dropped_for_leavers(fsdp_resul
                 for p in _params_of(m, set(now) | set(before)):
                     assert p not in now, (rank, s, p, "a joiner starts fresh, a leaver's state is freed")
             stay = sorted(set(prev["selected"]) & set(h["selected"]))
-            assert stay
+            stayed += len(stay)
             for m in stay:
                 for p in _params_of(m, set(now)) or [m]:
                     # kept: one optimizer step further than at the step before (0 if it joined then)
                     assert now.get(p) == before.get(p, 0) + 1, (rank, s, p, before.get(p), now.get(p))
+    assert stayed, "no matrix stayed across a switch: the test would not exercise kept state"
 
 
 @pytest.mark.parametrize("name,ref", [(n, n) for n in REFS])
@@ -174,3 +177,13 @@ def test_resume_through_the_trainers_fsdp2_checkpoint(fsdp_results):
     # the stayers' Adam state came back from the checkpoint (3 steps), on every rank
     for steps in r["resumed_steps_first"]:
         assert steps and max(steps.values()) == 3
+
+
+def test_candidates_frozen_by_spectrum_freeze_before_the_trainer_can_join(fsdp_results):
+    """spectrum_freeze(model, 0.25) before Trainer(...), then the callback with top_pct=0.5: the
+    optimizer was built over a quarter of the matrices and fully_shard replaced every parameter
+    object, yet the matrices Spectrum froze are still its own (not the user's): the first
+    selection holds half of them and later ones join."""
+    r = _get(fsdp_results, "accel_prefrozen_dynamic")
+    assert len(r["history"][0]["selected"]) == 14  # top half of 28 candidates, not the 7 trainable at build
+    assert any(h["joined"] for h in r["history"][1:])

@@ -70,3 +70,5 @@ def restore_trainable(model, trainable) -> None:
         elif not on and p.requires_grad:
             p.requires_grad_(False)
             _frozen.mark([p])
+    _frozen.record(model, [n for p, aliases in names.values() if not any(a in keep for a in aliases) and
+                           not _frozen.frozen_by_user(p) for n in aliases])

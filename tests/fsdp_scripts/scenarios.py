@@ -53,6 +53,9 @@ SCENARIOS = {
     "accel_resume": dict(update_every=2, max_steps=6, resume_at=3),
     "accel_moe_dynamic": dict(update_every=2, max_steps=6, arch="mixtral", top_pct=0.5),
     "tload_dynamic": dict(update_every=2, max_steps=6, route="tload"),
+    # spectrum_freeze before Trainer(...), then the callback (dynamic): the optimizer is built
+    # without the frozen candidates, which must be able to join later
+    "accel_prefrozen_dynamic": dict(update_every=2, max_steps=6, prefreeze=True, top_pct=0.5, lr=2e-2),
 }
 
 
@@ -198,6 +201,10 @@ def make_model(s, out, reference):
 def make_trainer(name, s, out, reference, save=False):
     reset_accelerate()
     model = make_model(s, out, reference)
+    if s.get("prefreeze"):
+        from spectrum_callback import spectrum_freeze
+
+        spectrum_freeze(model, 0.25)
     kw = dict(
         max_steps=s["max_steps"],
         learning_rate=s.get("lr", 5e-3),
