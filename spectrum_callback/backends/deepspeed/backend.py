@@ -8,20 +8,25 @@ master partitions and optimizer moments in flat per-group buffers (trap 3 in
 Adam would keep moving it (trap 2).  So at every switch this backend **rebuilds the
 ZeRO optimizer over the new trainable set**:
 
-1. read the fp32 master and the moments of the parameters that stay
-   (``deepspeed.utils.safe_get_full_fp32_param`` / ``safe_get_full_optimizer_state``,
-   public, collective: all ranks walk the same parameters in the same order);
+1. copy what *this rank* holds of the stayers' fp32 master and moments, nothing gathered:
+   at stage 3 each parameter is partitioned on its own, so its local slices
+   (``deepspeed.utils.safe_get_local_*``, public) are the same in the new optimizer; at
+   stage 1/2 the fragment this rank owns of the flat group, with its offset.  The copies
+   stay on the device when it has room, else in host memory; fp32 weights stand in for an
+   fp32 master (the optimizer copies one to the other after every step);
 2. give the parameters that leave their own storage (they pointed into the old
-   optimizer's flat buffers) and destroy the old optimizer (its gradient hooks, and
-   at stage 3 its module hooks);
+   optimizer's flat buffers), destroy the old optimizer (its gradient hooks, and at stage 3
+   its module hooks) and free its fp32 partitions, moments and gradient buffers before the
+   new one allocates its own;
 3. build a new torch optimizer of the same class and hyperparameters, one param group
    per (original group, Adam step count) "cohort" so that every parameter keeps its
    own bias-correction step exactly as plain ``torch.optim.AdamW`` would (a matrix that
    joins starts at step 0, one that stays keeps its count);
 4. let the engine wrap it again (``DeepSpeedEngine._configure_optimizer``), create the
    Adam state of every group (zeros, step = the cohort's count) and write the stayers'
-   master weights and moments back (``safe_set_full_fp32_param`` /
-   ``safe_set_full_optimizer_state``);
+   copies back, one parameter at a time: stage 3 its local slices
+   (``safe_set_local_*``); stage 1/2 the whole tensor reassembled from every rank's
+   fragment (one collective per tensor, model order) and set with ``safe_set_full_*``;
 5. re-point accelerate's optimizer wrapper (the Trainer and the lr scheduler hold that
    wrapper) and fix the lr scheduler's per-group lists (trap 6).
 
@@ -31,7 +36,8 @@ selected parameters only (``state_numel``).
 
 Engine internals are fenced in :mod:`spectrum_callback._fence.deepspeed_internals`
 (checked with DeepSpeed 0.19.8); resume (laying the optimizer out as saved before
-DeepSpeed loads a checkpoint) is in :mod:`.resume`.
+DeepSpeed loads a checkpoint) is in :mod:`.resume`; selecting before the Trainer builds the
+first optimizer, so that start-up never holds the full one, is in :mod:`.startup`.
 """
 from __future__ import annotations
 
