@@ -95,6 +95,10 @@ def main(out):
         result[f"c_{mode}_trainable"] = sorted(n for n, p in model.named_parameters() if p.requires_grad)
     with open(os.path.join(out, f"rank{rank}.json"), "w") as fh:
         json.dump(result, fh)
+    # Tear gloo down before the interpreter exits: left to exit, a gloo thread was once still
+    # joinable and the process aborted ("terminate called without an active exception").
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
