@@ -45,11 +45,15 @@ class KillAfterSave(TrainerCallback):
     def on_save(self, args, state, control, **kw):
         if state.global_step == KILL_AT:
             folder = os.path.join(args.output_dir, f"checkpoint-{KILL_AT}")
+            # Every rank past the Trainer's save and its own callbacks' on_save first: rank 0
+            # writes spectrum_state.json through a temporary file and a rename, which another
+            # rank walking the folder could otherwise catch half-way (a FileNotFoundError).
+            torch.distributed.barrier()
             for dirpath, _, files in os.walk(folder):  # make sure what was written is on disk
                 for f in files:
                     with open(os.path.join(dirpath, f), "rb") as fh:
                         os.fsync(fh.fileno())
-            torch.distributed.barrier()  # every rank has written its part
+            torch.distributed.barrier()  # every rank has synced its part
             os.kill(os.getpid(), signal.SIGKILL)
 
 
