@@ -37,3 +37,26 @@ def user_frozen_names(model) -> set:
     freeze (neither marked nor recorded)."""
     ours = model.__dict__.get(_NAMES, frozenset())
     return {n for n, p in model.named_parameters(remove_duplicate=False) if frozen_by_user(p) and n not in ours}
+
+
+def restore_trainable(model, trainable: Iterable[str]) -> None:
+    """``requires_grad`` as a checkpoint saved it (before a resume loads the optimizer state):
+    the parameters named in ``trainable`` train (a tied parameter when any of its names is
+    there), the others that train now are frozen, marked and recorded as Spectrum's.
+    Parameters frozen already (by the user, before the Trainer) stay the user's."""
+    keep = set(trainable)
+    aliases: dict = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), (p, []))[1].append(name)
+    ours = []
+    for p, names in aliases.values():
+        on = any(n in keep for n in names)
+        if on and not p.requires_grad:
+            p.requires_grad_(True)
+            unmark([p])
+        elif not on and p.requires_grad:
+            p.requires_grad_(False)
+            mark([p])
+        if not on and not frozen_by_user(p):
+            ours.extend(names)
+    record(model, ours)

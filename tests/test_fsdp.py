@@ -143,11 +143,11 @@ def test_spectrum_freeze_before_fsdp2_keeps_frozen_weights(process_group):
 
 
 def test_fsdp2_resume_restores_trainable_as_saved_keeping_user_frozen_and_tied():
-    """The FSDP2 resume hook sets requires_grad from the state file before the optimizer state
-    loads: a parameter the user froze stays the user's, a tied weight trains when any of its
-    names was saved as trainable."""
+    """The FSDP2 and DeepSpeed resume hooks set requires_grad as saved before the optimizer state
+    loads (one function): a parameter the user froze stays the user's, a tied weight trains when
+    any of its names was saved as trainable."""
     from spectrum_callback import _frozen
-    from spectrum_callback.backends.fsdp2_resume import restore_trainable
+    from spectrum_callback._frozen import restore_trainable
 
     model = tiny_model("llama", tie_word_embeddings=True)
     assert model.lm_head.weight is model.model.embed_tokens.weight

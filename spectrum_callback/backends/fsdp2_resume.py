@@ -17,7 +17,7 @@ import os
 
 from .. import _frozen
 from .._dist import is_main
-from .._fence.transformers_internals import find_trainer, wrap_fsdp_load_optimizer
+from .._fence.transformers_internals import find_trainer, spectrum_callbacks, wrap_fsdp_load_optimizer
 from .._logging import get_logger
 from ..config import STATE_FILE
 
@@ -29,15 +29,11 @@ def install_resume_hook() -> bool:
     return wrap_fsdp_load_optimizer(_before_load)
 
 
-def _has_spectrum(trainer) -> bool:
-    return any(type(cb).__name__ == "SpectrumCallback" for cb in getattr(trainer.callback_handler, "callbacks", []))
-
-
 def _before_load(fsdp_plugin, model, input_dir: str) -> None:
     path = os.path.join(str(input_dir), STATE_FILE)
     if getattr(fsdp_plugin, "fsdp_version", 1) != 2 or not os.path.isfile(path):
         return
-    trainer, _ = find_trainer(_has_spectrum)
+    trainer, _ = find_trainer(spectrum_callbacks)
     if trainer is None:
         return
     with open(path) as fh:
@@ -47,28 +43,8 @@ def _before_load(fsdp_plugin, model, input_dir: str) -> None:
             f"{path} was written by an older spectrum_callback that did not record the trainable parameters, which "
             "an FSDP2 resume needs; resume from a newer checkpoint or start the run afresh"
         )
-    restore_trainable(model, trainable)
+    _frozen.restore_trainable(model, trainable)
     if is_main():
         logger.info("Spectrum: FSDP2 resume: %d parameters trainable as saved, before the optimizer state loads",
                     len(trainable))
 
-
-def restore_trainable(model, trainable) -> None:
-    """``requires_grad`` as saved: the parameters named in ``trainable`` train (a tied parameter
-    when any of its names is there), the others that train now are frozen and marked as frozen
-    by Spectrum.  Parameters frozen already (by the user, before the Trainer) stay as they are,
-    still counted as the user's."""
-    keep = set(trainable)
-    names: dict = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), (p, []))[1].append(name)
-    for p, aliases in names.values():
-        on = any(n in keep for n in aliases)
-        if on and not p.requires_grad:
-            p.requires_grad_(True)
-            _frozen.unmark([p])
-        elif not on and p.requires_grad:
-            p.requires_grad_(False)
-            _frozen.mark([p])
-    _frozen.record(model, [n for p, aliases in names.values() if not any(a in keep for a in aliases) and
-                           not _frozen.frozen_by_user(p) for n in aliases])

@@ -23,7 +23,7 @@ from ... import _frozen
 from ..._dist import is_main
 from ...config import STATE_FILE
 from ..._fence import deepspeed_internals as ds
-from ..._fence.transformers_internals import find_trainer, wrap_deepspeed_load_checkpoint
+from ..._fence.transformers_internals import find_trainer, spectrum_callbacks, wrap_deepspeed_load_checkpoint
 from ..._logging import get_logger
 from ..torch_backend import unwrap_optimizer
 from .backend import LAYOUT_KEY, DeepSpeedBackend
@@ -40,12 +40,8 @@ def install_resume_hook() -> bool:
     return wrap_deepspeed_load_checkpoint(_before_load)
 
 
-def _has_spectrum(trainer) -> bool:
-    return any(type(cb).__name__ == "SpectrumCallback" for cb in getattr(trainer.callback_handler, "callbacks", []))
-
-
 def _before_load(engine, checkpoint_path: str) -> None:
-    trainer, _ = find_trainer(_has_spectrum)
+    trainer, _ = find_trainer(spectrum_callbacks)
     if trainer is not None and os.path.isfile(os.path.join(checkpoint_path, STATE_FILE)):
         lay_out_as_saved(trainer, engine, checkpoint_path)
 
@@ -73,10 +69,7 @@ def lay_out_as_saved(trainer, engine, checkpoint_path: str) -> Optional[DeepSpee
             f"{checkpoint_path}: its DeepSpeed optimizer holds parameters this model lacks (e.g. {missing[0]}); "
             "resume with the model the checkpoint was trained with"
         )
-    keep = {n for x in layout for n in x["params"]}
-    for n, p in model.named_parameters(remove_duplicate=False):
-        p.requires_grad_(n in keep)
-        (_frozen.unmark if n in keep else _frozen.mark)([p])  # frozen by Spectrum, not by the user
+    _frozen.restore_trainable(model, [n for x in layout for n in x["params"]])
     backend = DeepSpeedBackend(trainer.optimizer, model, trainer, getattr(trainer, "lr_scheduler", None))
     backend.classes = [dict(c) for c in layout[0]["classes"]]
     backend._find_scheduler()

@@ -16,21 +16,17 @@ rebuilds from the full optimizer and says so once (:mod:`.backend`).
 """
 from __future__ import annotations
 
-from ..._fence.transformers_internals import find_trainer, wrap_deepspeed_init
+from ..._fence.transformers_internals import find_trainer, spectrum_callbacks, wrap_deepspeed_init
 from ..._logging import get_logger
 
 logger = get_logger(__name__)
 
 
-def _spectrum_of(trainer):
-    cbs = [cb for cb in getattr(trainer.callback_handler, "callbacks", []) if type(cb).__name__ == "SpectrumCallback"]
-    return cbs[0] if len(cbs) == 1 else None
-
-
 def _before_init(trainer) -> None:
-    cb = _spectrum_of(trainer)
-    if cb is None or not hasattr(cb, "select_before_optimizer"):
+    cbs = spectrum_callbacks(trainer)
+    if len(cbs) != 1:  # none, or several (refused at on_train_begin)
         return
+    cb = cbs[0]
     _, resume_dir = find_trainer(lambda t: t is trainer)
     cb.select_before_optimizer(trainer, resume_dir)
 
