@@ -56,13 +56,15 @@ def apply_selection(
     for name, p in model.named_parameters(remove_duplicate=False):
         if name in named or any(r.search(name) for r in always):
             keep.add(id(p))
-    trainable = []
+    trainable, frozen_names = [], []
     seen = set()
-    for _, p in model.named_parameters(remove_duplicate=False):
+    for name, p in model.named_parameters(remove_duplicate=False):
+        on = id(p) in keep
+        if not on:
+            frozen_names.append(name)  # every alias of a tied parameter
         if id(p) in seen:
             continue
         seen.add(id(p))
-        on = id(p) in keep
         p.requires_grad_(on)
         if on:
             trainable.append(p)
@@ -70,7 +72,7 @@ def apply_selection(
         else:
             p.grad = None
             _frozen.mark([p])  # frozen by Spectrum, not by the user
-    _frozen.record(model, [n for n, p in model.named_parameters(remove_duplicate=False) if id(p) not in keep])
+    _frozen.record(model, frozen_names)
     return trainable
 
 

@@ -18,7 +18,7 @@ Public torch API but for one fenced call (checked with torch 2.11 and 2.13):
   change).
 * The SNR scan reads each weight whole on the one rank that computes it
   (:func:`spectrum_callback._sharded.whole_on`: a ``gather`` of the shards to that rank);
-  state is counted per rank (the local shards of the moments).
+  state is counted per rank (``TorchBackend.state_numel`` counts the local shards).
 * FSDP2 fixes each group's gradient dtypes at its lazy init from the parameters that then
   require grad; after every switch they are recomputed (a private torch call, fenced in
   :func:`spectrum_callback._fence.torch_internals.refresh_fsdp2_dtypes`), or a group that
@@ -36,11 +36,9 @@ from __future__ import annotations
 import contextlib
 from typing import ContextManager, Dict, List, Sequence
 
-import torch
 from torch import nn
 
 from .._fence.torch_internals import refresh_fsdp2_dtypes
-from .._sharded import local_part
 from .base import SwitchResult
 from .torch_backend import TorchBackend
 
@@ -87,11 +85,3 @@ class FSDP2Backend(TorchBackend):
         # mixed precision a joiner's bf16 gradient would not be cast back to its fp32 shard.
         refresh_fsdp2_dtypes(self.fsdp_modules)
         return result
-
-    def state_numel(self) -> int:
-        total = 0
-        for st in self.opt.state.values():
-            for v in st.values():
-                if torch.is_tensor(v) and v.ndim > 0:
-                    total += local_part(v).numel()
-        return total

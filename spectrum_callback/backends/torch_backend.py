@@ -17,6 +17,7 @@ from typing import Dict, List, Sequence
 import torch
 from torch import nn
 
+from .._sharded import local_part
 from .base import OptimizerBackend, SwitchResult
 from .._logging import get_logger
 
@@ -94,5 +95,5 @@ class TorchBackend(OptimizerBackend):
         for st in self.opt.state.values():
             for v in st.values():
                 if torch.is_tensor(v) and v.ndim > 0:
-                    total += v.numel()
+                    total += local_part(v).numel()  # this rank's shard of a DTensor (FSDP2)
         return total
