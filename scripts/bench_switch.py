@@ -7,7 +7,7 @@ One configuration per call (engine, hidden size), three runs of ``torchrun`` wit
 * ``callback``: ``trainer.add_callback(SpectrumCallback(top_pct=0.5, update_every=2))``,
   3 optimizer steps; at step 2 the selection moves by one layer per matrix type, so 3/4
   of the selected matrices stay (top 4 of 8 layers: layers 0-3 -> 1-4);
-* ``static``: ``spectrum_freeze`` before ``Trainer(...)`` (same first selection), 1 step;
+* ``static``: ``spectrum_freeze`` before ``Trainer(...)`` (same first selection), 3 steps;
 * ``full``: full fine-tuning, 1 step.
 
 The SNRs are synthetic (a fixed ranking of the layers, rotated at the second scan), so
@@ -28,7 +28,15 @@ Reported per rank (rank order), and the worst rank at the top level:
   before the switch (fp32 master + ``exp_avg`` + ``exp_avg_sq`` of the slices it holds);
 * ``startup_peak_bytes`` / ``static_startup_peak_bytes`` / ``full_startup_peak_bytes``:
   peak resident memory (GPU: peak allocated device memory) from the start of the process
-  to the end of the first optimizer step, for the three runs.
+  to the end of the first optimizer step, for the three runs;
+* ``largest_matrix_state_bytes``: fp32 master + ``exp_avg`` + ``exp_avg_sq`` of the largest
+  candidate matrix, whole (the bound asked of a ZeRO-1/2 switch), and
+  ``peak_extra_over_largest_matrix``;
+* ``kept_in_place_bytes``: stayers' state that went into the new optimizer as it was;
+* ``step_seconds`` (step 3, after the switch) and ``step_seconds_vs_static`` (against step
+  3 of the ``static`` run: same selection size, the Trainer's own param groups).
+
+``--bf16`` trains with ``TrainingArguments(bf16=True)`` (bf16 weights, fp32 master).
 
     python scripts/bench_switch.py --engine zero3 --hidden 1024 --json docs/bench_switch_cpu.json
     python scripts/bench_switch.py --engine zero2 --hidden 512 --json docs/bench_switch_cpu.json
@@ -119,7 +127,7 @@ def worker(args) -> None:
         cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     out_dir = tempfile.mkdtemp(prefix="bench_switch_")
     ta = transformers.TrainingArguments(
-        output_dir=out_dir, per_device_train_batch_size=1, max_steps=3 if args.mode == "callback" else 1,
+        output_dir=out_dir, per_device_train_batch_size=1, max_steps=3 if args.mode != "full" else 1, bf16=args.bf16,
         learning_rate=1e-4, weight_decay=0.01, logging_steps=1, save_strategy="no", report_to=[],
         use_cpu=not cuda, seed=0, disable_tqdm=True, lr_scheduler_type="constant", dataloader_num_workers=0,
         deepspeed=cfg)
@@ -133,6 +141,7 @@ def worker(args) -> None:
 
     probe = SpectrumAnalyzer(model)  # names and types only: nothing is scanned
     snr0 = synthetic_snr(probe.names, probe.types, 0)
+    largest = max(ds.full_numel(p) for u in probe.modules.values() for p in getattr(u, "params", [u.weight]))
     del probe
 
     class Tokens(torch.utils.data.Dataset):
@@ -144,7 +153,7 @@ def worker(args) -> None:
             x = torch.randint(0, 1024, (32,), generator=g)
             return {"input_ids": x, "labels": x.clone(), "attention_mask": torch.ones_like(x)}
 
-    result = {"rank": rank, "params": n_params}
+    result = {"rank": rank, "params": n_params, "largest_matrix_state_bytes": 3 * 4 * largest}
     if args.mode == "static":
         spectrum_freeze(model, TOP_PCT, snr_json=dict(snr0))
 
@@ -152,10 +161,21 @@ def worker(args) -> None:
         return torch.cuda.max_memory_allocated() if cuda else peak()
 
     class StartUp(transformers.TrainerCallback):
+        t0 = None
+
+        def on_step_begin(self, a, state, control, **kw):
+            if cuda:
+                torch.cuda.synchronize()
+            self.t0 = time.perf_counter()
+
         def on_step_end(self, a, state, control, **kw):
+            if cuda:
+                torch.cuda.synchronize()
             if state.global_step == 1:
                 result["startup_peak_bytes"] = device_peak()
                 result["rss_after_step1"] = rss()
+            if state.global_step == 3:  # after the switch at step 2 (callback); same selection size (static)
+                result["step_seconds"] = time.perf_counter() - self.t0
 
     trainer = transformers.Trainer(model=model, args=ta, train_dataset=Tokens())
     if args.mode == "callback":
@@ -191,7 +211,8 @@ def worker(args) -> None:
             entry = {"switch_seconds": seconds, "peak_extra_bytes": peak() - before, "rss_delta_bytes": rss() - before,
                      "stayers": len(stayers), "leaving": len(leaving), "joining": len(joining),
                      "stayers_state_bytes_per_rank": 3 * 4 * local,
-                     "staged_bytes": self_.last_switch.get("staged_bytes")}
+                     "staged_bytes": self_.last_switch.get("staged_bytes"),
+                     "kept_in_place_bytes": self_.last_switch.get("kept_in_place_bytes")}
             if cuda:
                 entry["peak_extra_device_bytes"] = torch.cuda.max_memory_allocated() - dev0
             result.setdefault("switches", []).append(entry)
@@ -235,6 +256,8 @@ def launch(args, mode: str) -> list:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}",
                f"--master_port={free_port()}", os.path.abspath(__file__), "--worker", "--mode", mode,
                "--engine", args.engine, "--hidden", str(args.hidden), "--device", args.device, "--out", out]
+        if args.bf16:
+            cmd.append("--bf16")
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
         if proc.returncode != 0 or not os.path.isfile(out):
             sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
@@ -252,6 +275,7 @@ def main() -> None:
     ap.add_argument("--modes", default=",".join(MODES), help="comma list of callback,static,full")
     ap.add_argument("--json", default=None, help="file to add this configuration's record to")
     ap.add_argument("--timeout", type=int, default=1200)
+    ap.add_argument("--bf16", action="store_true", help="TrainingArguments(bf16=True): bf16 weights, fp32 master")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--mode", default="callback", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
@@ -266,23 +290,33 @@ def main() -> None:
     modes = [m for m in args.modes.split(",") if m]
     runs = {m: launch(args, m) for m in modes}
     rec = {"engine": args.engine, "world_size": args.nproc, "hidden": args.hidden, "layers": LAYERS,
-           "device": args.device, "top_pct": TOP_PCT,
+           "device": args.device, "dtype": "bf16" if args.bf16 else "fp32", "top_pct": TOP_PCT,
            "command": "python scripts/bench_switch.py " + " ".join(a for a in sys.argv[1:])}
     cb = runs.get("callback")
     if cb:
         rec["params"] = cb[0]["params"]
+        rec["largest_matrix_state_bytes"] = cb[0]["largest_matrix_state_bytes"]
         keys = ["switch_seconds", "peak_extra_bytes", "rss_delta_bytes", "stayers_state_bytes_per_rank",
-                "staged_bytes", "startup_peak_bytes", "peak_extra_device_bytes"]
+                "staged_bytes", "kept_in_place_bytes", "startup_peak_bytes", "peak_extra_device_bytes", "step_seconds"]
         rec["per_rank"] = [{k: r.get(k) for k in keys + ["stayers", "leaving", "joining"] if k in r} for r in cb]
         for k in keys:
             vals = [r[k] for r in cb if r.get(k) is not None]
             if vals:
                 rec[k] = max(vals)
         rec["peak_extra_over_share"] = max(r["peak_extra_bytes"] / r["stayers_state_bytes_per_rank"] for r in cb)
+        rec["peak_extra_over_largest_matrix"] = rec["peak_extra_bytes"] / rec["largest_matrix_state_bytes"]
+        if rec.get("peak_extra_device_bytes") is not None:
+            rec["peak_extra_device_over_largest_matrix"] = (rec["peak_extra_device_bytes"]
+                                                            / rec["largest_matrix_state_bytes"])
     for m, key in (("static", "static_startup_peak_bytes"), ("full", "full_startup_peak_bytes")):
         if m in runs:
             rec[key] = max(r["startup_peak_bytes"] for r in runs[m])
             rec.setdefault("params", runs[m][0]["params"])
+    if cb and "static" in runs and all("step_seconds" in r for r in cb + runs["static"]):
+        # the step after the switch against spectrum_freeze's third step (same selection size; the
+        # Trainer's two param groups there, one group per parameter under the callback at ZeRO-1/2)
+        rec["step_seconds_vs_static"] = (max(r["step_seconds"] for r in cb)
+                                         / max(r["step_seconds"] for r in runs["static"]))
     import platform
 
     import torch
@@ -304,10 +338,12 @@ def main() -> None:
             with open(args.json) as fh:
                 data = json.load(fh)
             data = data if isinstance(data, list) else [data]
-        ident = (rec["engine"], rec["world_size"], rec["hidden"], rec["device"])
-        data = [d for d in data if (d.get("engine"), d.get("world_size"), d.get("hidden"), d.get("device")) != ident]
+        def ident(d):
+            return d.get("engine"), d.get("world_size"), d.get("hidden"), d.get("device"), d.get("dtype", "fp32")
+
+        data = [d for d in data if ident(d) != ident(rec)]
         data.append(rec)
-        data.sort(key=lambda d: (d["device"], d["engine"], d["hidden"]))
+        data.sort(key=lambda d: (d["device"], d.get("dtype", "fp32"), d["engine"], d["hidden"]))
         with open(args.json, "w") as fh:
             json.dump(data, fh, indent=1)
 

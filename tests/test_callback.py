@@ -501,3 +501,45 @@ def test_deepspeed_full_build_is_said_once_and_names_the_fix(spectrum_log, monke
     assert len(said) == 1
     assert "1000 trainable parameters" in said[0] and "full fine-tuning" in said[0]
     assert "Trainer(callbacks=[...])" in said[0] and "spectrum_freeze" in said[0]
+
+
+def test_deepspeed_startup_split_keeps_the_trainers_hyperparameters(tmp_path):
+    """ZeRO-1/2 start-up: the Trainer's optimizer becomes one param group per parameter (the
+    layout the rebuilds keep), each with its original group's hyperparameters and a layout tag
+    naming that group as its class; a step of either optimizer gives the same weights."""
+    pytest.importorskip("deepspeed")
+    from spectrum_callback.backends.deepspeed.backend import LAYOUT_KEY, one_group_per_parameter
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3), torch.nn.Linear(3, 2))
+    model[2].weight.requires_grad_(False)
+    decay = [model[0].weight]
+    rest = [model[0].bias, model[1].weight, model[1].bias, model[2].bias]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+                            lr=1e-2, betas=(0.8, 0.9))
+    split = one_group_per_parameter(opt, model)
+    assert [g["params"] for g in split.param_groups] == [[p] for p in decay + rest]
+    names = [g[LAYOUT_KEY]["params"] for g in split.param_groups]
+    assert names == [["0.weight"], ["0.bias"], ["1.weight"], ["1.bias"], ["2.bias"]]
+    assert [g[LAYOUT_KEY]["class"] for g in split.param_groups] == [0, 1, 1, 1, 1]
+    assert all(g[LAYOUT_KEY]["startup"] and len(g[LAYOUT_KEY]["classes"]) == 2 for g in split.param_groups)
+    assert [g["weight_decay"] for g in split.param_groups] == [0.1, 0.0, 0.0, 0.0, 0.0]
+    assert all(g["betas"] == (0.8, 0.9) and g["lr"] == 1e-2 for g in split.param_groups)
+    # the same update as the Trainer's optimizer
+    twin = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3), torch.nn.Linear(3, 2))
+    twin.load_state_dict(model.state_dict())
+    twin[2].weight.requires_grad_(False)
+    ref = torch.optim.AdamW([{"params": [twin[0].weight], "weight_decay": 0.1},
+                             {"params": [twin[0].bias, *twin[1].parameters(), twin[2].bias], "weight_decay": 0.0}],
+                            lr=1e-2, betas=(0.8, 0.9))
+    x = torch.randn(5, 4)
+    for m, o in ((model, split), (twin, ref)):
+        for _ in range(2):
+            m(x).square().sum().backward()
+            o.step()
+            o.zero_grad()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+    # anything but torch Adam/AdamW, or an optimizer that already stepped, is left as it is
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert one_group_per_parameter(sgd, model) is sgd
+    assert one_group_per_parameter(ref, twin) is ref

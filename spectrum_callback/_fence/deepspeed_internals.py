@@ -332,6 +332,11 @@ def reassemble(p: nn.Parameter, fragment: Optional[Tuple[int, torch.Tensor]], de
     return buf.view(full_shape(p))
 
 
+def free_storage(t: Optional[torch.Tensor]) -> int:
+    """Shrink ``t``'s storage to 0 bytes now (every view of it goes empty); returns the bytes."""
+    return _free(t)
+
+
 def _free(t: Optional[torch.Tensor]) -> int:
     if t is None or not torch.is_tensor(t) or t.numel() == 0:
         return 0
@@ -341,16 +346,19 @@ def _free(t: Optional[torch.Tensor]) -> int:
     return n
 
 
-def free_optimizer_memory(zero) -> int:
+def free_optimizer_memory(zero, keep: Sequence[torch.Tensor] = ()) -> int:
     """Release, now, the memory a destroyed ZeRO optimizer owns alone: the fp32 master
     partitions, the optimizer state keyed by them, their gradient buffers and (stage 3) the
-    flat gradient partition buffer.  Their storages are shrunk to 0 bytes, so the memory
-    goes back even while something still refers to the old optimizer (the engine, until it
-    gets the new one).  The low-precision buffers are left alone: parameters still view
-    them until the new optimizer re-flattens.  Returns the bytes released."""
+    flat gradient partition buffer, except the tensors in ``keep`` (state that moves into the
+    new optimizer as it is).  Their storages are shrunk to 0 bytes, so the memory goes back
+    even while something still refers to the old optimizer (the engine, until it gets the
+    new one).  The low-precision buffers are not shrunk (parameters still view them until
+    the new optimizer re-flattens), but at stage 1/2 the optimizer's own references to them
+    are dropped, so that each goes as soon as the new optimizer has re-pointed its
+    parameters.  Returns the bytes released."""
     base = torch_optimizer(zero)
     freed = 0
-    seen = set()
+    seen = {t.untyped_storage().data_ptr() for t in keep if torch.is_tensor(t) and t.numel()}
 
     def free(t):
         nonlocal freed
@@ -378,4 +386,46 @@ def free_optimizer_memory(zero) -> int:
             for buf in getattr(zero, "ipg_buffer", None) or []:
                 free(buf)
             free(getattr(zero, "grads_in_partition", None))
+            zero.bit16_groups_flat = []
+            zero.parallel_partitioned_bit16_groups = []
     return freed
+
+
+class _EachGroupBuilt(list):
+    """A torch optimizer's ``param_groups`` list that reports each group once the loop
+    iterating it has moved past it (see :func:`each_group_built`)."""
+
+    def __init__(self, groups, on_built):
+        super().__init__(groups)
+        self._on_built = on_built
+
+    def __iter__(self):
+        for g in list.__iter__(self):
+            yield g
+            self._on_built(g)
+
+
+class each_group_built:
+    """Context in which ``on_built(group)`` runs as the ZeRO-1/2 constructor finishes each
+    torch param group of ``base_optimizer``.
+
+    ``DeepSpeedZeroOptimizer.__init__`` walks ``optimizer.param_groups`` once
+    (``for i, param_group in enumerate(...)``), and for each group flattens its weights,
+    builds this rank's fp32 master partition and replaces ``param_group['params']`` by it
+    before it asks for the next group.  ``on_built`` runs at that request: it can fill the
+    group's new master and free the memory it came from before the next group allocates.
+    It also runs for other walks of the list (groups not built yet): it must check
+    (``group['params']`` is the master once built) and act once per group.  Outside the
+    context the list is a plain list again."""
+
+    def __init__(self, base_optimizer, on_built):
+        self.base = base_optimizer
+        self.on_built = on_built
+
+    def __enter__(self):
+        self.base.param_groups = _EachGroupBuilt(self.base.param_groups, self.on_built)
+        return self
+
+    def __exit__(self, *exc):
+        self.base.param_groups = list(self.base.param_groups)
+        return False

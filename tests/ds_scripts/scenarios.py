@@ -54,6 +54,10 @@ SCENARIOS = {
     "z3_resume": dict(stage=3, update_every=2, max_steps=6, resume_at=3),
     "z2_resume": dict(stage=2, update_every=2, max_steps=6, resume_at=3),
     "z2_resume_bf16": dict(stage=2, update_every=2, max_steps=6, resume_at=3, bf16=True),
+    # z2_dynamic_gc_bf16 without the start-up hook (as for a callback the hook never saw): the
+    # engine is built over every parameter in the Trainer's two groups, and the first switch
+    # rebuilds from that layout (stayers' fragments reassembled) into one group per parameter.
+    "z2_late_bf16": dict(stage=2, update_every=2, max_steps=4, bf16=True, gradient_checkpointing=True, late=True),
     "z1_dynamic": dict(stage=1, update_every=2, max_steps=6),
     "z3_optimizer_block": dict(stage=3, update_every=None, max_steps=1, optimizer_block=True, expect_error=True),
     # fused 3-D MoE expert banks (transformers 5 Mixtral): one unit each, partitioned by ZeRO-3 too
@@ -128,6 +132,7 @@ class SwitchComm:
             finally:
                 entry, me.active = me.active, None
                 entry["rebuilt"] = self_.rebuilds > entry.pop("rebuilds_before")
+                entry["last_switch"] = dict(self_.last_switch) if entry["rebuilt"] else {}
                 entry["trainable_numel"] = sum(getattr(p, "ds_numel", p.numel()) for p in self_.model.parameters()
                                                if p.requires_grad)
                 me.log.append(entry)
@@ -289,7 +294,15 @@ def run(name, out, reference=False):
         return result
     trainer, model, spectrum, rec, losses = make_trainer(name, s, out, reference)
     first_switch = len(SWITCH_COMM.log)
-    trainer.train()
+    import transformers.trainer as hf_trainer
+
+    hooked = hf_trainer.deepspeed_init
+    if s.get("late"):
+        hf_trainer.deepspeed_init = getattr(hooked, "__wrapped__", hooked)
+    try:
+        trainer.train()
+    finally:
+        hf_trainer.deepspeed_init = hooked
     result["switch_comm"] = SWITCH_COMM.log[first_switch:]
     result.update(
         losses=losses.losses,

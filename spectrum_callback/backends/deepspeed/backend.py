@@ -8,25 +8,34 @@ master partitions and optimizer moments in flat per-group buffers (trap 3 in
 Adam would keep moving it (trap 2).  So at every switch this backend **rebuilds the
 ZeRO optimizer over the new trainable set**:
 
-1. copy what *this rank* holds of the stayers' fp32 master and moments, nothing gathered:
-   at stage 3 each parameter is partitioned on its own, so its local slices
-   (``deepspeed.utils.safe_get_local_*``, public) are the same in the new optimizer; at
-   stage 1/2 the fragment this rank owns of the flat group, with its offset.  The copies
-   stay on the device when it has room, else in host memory; fp32 weights stand in for an
-   fp32 master (the optimizer copies one to the other after every step);
+1. keep what *this rank* holds of the stayers' fp32 master and moments, nothing gathered.
+   Each stayer's slice on a rank is the same before and after the rebuild: stage 3
+   partitions each parameter on its own, and at stage 1/2 this backend gives each
+   parameter a param group (so a flat partition) of its own, from the start-up
+   (:mod:`.startup`) and at every rebuild.  Stage 1/2: the old Adam tensors themselves move
+   into the new optimizer (no copy); stage 3: the local slices are copied
+   (``deepspeed.utils.safe_get_local_*``, public), on the device when it has room, else in
+   host memory.  fp32 weights stand in for an fp32 master (the optimizer copies one to the
+   other after every step).  An optimizer laid out otherwise (the Trainer's groups, when
+   the start-up hook did not run) has its stayers' owned fragments copied with their offsets;
 2. give the parameters that leave their own storage (they pointed into the old
    optimizer's flat buffers), destroy the old optimizer (its gradient hooks, and at stage 3
-   its module hooks) and free its fp32 partitions, moments and gradient buffers before the
-   new one allocates its own;
-3. build a new torch optimizer of the same class and hyperparameters, one param group
-   per (original group, Adam step count) "cohort" so that every parameter keeps its
-   own bias-correction step exactly as plain ``torch.optim.AdamW`` would (a matrix that
-   joins starts at step 0, one that stays keeps its count);
-4. let the engine wrap it again (``DeepSpeedEngine._configure_optimizer``), create the
-   Adam state of every group (zeros, step = the cohort's count) and write the stayers'
-   copies back, one parameter at a time: stage 3 its local slices
-   (``safe_set_local_*``); stage 1/2 the whole tensor reassembled from every rank's
-   fragment (one collective per tensor, model order) and set with ``safe_set_full_*``;
+   its module hooks) and free its fp32 partitions, moments and gradient buffers (all but
+   the kept ones) before the new one allocates its own;
+3. build a new torch optimizer of the same class and hyperparameters: stage 1/2 one param
+   group per parameter, stage 3 one per (original group, Adam step count) "cohort", so that
+   every parameter keeps its own bias-correction step exactly as plain
+   ``torch.optim.AdamW`` would (a matrix that joins starts at step 0, one that stays keeps
+   its count);
+4. let the engine wrap it again (``DeepSpeedEngine._configure_optimizer``).  Stage 1/2
+   with bf16/fp16 weights: as the constructor builds each kept group, its old fp32 master
+   is copied into the new partition and freed before the next group allocates (fenced
+   :func:`~spectrum_callback._fence.deepspeed_internals.each_group_built`).  Then the Adam
+   state of every group is set: the kept tensors, or zeros with step = the group's count;
+   stage 3 writes the stayers' copies back one parameter at a time
+   (``safe_set_local_*``); fragments copied from another layout are reassembled one
+   tensor at a time (one collective per tensor, model order) and set with
+   ``safe_set_full_*``;
 5. re-point accelerate's optimizer wrapper (the Trainer and the lr scheduler hold that
    wrapper) and fix the lr scheduler's per-group lists (trap 6).
 
@@ -102,6 +111,17 @@ def _staging_device(zero, nbytes: int) -> torch.device:
     return dev
 
 
+def _copy_master(new: torch.Tensor, old: torch.Tensor) -> None:
+    """Fill a new fp32 master partition from the old one of the same parameter, then free the
+    old one's memory."""
+    if new.shape != old.shape:
+        raise RuntimeError(f"Spectrum/DeepSpeed: a kept fp32 master partition has shape {tuple(old.shape)}, "
+                           f"its new partition {tuple(new.shape)}")
+    with torch.no_grad():
+        new.copy_(old)
+    ds.free_storage(old)
+
+
 def _hp_of(group: dict) -> dict:
     return {k: v for k, v in group.items() if k not in ("params", LAYOUT_KEY) and not str(k).startswith("_ds")}
 
@@ -114,6 +134,28 @@ def _param_names(model) -> Dict[int, str]:
     out = {}
     for n, p in model.named_parameters(remove_duplicate=False):
         out.setdefault(id(p), n)
+    return out
+
+
+def one_group_per_parameter(optimizer, model):
+    """The Trainer's torch Adam/AdamW ``optimizer`` (no step taken yet) as one of the same
+    class with one param group per parameter, hyperparameters as in its group, each group
+    tagged with the layout the ZeRO-1/2 rebuilds keep (``LAYOUT_KEY``, class = index of the
+    original group).  Any other optimizer is returned as it is (the backend refuses it)."""
+    if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW) or optimizer.state:
+        return optimizer
+    names = _param_names(model)
+    classes = [_hp_of(g) for g in optimizer.param_groups]
+    groups = []
+    for c, g in enumerate(optimizer.param_groups):
+        for p in g["params"]:
+            tag = {"class": c, "step": 0, "params": [names[id(p)]], "classes": [dict(x) for x in classes],
+                   "startup": True}
+            groups.append(dict(classes[c], params=[p], **{LAYOUT_KEY: tag}))
+    if not groups:
+        return optimizer
+    out = type(optimizer)(groups)
+    out.defaults.update(optimizer.defaults)
     return out
 
 
@@ -144,7 +186,8 @@ class DeepSpeedBackend(OptimizerBackend):
             # checkpoint at train end): its groups are (class, step) cohorts, not classes.
             self.classes = [dict(c) for c in layouts[0]["classes"]]
             self._group_class = [int(x["class"]) for x in layouts]
-            self.rebuilds = 1
+            # one group per parameter from the start-up (.startup) is the Trainer's own optimizer
+            self.rebuilds = 0 if all(x.get("startup") for x in layouts) else 1
         else:
             self.classes = [_hp_of(g) for g in base.param_groups]
             self._group_class = list(range(len(self.classes)))
@@ -285,28 +328,60 @@ class DeepSpeedBackend(OptimizerBackend):
 
         ``force_fresh``: ids of parameters that start with fresh state even if the old
         optimizer held them.  ``layout``: ``[(class, step, params)]`` to reproduce exactly
-        (resume) instead of grouping by (class, step) cohort.
+        (resume) instead of the backend's own grouping (:meth:`_groups`).
         """
+        self.last_switch = {"kept_in_place": 0, "kept_in_place_bytes": 0}
         old_zero = self.zero
         old_groups = ds.param_groups(old_zero)
         class_lr = self._class_lrs(ds.torch_optimizer(old_zero))  # the lr the scheduler set for the coming step
         keys = ds.moment_keys(ds.torch_optimizer(old_zero))
-        kept = self._read_stayers(old_groups, new_params, force_fresh, keys)
+        reuse = self._reusable(old_groups, new_params, force_fresh, keys) if layout is None else {}
+        kept = self._read_stayers(old_groups, new_params, force_fresh | {i for k in reuse for i in k}, keys)
         moved = {id(p) for ps, _, _ in old_groups for p in ps} | {id(p) for p in new_params}
         self._retire(old_zero, old_groups, {id(p) for p in new_params})
         # The old optimizer's fp32 partitions, moments and gradient buffers go now, before the
         # new one allocates its own: a switch then costs the stayers' copies, not two optimizers.
-        self.last_switch["freed_bytes"] = ds.free_optimizer_memory(old_zero)
-        del old_groups
-        order, cohorts = self._cohorts(new_params, kept, layout)
-        base = self._new_torch_optimizer(order, cohorts, class_lr)
-        new_zero = self._install(base, order, keys)
+        # State that moves over as it is (``reuse``) stays.
+        keep = [t for st, master in reuse.values() for t in [master, *st.values()] if torch.is_tensor(t)]
+        self.last_switch["freed_bytes"] = ds.free_optimizer_memory(old_zero, keep=keep)
+        del old_groups, keep
+        groups = self._groups(new_params, kept, reuse, layout)
+        base = self._new_torch_optimizer(groups, class_lr)
+        new_zero = self._install(base, groups, keys, reuse)
         self._write_stayers(new_params, kept)
-        self._repoint(old_zero, new_zero, [c for c, _ in order], class_lr)
+        self._repoint(old_zero, new_zero, [c for c, _, _ in groups], class_lr)
         del old_zero
         gc.collect()
         self.rebuilds += 1
         return SwitchResult(moved=moved)
+
+    def _reusable(self, old_groups, new_params, force_fresh, keys) -> Dict[tuple, Tuple[dict, Optional[torch.Tensor]]]:
+        """Stage 1/2: the old groups that come back unchanged, and what moves over as it is.
+
+        At stage 1/2 this backend gives each parameter a group of its own (:meth:`_groups`), so
+        that, as at stage 3, a staying parameter's slice on this rank is the same before and
+        after a rebuild (its group has the same size and the same ranks).  Its Adam state
+        tensors then go into the new optimizer as they are (no copy, nothing sent between
+        ranks), and so does its fp32 master where the weights are not fp32 (copied into the
+        new partition as the constructor builds it, :meth:`_install`).  Returns
+        ``{(id(p),): (old Adam state, old master or None)}``.
+        """
+        if self.stage == 3:
+            return {}
+        base = ds.torch_optimizer(self.zero)
+        new_ids = {id(p) for p in new_params}
+        out = {}
+        for ps, _, flat in old_groups:
+            if len(ps) != 1 or id(ps[0]) not in new_ids or id(ps[0]) in force_fresh:
+                continue
+            st = dict(ds.flat_state(base, flat))
+            if keys and not all(k in st for k in keys):
+                continue
+            master = None if ds.local_tensor(ps[0]).dtype == torch.float32 else flat
+            out[(id(ps[0]),)] = (st, master)
+        self.last_switch.update({"kept_in_place": len(out), "kept_in_place_bytes": sum(
+            _nbytes(t) for st, m in out.values() for t in [m, *st.values()] if torch.is_tensor(t) and t.ndim > 0)})
+        return out
 
     def _read_stayers(self, old_groups, new_params, force_fresh, keys) -> Dict[int, Kept]:
         """Step 1: step count, fp32 master and moments of the parameters that stay: copies of
@@ -335,8 +410,8 @@ class DeepSpeedBackend(OptimizerBackend):
             step = int(_scalar(st["step"])) if "step" in st else 0
             need = ([] if ds.local_tensor(p).dtype == torch.float32 else [None]) + (list(keys) if step > 0 else [])
             kept[id(p)] = (step, {k: self._copy_local(p, k, dev) for k in need})
-        self.last_switch = {"stayers": len(stayers), "staged_bytes": sum(
-            _nbytes(v) for _, vals in kept.values() for v in vals.values()), "staging_device": str(dev)}
+        self.last_switch.update({"stayers": len(stayers), "staged_bytes": sum(
+            _nbytes(v) for _, vals in kept.values() for v in vals.values()), "staging_device": str(dev)})
         return kept
 
     def _copy_local(self, p, key, dev):
@@ -357,56 +432,106 @@ class DeepSpeedBackend(OptimizerBackend):
         ds.destroy(old_zero)
         ds.clear_flat_states(ds.torch_optimizer(old_zero))
 
-    def _cohorts(self, new_params, kept, layout):
-        """Step 3a: one group per (class, Adam step) cohort, in model order (or ``layout``)."""
-        cohorts: Dict[Tuple[int, int], List[nn.Parameter]] = {}
+    def _groups(self, new_params, kept, reuse, layout) -> List[Tuple[int, int, List[nn.Parameter]]]:
+        """Step 3a: the new torch param groups, ``[(class, Adam step, params)]`` in model order
+        (or ``layout``).  Stage 1/2: one group per parameter, so that a parameter's slice on
+        each rank does not move at later rebuilds (:meth:`_reusable`); the per-group flat
+        buffers also keep what DeepSpeed's constructor flattens at a time to one parameter.
+        Stage 3 partitions each parameter on its own anyway: one group per (class, step)
+        cohort.  Either way every parameter keeps its own bias-correction step."""
         if layout is not None:
-            for c, step, ps in layout:
-                cohorts[(c, step)] = ps
-            return [(c, step) for c, step, _ in layout], cohorts
+            return [(c, step, list(ps)) for c, step, ps in layout]
+        out: List[Tuple[int, int, List[nn.Parameter]]] = []
+        cohorts: Dict[Tuple[int, int], List[nn.Parameter]] = {}
         for p in new_params:
             c = self.class_of.get(id(p))
             if c is None:
                 c = self._decay_classes()[0 if ds.full_ndim(p) >= 2 else 1]
                 self.class_of[id(p)] = c
-            step = kept[id(p)][0] if id(p) in kept else 0
-            cohorts.setdefault((c, step), []).append(p)
-        return sorted(cohorts, key=lambda cs: (cs[0], -cs[1])), cohorts
+            if (id(p),) in reuse:
+                st = reuse[(id(p),)][0]
+                step = int(_scalar(st["step"])) if "step" in st else 0
+            else:
+                step = kept[id(p)][0] if id(p) in kept else 0
+            if self.stage == 3:
+                cohorts.setdefault((c, step), []).append(p)
+            else:
+                out.append((c, step, [p]))
+        if self.stage == 3:
+            out = [(c, step, cohorts[(c, step)]) for c, step in sorted(cohorts, key=lambda cs: (cs[0], -cs[1]))]
+        return out
 
-    def _new_torch_optimizer(self, order, cohorts, class_lr):
+    def _new_torch_optimizer(self, groups, class_lr):
         """Step 3b: a torch optimizer of the original class and hyperparameters."""
         names = _param_names(self.model)
-        groups = []
-        for c, step in order:
+        torch_groups = []
+        for c, step, ps in groups:
             g = dict(self.classes[c])
             g["lr"] = class_lr[c]
-            g["params"] = cohorts[(c, step)]
+            g["params"] = ps
             # Saved with the optimizer state by DeepSpeed: lets a resumed run rebuild this layout.
-            g[LAYOUT_KEY] = {"class": c, "step": step, "params": [names[id(p)] for p in g["params"]],
+            g[LAYOUT_KEY] = {"class": c, "step": step, "params": [names[id(p)] for p in ps],
                              "classes": [dict(x) for x in self.classes]}
-            groups.append(g)
-        if not groups:
+            torch_groups.append(g)
+        if not torch_groups:
             raise ValueError("Spectrum selected no trainable parameter; nothing for the DeepSpeed optimizer to train")
-        base = self.base_cls(groups)
+        base = self.base_cls(torch_groups)
         base.defaults.update(self.base_defaults)
         return base
 
-    def _install(self, base, order, keys):
+    def _install(self, base, groups, keys, reuse):
         """Step 4a: the engine wraps it as ``deepspeed.initialize`` did; Adam state of every
-        group is created (zeros, ``step`` = the cohort's count)."""
-        new_zero = ds.configure_optimizer(self.engine, base)
+        group is created (zeros, ``step`` = the group's count) or moved over (``reuse``).
+
+        Where a reused group's master must move too (weights not fp32), it is copied into the
+        new partition as soon as DeepSpeed's constructor has built that group, and the old
+        one freed before the next group allocates (:func:`ds.each_group_built`): the extra
+        memory is one parameter's master slice, not all of them."""
+        masters = {}
+        for g in base.param_groups:
+            key = tuple(id(p) for p in g["params"])
+            if key in reuse and reuse[key][1] is not None:
+                masters[id(g)] = (g["params"][0], reuse[key][1])
+
+        def on_built(g):
+            pending = masters.get(id(g))
+            if pending is None or not g["params"] or g["params"][0] is pending[0]:
+                return  # not ours, or not built yet
+            del masters[id(g)]
+            _copy_master(g["params"][0], pending[1])
+
+        if masters:
+            with ds.each_group_built(base, on_built):
+                new_zero = ds.configure_optimizer(self.engine, base)
+        else:
+            new_zero = ds.configure_optimizer(self.engine, base)
+        self.last_switch["masters_after_build"] = len(masters)
+        if masters:  # the constructor did not walk its groups as expected (a DeepSpeed change): copy now
+            by_group = {id(g): g for g in ds.torch_optimizer(new_zero).param_groups}
+            for gid, (_, old) in list(masters.items()):
+                _copy_master(by_group[gid]["params"][0], old)
+            masters.clear()
         self.zero = new_zero
-        self._init_state(new_zero, order, keys)
+        self._init_state(new_zero, [(c, step) for c, step, _ in groups], keys, reuse)
         return new_zero
 
-    def _init_state(self, zero, order, keys) -> None:
-        """Adam's state for every flat partition: zeros, ``step`` = the cohort's count."""
+    def _init_state(self, zero, order, keys, reuse=None) -> None:
+        """Adam's state for every flat partition: zeros, ``step`` = the group's count; or, for a
+        group in ``reuse``, the old group's state tensors themselves."""
         base = ds.torch_optimizer(zero)
         for params, gi, flat in ds.param_groups(zero):
-            _, step = order[gi]
-            state = {"step": adam_step_tensor(step, base.param_groups[gi], flat)}
-            for k in keys or self._default_keys(base.param_groups[gi]):
-                state[k] = torch.zeros_like(flat, memory_format=torch.preserve_format)
+            key = tuple(id(p) for p in params)
+            if reuse and key in reuse:
+                state = reuse.pop(key)[0]
+                for k, v in state.items():
+                    if torch.is_tensor(v) and v.ndim > 0 and v.shape != flat.shape:
+                        raise RuntimeError(f"Spectrum/DeepSpeed: a kept optimizer state ({k}) has shape "
+                                           f"{tuple(v.shape)}, its new partition {tuple(flat.shape)}")
+            else:
+                _, step = order[gi]
+                state = {"step": adam_step_tensor(step, base.param_groups[gi], flat)}
+                for k in keys or self._default_keys(base.param_groups[gi]):
+                    state[k] = torch.zeros_like(flat, memory_format=torch.preserve_format)
             ds.set_flat_state(base, flat, state)
         ds.link_optimizer_state(zero)
 

@@ -13,11 +13,18 @@ the engine are built over the selection only.  Matrices that join later come in 
 backend's rebuilds.  Where this cannot happen (the callback was added after ``train()``
 began, a resume from a checkpoint written without Spectrum), the backend's first switch
 rebuilds from the full optimizer and says so once (:mod:`.backend`).
+
+At ZeRO stage 1/2 the Trainer's optimizer is also split into one param group per parameter
+(:func:`one_group_per_parameter`, through a one-shot wrapper of ``trainer.create_optimizer``,
+which ``deepspeed_init`` calls), the layout the backend keeps at every rebuild: a staying
+parameter's slice of the fp32 master and Adam state is then the same on each rank after a
+rebuild, so a switch moves nothing between ranks (:meth:`.backend.DeepSpeedBackend._reusable`).
 """
 from __future__ import annotations
 
 from ..._fence.transformers_internals import find_trainer, spectrum_callbacks, wrap_deepspeed_init
 from ..._logging import get_logger
+from .backend import one_group_per_parameter
 
 logger = get_logger(__name__)
 
@@ -28,7 +35,35 @@ def _before_init(trainer) -> None:
         return
     cb = cbs[0]
     _, resume_dir = find_trainer(lambda t: t is trainer)
-    cb.select_before_optimizer(trainer, resume_dir)
+    if cb.select_before_optimizer(trainer, resume_dir) and _zero_stage(trainer) in (1, 2):
+        _split_when_created(trainer)
+
+
+def _zero_stage(trainer) -> int:
+    """The ZeRO stage of the config ``deepspeed_init`` is about to use; 0 when it has an
+    'optimizer' block (DeepSpeed builds that one; the backend refuses it later)."""
+    plugin = getattr(getattr(getattr(trainer, "accelerator", None), "state", None), "deepspeed_plugin", None)
+    cfg = getattr(getattr(plugin, "hf_ds_config", None), "config", None)
+    if not isinstance(cfg, dict) or "optimizer" in cfg:
+        return 0
+    try:
+        return int((cfg.get("zero_optimization") or {}).get("stage", 0))
+    except (TypeError, ValueError):  # "auto" is resolved by then; anything else: leave the optimizer alone
+        return 0
+
+
+def _split_when_created(trainer) -> None:
+    """Wrap ``trainer.create_optimizer`` once: the optimizer it returns (and sets) is split
+    into one param group per parameter.  The instance attribute goes at the first call."""
+    orig = trainer.create_optimizer
+
+    def create_optimizer(*args, **kwargs):
+        trainer.__dict__.pop("create_optimizer", None)
+        opt = orig(*args, **kwargs)
+        trainer.optimizer = one_group_per_parameter(opt, trainer.model)
+        return trainer.optimizer
+
+    trainer.create_optimizer = create_optimizer
 
 
 def install_startup_hook() -> bool:
