@@ -4,6 +4,7 @@ upstream release moves one, this fails and names it."""
 from __future__ import annotations
 
 import ast
+import importlib
 import inspect
 import os
 
@@ -113,8 +114,17 @@ def test_deepspeed_internals():
     z12 = inspect.getsource(stage_1_and_2.DeepSpeedZeroOptimizer)
     for needle in ("self.bit16_groups = []", "self.single_partition_of_fp32_groups = []",
                    "def _lazy_init_hp_params_optimizer_state", "self._hp_optimizer_states_linked",
-                   "def destroy", "self.partition_gradients"):
+                   "def destroy", "self.partition_gradients", "self.bit16_groups_flat",
+                   "self.parallel_partitioned_bit16_groups", "self.partition_size",
+                   # each_group_built: one walk of the torch groups, each replaced by its fp32 partition
+                   "for i, param_group in enumerate(self.optimizer.param_groups):",
+                   "param_group['params'] = [self.single_partition_of_fp32_groups[i]]",
+                   # configure_optimizer: the zero gradients it allocates are dropped again
+                   "def initialize_optimizer_states", "self.initialize_optimizer_states()",
+                   "group.grad = None  #class init"):
         assert needle in z12, needle
+    fragment = importlib.import_module("deepspeed.utils.tensor_fragment")
+    assert "lp_fragment: torch.Tensor" in inspect.getsource(fragment.tensor_fragment)  # release_storage
     z3 = inspect.getsource(stage3.DeepSpeedZeroOptimizer_Stage3)
     for needle in ("self.fp16_groups = []", "self.fp32_partitioned_groups_flat = []",
                    "self.sub_group_to_group_id[", "def destroy", "self.parameter_offload.destroy()"):
@@ -155,7 +165,8 @@ PRIVATE = ("ds_tensor", "ds_shape", "ds_numel", "ds_id", "_fsdp_flattened", "_ge
            "_hp_optimizer_states_linked", "parameter_offload", "sub_group_to_group_id",
            "single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "_config", "_reset_state",
            "_PartitionedParameterCoordinator__params_to_release", "_get_fsdp_state", "_init_mp_dtypes",
-           "_fsdp_param_group", "load_fsdp_optimizer")
+           "_fsdp_param_group", "load_fsdp_optimizer", "bit16_groups_flat", "parallel_partitioned_bit16_groups",
+           "initialize_optimizer_states")
 
 
 @pytest.mark.parametrize("room", ["spectrum_callback", "spectrum_study", "scripts"])

@@ -131,11 +131,24 @@ def release_storage(zero, params: Sequence[nn.Parameter]) -> None:
     would otherwise stay alive after the optimizer is gone."""
     stage3 = stage(zero) == 3
     with torch.no_grad():
-        for p in params:
-            if stage3:
+        if stage3:
+            for p in params:
                 p.ds_tensor.data = p.ds_tensor.data.clone()
-            else:
-                p.data = p.data.clone()
+            return
+        # Stage 1/2, group by group: the group's leavers get their copies, then the optimizer's
+        # own references to the group's flat buffer go, so that it is freed as soon as nothing
+        # views it (now when every parameter of the group leaves, else when the new optimizer
+        # re-points the stayers): at most one group's weights are held twice at a time.
+        leaving = {id(p) for p in params}
+        for i, ps in enumerate(zero.bit16_groups):
+            for p in ps:
+                p._hp_mapping = None  # its lp_fragment views the flat buffer (destroy() would clear it)
+                if id(p) in leaving:
+                    p.data = p.data.clone()
+            flat = zero.bit16_groups_flat[i]
+            zero.bit16_groups_flat[i] = flat.new_empty(0)
+            zero.parallel_partitioned_bit16_groups[i] = []
+            del flat
 
 
 def destroy(zero) -> None:
@@ -179,9 +192,33 @@ def forget_stage3_module_state(zero) -> None:
 
 
 def configure_optimizer(engine, torch_optimizer) -> object:
-    """Let the engine wrap a new basic optimizer exactly as ``deepspeed.initialize`` did."""
-    engine._configure_optimizer(torch_optimizer, None)
+    """Let the engine wrap a new basic optimizer exactly as ``deepspeed.initialize`` did.
+
+    At stage 1/2 without offload, ``DeepSpeedZeroOptimizer.initialize_optimizer_states``
+    gives every fp32 partition a zero gradient, all at once, and then sets them all back to
+    ``None``: for torch Adam/AdamW (the only optimizers the backend accepts) it leaves
+    nothing behind but a transient of one more fp32 master in memory.  During this call it
+    does the same one partition at a time (:func:`_one_partition_at_a_time`)."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    orig = DeepSpeedZeroOptimizer.initialize_optimizer_states
+    DeepSpeedZeroOptimizer.initialize_optimizer_states = _one_partition_at_a_time(orig)
+    try:
+        engine._configure_optimizer(torch_optimizer, None)
+    finally:
+        DeepSpeedZeroOptimizer.initialize_optimizer_states = orig
     return engine.optimizer
+
+
+def _one_partition_at_a_time(orig):
+    def initialize_optimizer_states(self):
+        if self.cpu_offload or isinstance(self.optimizer, torch.optim.Adagrad):
+            return orig(self)  # these keep what it allocates
+        for i, flat in enumerate(self.single_partition_of_fp32_groups):
+            flat.grad = torch.zeros(int(self.partition_size[i]), dtype=flat.dtype, device=self.device)
+            flat.grad = None
+
+    return initialize_optimizer_states
 
 
 def link_optimizer_state(zero) -> None:
