@@ -5,9 +5,9 @@ One configuration per call (engine, hidden size), three runs of ``torchrun`` wit
 ``--nproc`` processes each (2 by default; gloo on CPU, NCCL on GPUs):
 
 * ``callback``: ``trainer.add_callback(SpectrumCallback(top_pct=0.5, update_every=2))``,
-  3 optimizer steps; at step 2 the selection moves by one layer per matrix type, so 3/4
+  4 optimizer steps; at step 2 the selection moves by one layer per matrix type, so 3/4
   of the selected matrices stay (top 4 of 8 layers: layers 0-3 -> 1-4);
-* ``static``: ``spectrum_freeze`` before ``Trainer(...)`` (same first selection), 3 steps;
+* ``static``: ``spectrum_freeze`` before ``Trainer(...)`` (same first selection), 4 steps;
 * ``full``: full fine-tuning, 1 step.
 
 The SNRs are synthetic (a fixed ranking of the layers, rotated at the second scan), so
@@ -33,8 +33,9 @@ Reported per rank (rank order), and the worst rank at the top level:
   candidate matrix, whole (the bound asked of a ZeRO-1/2 switch), and
   ``peak_extra_over_largest_matrix``;
 * ``kept_in_place_bytes``: stayers' state that went into the new optimizer as it was;
-* ``step_seconds`` (step 3, after the switch) and ``step_seconds_vs_static`` (against step
-  3 of the ``static`` run: same selection size, the Trainer's own param groups).
+* ``first_step_after_switch_seconds`` (step 3), ``step_seconds`` (step 4) and
+  ``step_seconds_vs_static`` (step 4 against step 4 of the ``static`` run: same selection
+  size, the Trainer's own param groups there).
 
 ``--bf16`` trains with ``TrainingArguments(bf16=True)`` (bf16 weights, fp32 master).
 
@@ -127,7 +128,7 @@ def worker(args) -> None:
         cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     out_dir = tempfile.mkdtemp(prefix="bench_switch_")
     ta = transformers.TrainingArguments(
-        output_dir=out_dir, per_device_train_batch_size=1, max_steps=3 if args.mode != "full" else 1, bf16=args.bf16,
+        output_dir=out_dir, per_device_train_batch_size=1, max_steps=4 if args.mode != "full" else 1, bf16=args.bf16,
         learning_rate=1e-4, weight_decay=0.01, logging_steps=1, save_strategy="no", report_to=[],
         use_cpu=not cuda, seed=0, disable_tqdm=True, lr_scheduler_type="constant", dataloader_num_workers=0,
         deepspeed=cfg)
@@ -174,7 +175,9 @@ def worker(args) -> None:
             if state.global_step == 1:
                 result["startup_peak_bytes"] = device_peak()
                 result["rss_after_step1"] = rss()
-            if state.global_step == 3:  # after the switch at step 2 (callback); same selection size (static)
+            if state.global_step == 3:  # the first step after the switch at step 2
+                result["first_step_after_switch_seconds"] = time.perf_counter() - self.t0
+            if state.global_step == 4:  # the next one (ZeRO-3 traces its prefetch schedule again first)
                 result["step_seconds"] = time.perf_counter() - self.t0
 
     trainer = transformers.Trainer(model=model, args=ta, train_dataset=Tokens())
@@ -234,6 +237,11 @@ def worker(args) -> None:
             json.dump(gathered, fh)
     dist.barrier()
     dist.destroy_process_group()
+    # Leave without C++ static destructors: gloo/DeepSpeed threads at interpreter exit sometimes
+    # abort the process ("terminate called without an active exception") after the results are out.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # ------------------------------------------------------------------ driver
@@ -297,7 +305,8 @@ def main() -> None:
         rec["params"] = cb[0]["params"]
         rec["largest_matrix_state_bytes"] = cb[0]["largest_matrix_state_bytes"]
         keys = ["switch_seconds", "peak_extra_bytes", "rss_delta_bytes", "stayers_state_bytes_per_rank",
-                "staged_bytes", "kept_in_place_bytes", "startup_peak_bytes", "peak_extra_device_bytes", "step_seconds"]
+                "staged_bytes", "kept_in_place_bytes", "startup_peak_bytes", "peak_extra_device_bytes", "step_seconds",
+                "first_step_after_switch_seconds"]
         rec["per_rank"] = [{k: r.get(k) for k in keys + ["stayers", "leaving", "joining"] if k in r} for r in cb]
         for k in keys:
             vals = [r[k] for r in cb if r.get(k) is not None]
@@ -313,7 +322,7 @@ def main() -> None:
             rec[key] = max(r["startup_peak_bytes"] for r in runs[m])
             rec.setdefault("params", runs[m][0]["params"])
     if cb and "static" in runs and all("step_seconds" in r for r in cb + runs["static"]):
-        # the step after the switch against spectrum_freeze's third step (same selection size; the
+        # the second step after the switch against spectrum_freeze's fourth (same selection size; the
         # Trainer's two param groups there, one group per parameter under the callback at ZeRO-1/2)
         rec["step_seconds_vs_static"] = (max(r["step_seconds"] for r in cb)
                                          / max(r["step_seconds"] for r in runs["static"]))

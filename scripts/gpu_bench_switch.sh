@@ -6,10 +6,12 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source scripts/gpu_env.sh
-for cfg in ${CONFIGS:-"zero3 4096" "zero2 4096" "zero3 2048"}; do
+# CONFIGS: "engine hidden [--bf16]" items
+for cfg in ${CONFIGS:-"zero2 4096" "zero2 4096 --bf16" "zero3 4096" "zero3 4096 --bf16"}; do
     set -- $cfg
-    echo "== $1 hidden $2"
-    timeout -k 10 "${LIMIT:-150}" python3 scripts/bench_switch.py --engine "$1" --hidden "$2" --nproc 1 --device cuda \
-        --json "$OUT/bench_switch_gpu.json" >"$OUT/bench_switch_$1_$2.log" 2>&1
-    echo "   exit $?"; tail -n 4 "$OUT/bench_switch_$1_$2.log"
+    tag="$1_$2${3:+_bf16}"
+    echo "== $1 hidden $2 ${3:-}"
+    timeout -k 10 "${LIMIT:-150}" python3 scripts/bench_switch.py --engine "$1" --hidden "$2" ${3:-} --nproc 1 \
+        --device cuda --json "$OUT/bench_switch_gpu.json" >"$OUT/bench_switch_$tag.log" 2>&1
+    echo "   exit $?"; tail -n 4 "$OUT/bench_switch_$tag.log"
 done
