@@ -543,3 +543,41 @@ def test_deepspeed_startup_split_keeps_the_trainers_hyperparameters(tmp_path):
     sgd = torch.optim.SGD(model.parameters(), lr=0.1)
     assert one_group_per_parameter(sgd, model) is sgd
     assert one_group_per_parameter(ref, twin) is ref
+
+
+def test_deepspeed_startup_split_wrapper_is_one_shot():
+    """The start-up wrapper of ``trainer.create_optimizer`` splits once, puts back what the
+    instance had (a user's own instance-level method included) and never wraps twice."""
+    pytest.importorskip("deepspeed")
+    from spectrum_callback.backends.deepspeed import startup
+
+    class FakeTrainer:
+        def __init__(self):
+            self.model = torch.nn.Linear(3, 2)
+            self.optimizer = None
+            self.calls = 0
+
+        def create_optimizer(self):
+            self.calls += 1
+            self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=0.1)
+            return self.optimizer
+
+    t = FakeTrainer()
+    startup._split_when_created(t)
+    startup._split_when_created(t)  # a second train() before the first created its optimizer
+    opt = t.create_optimizer()
+    assert t.calls == 1 and len(opt.param_groups) == 2 and opt is t.optimizer
+    assert "create_optimizer" not in t.__dict__  # the class's method again
+    t.optimizer = None
+    assert len(t.create_optimizer().param_groups) == 1  # not split any more
+
+    own = FakeTrainer()
+    mine = own.create_optimizer  # a bound method set on the instance by the user
+
+    def user_create_optimizer():
+        return mine()
+
+    own.create_optimizer = user_create_optimizer
+    startup._split_when_created(own)
+    assert len(own.create_optimizer().param_groups) == 2
+    assert own.__dict__["create_optimizer"] is user_create_optimizer

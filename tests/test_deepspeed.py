@@ -26,6 +26,7 @@ DS_SCENARIOS = [
     "z2_dynamic", "z3_dynamic", "z2_static", "z3_static", "z3_dynamic_ga", "z2_dynamic_gc_bf16",
     "z3_dynamic_gc_reentrant", "z3_dynamic_gc_nonreentrant", "z3_switch20", "z2_resume", "z3_resume",
     "z3_optimizer_block", "z1_dynamic", "z2_resume_bf16", "z2_moe_dynamic", "z3_moe_dynamic", "z2_late_bf16",
+    "z2_resume_untagged",
 ]
 REF_SCENARIOS = ["z2_dynamic", "z2_static", "z3_dynamic_ga", "z3_dynamic_gc_nonreentrant", "z2_moe_dynamic"]
 
@@ -237,3 +238,27 @@ def test_zero2_switch_from_the_trainers_layout(ds_results):
     assert late["losses"] == hooked["losses"]
     a, b = _weights(ds_results, "z2_late_bf16"), _weights(ds_results, "z2_dynamic_gc_bf16")
     assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_zero2_resume_from_the_trainers_layout(ds_results):
+    # A ZeRO-2 checkpoint in the Trainer's two groups (a static run; every ZeRO-1/2 checkpoint
+    # written before one group per parameter) resumed by a dynamic run: it must load into that
+    # layout (splitting the optimizer first made DeepSpeed refuse the checkpoint), continue with
+    # the same numbers until the first switch, then move to one group per parameter.
+    r = _get(ds_results, "z2_resume_untagged")
+    assert r["violations"] == [], r["violations"][:5]
+    assert sorted(r["resumed_losses"], key=int) == ["4", "5", "6", "7"]
+    # step 4 runs before any switch of the resumed run (the scan at step 4 precedes step 5): same loss
+    assert r["resumed_losses"]["4"] == r["full_losses"]["4"]
+    first, *later = [e for e in r["resumed_switch_comm"] if e["rebuilt"]]
+    assert first["stayers"] > 0 and first["last_switch"]["kept_in_place"] == 0, first
+    assert first["ops"].get("all_reduce", [0])[0] == 2 * first["stayers"], first  # exp_avg, exp_avg_sq
+    assert later and all(e["ops"] == {} and e["last_switch"]["kept_in_place"] == e["stayers"] for e in later), later
+
+
+def test_zero12_layout_follows_the_schedule(ds_results):
+    # One group per parameter only where switches come (dynamic); a static run keeps the
+    # Trainer's groups (decay / no decay), whose collectives are fewer.
+    static, dynamic = _get(ds_results, "z2_static"), _get(ds_results, "z2_dynamic")
+    assert static["zero_groups"] <= 2 < static["trainable_tensors"], static["zero_groups"]
+    assert dynamic["zero_groups"] == dynamic["trainable_tensors"], dynamic["zero_groups"]

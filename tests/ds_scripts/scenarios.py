@@ -57,6 +57,11 @@ SCENARIOS = {
     # z2_dynamic_gc_bf16 without the start-up hook (as for a callback the hook never saw): the
     # engine is built over every parameter in the Trainer's two groups, and the first switch
     # rebuilds from that layout (stayers' fragments reassembled) into one group per parameter.
+    # A checkpoint in the Trainer's own two groups (a static run keeps them; so did every ZeRO-1/2
+    # checkpoint before one group per parameter), resumed by a dynamic run: DeepSpeed loads it into
+    # that layout, the switch at step 4 reassembles the stayers' state, the one at 6 keeps it in place.
+    "z2_resume_untagged": dict(stage=2, update_every=None, max_steps=7, resume_at=3, resume_update_every=2,
+                               top_pct=0.5),
     "z2_late_bf16": dict(stage=2, update_every=2, max_steps=4, bf16=True, gradient_checkpointing=True, late=True),
     "z1_dynamic": dict(stage=1, update_every=2, max_steps=6),
     "z3_optimizer_block": dict(stage=3, update_every=None, max_steps=1, optimizer_block=True, expect_error=True),
@@ -249,6 +254,16 @@ def finish(trainer):
     gc.collect()
 
 
+def _zero_groups(spectrum):
+    """Number of flat groups of the ZeRO optimizer the backend holds (None without one)."""
+    zero = getattr(spectrum.backend, "zero", None) if spectrum is not None else None
+    if zero is None:
+        return None
+    from spectrum_callback._fence.deepspeed_internals import param_groups
+
+    return len(param_groups(zero))
+
+
 def _current_zero_stage(spectrum):
     """ZeRO stage of the optimizer the backend rebuilt last (None without DeepSpeed)."""
     zero = getattr(spectrum.backend, "zero", None) if spectrum is not None else None
@@ -282,8 +297,11 @@ def run(name, out, reference=False):
         finish(trainer)
         ckpt = os.path.join(out, name, f"checkpoint-{s['resume_at']}")
         result["ckpt_files"] = sorted(os.listdir(ckpt)) if os.path.isdir(ckpt) else None
-        trainer, model, spectrum, rec, losses = make_trainer(name, s, out, reference, save=True)
+        s2 = dict(s, update_every=s.get("resume_update_every", s["update_every"]))
+        trainer, model, spectrum, rec, losses = make_trainer(name, s2, out, reference, save=True)
+        first_switch = len(SWITCH_COMM.log)
         trainer.train(resume_from_checkpoint=ckpt)
+        result["resumed_switch_comm"] = SWITCH_COMM.log[first_switch:]
         result["resumed_losses"] = losses.losses
         result["resumed_history"] = [[h["step"], h["selected"]] for h in spectrum.history]
         resumed = full_state(model)
@@ -318,6 +336,8 @@ def run(name, out, reference=False):
         rebuilds=getattr(spectrum.backend, "rebuilds", None),
         zero_stage=trainer.model_wrapped.zero_optimization_stage() if not reference else None,
         backend_stage=_current_zero_stage(spectrum),
+        zero_groups=_zero_groups(spectrum),
+        trainable_tensors=sum(1 for p in model.parameters() if p.requires_grad),
     )
     gc.collect()
     current = getattr(spectrum.backend, "zero", None)  # None for the plain-PyTorch reference

@@ -98,6 +98,20 @@ def _say_full_build_once(built: int, selected: int) -> None:
             "trainer.add_callback), or freeze before Trainer(...) with spectrum_freeze", built, selected)
 
 
+_said_hook_missed = False
+
+
+def _say_hook_missed_once(n: int) -> None:
+    global _said_hook_missed
+    if _said_hook_missed:
+        return
+    _said_hook_missed = True
+    logger.warning(
+        "Spectrum/DeepSpeed: %d kept fp32 master partitions were copied after the ZeRO-1/2 optimizer was built, not "
+        "while DeepSpeed built each group (its constructor no longer walks the param groups as in DeepSpeed %s): "
+        "a switch briefly holds those masters twice", n, ds.TESTED_DEEPSPEED_STR)
+
+
 def _staging_device(zero, nbytes: int) -> torch.device:
     """Where the stayers' copies wait during a switch: on the optimizer's device when it has
     room for them (with 10 % to spare; the old optimizer's buffers are freed right after),
@@ -142,9 +156,21 @@ def one_group_per_parameter(optimizer, model):
     class with one param group per parameter, hyperparameters as in its group, each group
     tagged with the layout the ZeRO-1/2 rebuilds keep (``LAYOUT_KEY``, class = index of the
     original group).  Any other optimizer is returned as it is (the backend refuses it)."""
-    if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW) or optimizer.state:
+    if optimizer.state:
+        return optimizer
+    if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW):
+        from ..._dist import is_main
+
+        if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and is_main():
+            logger.warning(
+                "Spectrum/DeepSpeed: %s is not split into one param group per parameter (only torch Adam/AdamW "
+                "themselves are): each ZeRO-1/2 switch then copies the stayers' fragments this rank owns (memory up "
+                "to that share) instead of keeping them in place. Use TrainingArguments(optim='adamw_torch')",
+                type(optimizer).__name__)
         return optimizer
     names = _param_names(model)
+    if any(id(p) not in names for g in optimizer.param_groups for p in g["params"]):
+        return optimizer  # it trains something outside the model: left as built
     classes = [_hp_of(g) for g in optimizer.param_groups]
     groups = []
     for c, g in enumerate(optimizer.param_groups):
@@ -375,8 +401,8 @@ class DeepSpeedBackend(OptimizerBackend):
             if len(ps) != 1 or id(ps[0]) not in new_ids or id(ps[0]) in force_fresh:
                 continue
             st = dict(ds.flat_state(base, flat))
-            if keys and not all(k in st for k in keys):
-                continue
+            if not st or "step" not in st or not all(k in st for k in keys):
+                continue  # no Adam state yet: nothing to keep (a bf16 master goes the copying way)
             master = None if ds.local_tensor(ps[0]).dtype == torch.float32 else flat
             out[(id(ps[0]),)] = (st, master)
         self.last_switch.update({"kept_in_place": len(out), "kept_in_place_bytes": sum(
@@ -487,18 +513,18 @@ class DeepSpeedBackend(OptimizerBackend):
         new partition as soon as DeepSpeed's constructor has built that group, and the old
         one freed before the next group allocates (:func:`ds.each_group_built`): the extra
         memory is one parameter's master slice, not all of them."""
-        masters = {}
-        for g in base.param_groups:
+        masters = {}  # id(torch group) -> (group index, its parameter, the old master)
+        for i, g in enumerate(base.param_groups):
             key = tuple(id(p) for p in g["params"])
             if key in reuse and reuse[key][1] is not None:
-                masters[id(g)] = (g["params"][0], reuse[key][1])
+                masters[id(g)] = (i, g["params"][0], reuse[key][1])
 
         def on_built(g):
             pending = masters.get(id(g))
-            if pending is None or not g["params"] or g["params"][0] is pending[0]:
+            if pending is None or not g["params"] or g["params"][0] is pending[1]:
                 return  # not ours, or not built yet
             del masters[id(g)]
-            _copy_master(g["params"][0], pending[1])
+            _copy_master(g["params"][0], pending[2])
 
         if masters:
             with ds.each_group_built(base, on_built):
@@ -506,10 +532,13 @@ class DeepSpeedBackend(OptimizerBackend):
         else:
             new_zero = ds.configure_optimizer(self.engine, base)
         self.last_switch["masters_after_build"] = len(masters)
-        if masters:  # the constructor did not walk its groups as expected (a DeepSpeed change): copy now
-            by_group = {id(g): g for g in ds.torch_optimizer(new_zero).param_groups}
-            for gid, (_, old) in list(masters.items()):
-                _copy_master(by_group[gid]["params"][0], old)
+        if masters:
+            # The constructor did not walk its groups as the hook expects (another DeepSpeed): the
+            # kept masters were all alive beside the new ones.  Copy them now, by group index.
+            _say_hook_missed_once(len(masters))
+            flat_of = {gi: flat for _, gi, flat in ds.param_groups(new_zero)}
+            for i, _, old in list(masters.values()):
+                _copy_master(flat_of[i], old)
             masters.clear()
         self.zero = new_zero
         self._init_state(new_zero, [(c, step) for c, step, _ in groups], keys, reuse)

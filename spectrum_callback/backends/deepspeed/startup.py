@@ -14,7 +14,8 @@ backend's rebuilds.  Where this cannot happen (the callback was added after ``tr
 began, a resume from a checkpoint written without Spectrum), the backend's first switch
 rebuilds from the full optimizer and says so once (:mod:`.backend`).
 
-At ZeRO stage 1/2 the Trainer's optimizer is also split into one param group per parameter
+For dynamic Spectrum at ZeRO stage 1/2 (not on a resume, which loads the checkpoint's own
+layout) the Trainer's optimizer is also split into one param group per parameter
 (:func:`one_group_per_parameter`, through a one-shot wrapper of ``trainer.create_optimizer``,
 which ``deepspeed_init`` calls), the layout the backend keeps at every rebuild: a staying
 parameter's slice of the fp32 master and Adam state is then the same on each rank after a
@@ -35,7 +36,11 @@ def _before_init(trainer) -> None:
         return
     cb = cbs[0]
     _, resume_dir = find_trainer(lambda t: t is trainer)
-    if cb.select_before_optimizer(trainer, resume_dir) and _zero_stage(trainer) in (1, 2):
+    selected = cb.select_before_optimizer(trainer, resume_dir)
+    # One group per parameter pays off at switches only (dynamic), and a resume must load the
+    # checkpoint's own layout (lay_out_as_saved reproduces it; a checkpoint written with the
+    # Trainer's groups loads into the Trainer's groups, and the first switch splits them).
+    if selected and cb.dynamic and not resume_dir and _zero_stage(trainer) in (1, 2):
         _split_when_created(trainer)
 
 
@@ -52,17 +57,29 @@ def _zero_stage(trainer) -> int:
         return 0
 
 
+_WRAPPED = "_spectrum_split"
+
+
 def _split_when_created(trainer) -> None:
     """Wrap ``trainer.create_optimizer`` once: the optimizer it returns (and sets) is split
-    into one param group per parameter.  The instance attribute goes at the first call."""
+    into one param group per parameter.  At the first call the instance attribute is put
+    back as it was (a user's own instance-level ``create_optimizer`` included)."""
+    if getattr(trainer.create_optimizer, _WRAPPED, False):
+        return  # still wrapped from a train() call that failed before creating its optimizer
+    had = "create_optimizer" in trainer.__dict__
+    own = trainer.__dict__.get("create_optimizer")
     orig = trainer.create_optimizer
 
     def create_optimizer(*args, **kwargs):
-        trainer.__dict__.pop("create_optimizer", None)
+        if had:
+            trainer.create_optimizer = own
+        else:
+            trainer.__dict__.pop("create_optimizer", None)
         opt = orig(*args, **kwargs)
         trainer.optimizer = one_group_per_parameter(opt, trainer.model)
         return trainer.optimizer
 
+    setattr(create_optimizer, _WRAPPED, True)
     trainer.create_optimizer = create_optimizer
 
 
