@@ -371,10 +371,6 @@ def reassemble(p: nn.Parameter, fragment: Optional[Tuple[int, torch.Tensor]], de
 
 def free_storage(t: Optional[torch.Tensor]) -> int:
     """Shrink ``t``'s storage to 0 bytes now (every view of it goes empty); returns the bytes."""
-    return _free(t)
-
-
-def _free(t: Optional[torch.Tensor]) -> int:
     if t is None or not torch.is_tensor(t) or t.numel() == 0:
         return 0
     st = t.untyped_storage()
@@ -389,10 +385,10 @@ def free_optimizer_memory(zero, keep: Sequence[torch.Tensor] = ()) -> int:
     flat gradient partition buffer, except the tensors in ``keep`` (state that moves into the
     new optimizer as it is).  Their storages are shrunk to 0 bytes, so the memory goes back
     even while something still refers to the old optimizer (the engine, until it gets the
-    new one).  The low-precision buffers are not shrunk (parameters still view them until
-    the new optimizer re-flattens), but at stage 1/2 the optimizer's own references to them
-    are dropped, so that each goes as soon as the new optimizer has re-pointed its
-    parameters.  Returns the bytes released."""
+    new one).  The low-precision buffers are not shrunk: parameters still view them until
+    the new optimizer re-flattens (at stage 1/2 :func:`release_storage` has dropped the
+    optimizer's own references to them, so that each goes as soon as nothing views it).
+    Returns the bytes released."""
     base = torch_optimizer(zero)
     freed = 0
     seen = {t.untyped_storage().data_ptr() for t in keep if torch.is_tensor(t) and t.numel()}
@@ -403,7 +399,7 @@ def free_optimizer_memory(zero, keep: Sequence[torch.Tensor] = ()) -> int:
             key = t.untyped_storage().data_ptr()
             if key not in seen:
                 seen.add(key)
-                freed += _free(t)
+                freed += free_storage(t)
 
     with torch.no_grad():
         for st in list(base.state.values()):
@@ -423,8 +419,6 @@ def free_optimizer_memory(zero, keep: Sequence[torch.Tensor] = ()) -> int:
             for buf in getattr(zero, "ipg_buffer", None) or []:
                 free(buf)
             free(getattr(zero, "grads_in_partition", None))
-            zero.bit16_groups_flat = []
-            zero.parallel_partitioned_bit16_groups = []
     return freed
 
 

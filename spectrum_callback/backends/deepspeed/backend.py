@@ -144,6 +144,17 @@ def _scalar(v) -> float:
     return float(v.item()) if torch.is_tensor(v) else float(v)
 
 
+def _step_of(state: dict) -> int:
+    """Adam's step count in a flat partition's state (0 before its first step)."""
+    return int(_scalar(state["step"])) if "step" in state else 0
+
+
+def _layout_tag(c: int, step: int, names: List[str], classes: List[dict], **extra) -> dict:
+    """What each torch param group carries under ``LAYOUT_KEY`` (saved by DeepSpeed with the
+    optimizer state; :mod:`.resume` rebuilds the layout from it)."""
+    return {"class": c, "step": step, "params": list(names), "classes": [dict(x) for x in classes], **extra}
+
+
 def _param_names(model) -> Dict[int, str]:
     out = {}
     for n, p in model.named_parameters(remove_duplicate=False):
@@ -175,8 +186,7 @@ def one_group_per_parameter(optimizer, model):
     groups = []
     for c, g in enumerate(optimizer.param_groups):
         for p in g["params"]:
-            tag = {"class": c, "step": 0, "params": [names[id(p)]], "classes": [dict(x) for x in classes],
-                   "startup": True}
+            tag = _layout_tag(c, 0, [names[id(p)]], classes, startup=True)
             groups.append(dict(classes[c], params=[p], **{LAYOUT_KEY: tag}))
     if not groups:
         return optimizer
@@ -433,7 +443,7 @@ class DeepSpeedBackend(OptimizerBackend):
         kept: Dict[int, Kept] = {}
         for p in stayers:
             st = ds.flat_state(base, where[id(p)])
-            step = int(_scalar(st["step"])) if "step" in st else 0
+            step = _step_of(st)
             need = ([] if ds.local_tensor(p).dtype == torch.float32 else [None]) + (list(keys) if step > 0 else [])
             kept[id(p)] = (step, {k: self._copy_local(p, k, dev) for k in need})
         self.last_switch.update({"stayers": len(stayers), "staged_bytes": sum(
@@ -475,8 +485,7 @@ class DeepSpeedBackend(OptimizerBackend):
                 c = self._decay_classes()[0 if ds.full_ndim(p) >= 2 else 1]
                 self.class_of[id(p)] = c
             if (id(p),) in reuse:
-                st = reuse[(id(p),)][0]
-                step = int(_scalar(st["step"])) if "step" in st else 0
+                step = _step_of(reuse[(id(p),)][0])
             else:
                 step = kept[id(p)][0] if id(p) in kept else 0
             if self.stage == 3:
@@ -496,8 +505,7 @@ class DeepSpeedBackend(OptimizerBackend):
             g["lr"] = class_lr[c]
             g["params"] = ps
             # Saved with the optimizer state by DeepSpeed: lets a resumed run rebuild this layout.
-            g[LAYOUT_KEY] = {"class": c, "step": step, "params": [names[id(p)] for p in ps],
-                             "classes": [dict(x) for x in self.classes]}
+            g[LAYOUT_KEY] = _layout_tag(c, step, [names[id(p)] for p in ps], self.classes)
             torch_groups.append(g)
         if not torch_groups:
             raise ValueError("Spectrum selected no trainable parameter; nothing for the DeepSpeed optimizer to train")
