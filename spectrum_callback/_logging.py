@@ -41,3 +41,29 @@ def follow_trainer(args) -> None:
         _root().setLevel(int(get_level()))
     except Exception:  # an args object of another shape: keep the current level
         pass
+
+
+_said: set = set()
+
+
+def warn_once(logger: logging.Logger, key: str, msg: str, *args, main_only: bool = True) -> bool:
+    """Log ``msg % args`` as a WARNING the first time ``key`` is seen in this process (on the
+    main rank only, unless ``main_only=False``); returns whether it was logged now."""
+    if key in _said:
+        return False
+    _said.add(key)
+    if main_only:
+        from ._dist import is_main
+
+        if not is_main():
+            return False
+    logger.warning(msg, *args)
+    return True
+
+
+def forget_warnings(*keys: str) -> None:
+    """Let :func:`warn_once` say these again (all when no key is given): for tests."""
+    if keys:
+        _said.difference_update(keys)
+    else:
+        _said.clear()
