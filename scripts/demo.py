@@ -61,7 +61,7 @@ def run_one(args):
     import torch
     import transformers
 
-    from spectrum_callback.analyzer import idle_cpu_threads
+    from spectrum_callback._cpu import idle_cpu_threads
     from spectrum_study.methods import PeakMemory, build_method
 
     torch.set_num_threads(args.threads or idle_cpu_threads(os.cpu_count()))
@@ -158,7 +158,7 @@ def main():
     os.makedirs(args.output_dir, exist_ok=True)
     results = {}
     runs = ["spectrum"] + ([] if args.skip_full else ["full"])
-    from spectrum_callback.analyzer import idle_cpu_threads
+    from spectrum_callback._cpu import idle_cpu_threads
 
     threads = args.threads or idle_cpu_threads(os.cpu_count())  # the same for both runs
     passthrough = [a for a in sys.argv[1:]] + ["--threads", str(threads)]

@@ -21,6 +21,7 @@ import re
 import sys
 from typing import Optional, Sequence
 
+from . import _offline_model
 from .selection import (
     load_snr_json,
     model_slug,
@@ -32,8 +33,8 @@ from .selection import (
 )
 
 RESULTS_DIR = "model_snr_results"
-# The offline default model's alias (spectrum_study.assets) and the hub id it stands for.
-ALIASES = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+# The offline default model's alias and the hub id it stands for (its slug names the files).
+ALIASES = {_offline_model.ALIAS: _offline_model.HUB_ID}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -96,10 +97,8 @@ def _read_snr_json(path: str):
 def resolve_model(name: str):
     """``(path_or_id, slug)``: the alias, a local folder or a hub id; refuses what is none of them."""
     if name in ALIASES:
-        from spectrum_study.assets import smollm2_dir
-
         try:
-            return smollm2_dir(), model_slug(ALIASES[name])
+            return _offline_model.smollm2_dir(), model_slug(ALIASES[name])
         except FileNotFoundError as exc:
             raise CliError(f"--model {name}: {exc}") from None
     path = os.path.expanduser(name)

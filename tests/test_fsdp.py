@@ -12,7 +12,7 @@ import transformers
 
 from dsrun import free_port
 from spectrum_callback import SpectrumAnalyzer, SpectrumCallback, spectrum_freeze
-from spectrum_callback.analyzer import sharding_engine
+from spectrum_callback.candidates import sharding_engine
 from tiny import RandomTokens, snapshot, tiny_model, training_args
 
 fsdp = pytest.importorskip("torch.distributed.fsdp")

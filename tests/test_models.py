@@ -118,7 +118,7 @@ def test_zoo_dynamic_spectrum_keeps_its_promises(tmp_path, arch):
 
 
 def _zoo_rows():
-    from spectrum_callback.analyzer import task_head_params
+    from spectrum_callback.candidates import task_head_params
 
     rows = {}
     for arch, (build, _) in ZOO.items():
@@ -168,7 +168,7 @@ def test_task_heads_train_by_default_and_can_stay_frozen(tmp_path, spectrum_log)
 
 # ---------------------------------------------------------------- several stacks
 def test_stacks_get_their_own_types_single_stacks_keep_the_original_names():
-    from spectrum_callback.analyzer import candidate_types
+    from spectrum_callback.candidates import candidate_types
 
     llava = ["model.vision_tower.vision_model.encoder.layers.0.self_attn.k_proj",
              "model.language_model.layers.0.self_attn.k_proj"]
