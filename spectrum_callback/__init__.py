@@ -1,6 +1,7 @@
-"""Spectrum for the Hugging Face Trainer: train the highest-SNR weight matrices.
+"""Spectrum for the Hugging Face Trainer and any PyTorch loop: train the highest-SNR weight matrices.
 
-    trainer.add_callback(SpectrumCallback(top_pct=0.25))
+    trainer.add_callback(SpectrumCallback(top_pct=0.25))            # the Trainer
+    session = SpectrumSession(model, optimizer, SpectrumConfig())   # your own loop
 
 The names below are imported on first use, so that light entry points (``spectrum-scan
 --help``, reading an SNR JSON) do not pay for importing torch and transformers.
@@ -13,8 +14,10 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "SpectrumCallback": "callback",
     "SpectrumConfig": "config",
-    "spectrum_freeze": "callback",
-    "apply_selection": "callback",
+    "SpectrumSession": "session",
+    "SpectrumState": "state",
+    "spectrum_freeze": "freeze",
+    "apply_selection": "freeze",
     "SpectrumAnalyzer": "analyzer",
     "find_candidates": "candidates",
     "module_type": "candidates",

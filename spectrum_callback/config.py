@@ -1,7 +1,7 @@
 """``SpectrumConfig``: every setting of a Spectrum run, validated once.
 
-The callback, :func:`~spectrum_callback.spectrum_freeze`, the ``spectrum-scan`` CLI and the
-checkpoint state file all go through it, so a setting means the same thing and is checked
+The session, the callback, :func:`~spectrum_callback.spectrum_freeze`, the ``spectrum-scan``
+CLI and the checkpoint state file all go through it, so a setting means the same thing and is checked
 by the same rule everywhere (the way peft's ``LoraConfig`` serves its tuners).
 
 Rules: numbers must be numbers (``True``/``False`` are refused where a number is expected,
@@ -23,8 +23,6 @@ __all__ = ["SpectrumConfig", "SNR_METHODS", "validate_top_pct", "compile_pattern
 
 # The SNR routes the analyzer offers (see spectrum_callback.analyzer).
 SNR_METHODS = ("auto", "fast", "gram", "svd")
-# The callback's checkpoint file, next to the Trainer's in every checkpoint-N folder.
-STATE_FILE = "spectrum_state.json"
 _DTYPES = ("float32", "float64")
 
 

@@ -140,3 +140,17 @@ def plot_selection_history(history: Sequence[Mapping], path: str) -> str:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def write_plots(history: Sequence[dict], selected: Sequence[str], folder: str) -> None:
+    """The SNR heatmap of the last selection (``spectrum_snr.png``) and, for a run with more
+    than one selection, the selection over time (``spectrum_selection.png``) in ``folder``."""
+    import os
+
+    os.makedirs(folder, exist_ok=True)
+    last = history[-1]
+    snr = {n: {"snr": v, "type": last["types"][n], "experts": last.get("experts", {}).get(n)}
+           for n, v in last["snr"].items()}
+    plot_snr_heatmap(snr, list(selected), os.path.join(folder, "spectrum_snr.png"))
+    if len(history) > 1:  # a single scan: the heatmap's frames already show the selection
+        plot_selection_history(list(history), os.path.join(folder, "spectrum_selection.png"))

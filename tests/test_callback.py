@@ -484,17 +484,18 @@ def test_always_train_on_biases_leaves_the_matrices_candidates(tmp_path):
     cb = SpectrumCallback(top_pct=0.25, always_train=[r"\.bias$"], verbose=False)
     make_trainer(tmp_path, tiny_model("gpt2", layers=4), [cb], max_steps=1).train()
     assert len(cb.analyzer.names) == 16 and len(cb.selected) == 4
-    assert all(p.requires_grad for n, p in cb._model.named_parameters() if n.endswith(".bias"))
+    assert all(p.requires_grad for n, p in cb.session.model.named_parameters() if n.endswith(".bias"))
 
 
-def test_deepspeed_full_build_is_said_once_and_names_the_fix(spectrum_log, monkeypatch):
+def test_deepspeed_full_build_is_said_once_and_names_the_fix(spectrum_log):
     """Where DeepSpeed built its optimizer over every parameter before Spectrum selected (the
     callback was added after train() began, a resume without Spectrum state), the backend
     says so once per process, with the start-up cost and the fix."""
     pytest.importorskip("deepspeed")
+    from spectrum_callback._logging import forget_warnings
     from spectrum_callback.backends.deepspeed import backend as ds_backend
 
-    monkeypatch.setattr(ds_backend, "_said_full_build", False)
+    forget_warnings("deepspeed.full_build")
     ds_backend._say_full_build_once(1000, 250)
     ds_backend._say_full_build_once(1000, 250)
     said = [r.getMessage() for r in spectrum_log.records if "built over" in r.getMessage()]

@@ -163,12 +163,11 @@ def test_fsdp2_resume_restores_trainable_as_saved_keeping_user_frozen_and_tied()
 
 
 def test_state_file_names_every_alias_of_a_trainable_tied_weight(tmp_path):
-    from spectrum_callback import SpectrumCallback
+    from spectrum_callback import SpectrumConfig, SpectrumSession
 
     model = tiny_model("llama", tie_word_embeddings=True)
-    cb = SpectrumCallback(top_pct=0.25, always_train=[r"embed_tokens"])
-    cb._model = model
+    session = SpectrumSession(model, None, SpectrumConfig(top_pct=0.25, always_train=[r"embed_tokens"]))
     for n, p in model.named_parameters():
         p.requires_grad_("embed_tokens" in n)
-    names = cb.state_dict()["trainable"]
+    names = session.state_dict()["trainable"]
     assert {"model.embed_tokens.weight", "lm_head.weight"} <= set(names)

@@ -107,11 +107,11 @@ def test_zoo_dynamic_spectrum_keeps_its_promises(tmp_path, arch):
     tr = _train(model, batch(), tmp_path, cb)
     ever = set().union(*[set(h["selected"]) for h in cb.history])
     trained = {id(p) for n in ever for p in cb.analyzer.params_of(n)}
-    trained |= {id(tr.model.get_parameter(n)) for n in cb._heads}
+    trained |= {id(tr.model.get_parameter(n)) for n in cb.session._heads}
     for name, p in model.named_parameters():
         if id(p) not in trained:
             assert torch.equal(before[name], p.detach()), f"{name} was frozen but changed"
-    for n in cb._heads:  # task heads start untrained: they must train
+    for n in cb.session._heads:  # task heads start untrained: they must train
         assert not torch.equal(before[n], model.get_parameter(n).detach()), n
     opt = tr.optimizer.optimizer if hasattr(tr.optimizer, "optimizer") else tr.optimizer
     assert all(p.requires_grad for p in opt.state)  # no optimizer state on a frozen weight
@@ -156,9 +156,9 @@ def test_task_heads_train_by_default_and_can_stay_frozen(tmp_path, spectrum_log)
     before = snapshot(model)
     cb = SpectrumCallback(top_pct=0.25, verbose=False)
     _train(model, batch(), tmp_path / "on", cb)
-    assert set(cb._heads) == {"classifier.weight", "classifier.bias", "bert.pooler.dense.weight",
+    assert set(cb.session._heads) == {"classifier.weight", "classifier.bias", "bert.pooler.dense.weight",
                               "bert.pooler.dense.bias"}
-    assert all(not torch.equal(before[n], model.get_parameter(n).detach()) for n in cb._heads)
+    assert all(not torch.equal(before[n], model.get_parameter(n).detach()) for n in cb.session._heads)
     model = build()
     before = snapshot(model)
     _train(model, batch(), tmp_path / "off", SpectrumCallback(top_pct=0.25, verbose=False, train_heads=False))

@@ -52,13 +52,6 @@ def find_trainer(wanted: Callable[[object], bool], depth: int = 60) -> Tuple[Opt
     return trainer, resume
 
 
-def spectrum_callbacks(trainer) -> list:
-    """The ``SpectrumCallback``s in ``trainer``'s callback handler (matched by class name, so
-    that the hooks need not import the callback module)."""
-    return [cb for cb in getattr(trainer.callback_handler, "callbacks", [])
-            if type(cb).__name__ == "SpectrumCallback"]
-
-
 def _wrap_trainer_global(name: str, before: Callable[..., None]) -> bool:
     """Replace the function ``transformers.trainer.<name>`` (once per process) by one that
     calls ``before(*args, **kwargs)`` first.  Returns whether the hook is in place."""

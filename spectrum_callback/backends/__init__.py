@@ -16,12 +16,16 @@ from .torch_backend import TorchBackend, unwrap_optimizer
 __all__ = ["FSDP2Backend", "OptimizerBackend", "SwitchResult", "TorchBackend", "make_backend", "unwrap_optimizer"]
 
 
-def make_backend(optimizer, model, trainer=None, lr_scheduler=None) -> OptimizerBackend:
-    """The backend for ``optimizer`` (accelerate's wrapper is looked through)."""
+def make_backend(optimizer, model, trainer=None, lr_scheduler=None, prepared=None) -> OptimizerBackend:
+    """The backend for ``optimizer`` (accelerate's wrapper is looked through).  ``prepared``:
+    a backend a resume hook already built for it (DeepSpeed lays its optimizer out as saved
+    before the checkpoint loads), taken over when it serves this optimizer."""
     if is_zero_optimizer(unwrap_optimizer(optimizer)):
-        from .deepspeed import backend_for
+        from .deepspeed import DeepSpeedBackend, rebind
 
-        return backend_for(optimizer, model, trainer, lr_scheduler)
+        if prepared is not None and rebind(prepared, optimizer, trainer, lr_scheduler):
+            return prepared
+        return DeepSpeedBackend(optimizer, model, trainer, lr_scheduler)
     if fsdp2_modules(model):
         return FSDP2Backend(optimizer, model, trainer, lr_scheduler)
     return TorchBackend(optimizer, model, trainer, lr_scheduler)

@@ -1,0 +1,2 @@
+"""Integrations with training frameworks: the Hugging Face Trainer's hooks
+(:mod:`.transformers_hooks`)."""

@@ -1,0 +1,465 @@
+"""``SpectrumSession``: one Spectrum run over a model and its optimizer, in any training loop.
+
+    session = SpectrumSession(model, optimizer, SpectrumConfig(top_pct=0.25, update_every=10))
+    session.start()                   # first selection: scan (or snr_json), freeze, prune the optimizer
+    for step, batch in enumerate(loader):
+        session.maybe_switch(step)    # before the forward of an optimizer step
+        ...
+
+The session owns the model, the analyzer, the optimizer backend, the selection, its history
+and the re-scan schedule.  Data flows one way: model -> analyzer -> selection -> session ->
+backend -> optimizer.  It imports nothing from ``transformers`` beyond what the analyzer
+needs to recognise layers; :class:`~spectrum_callback.SpectrumCallback` is the Trainer's
+adapter over it.
+
+What it takes: a plain model or a DDP one, and a torch optimizer; a model and optimizer
+from ``accelerate.Accelerator.prepare`` under DDP or FSDP2.  DeepSpeed is refused here (its
+engine is only found, and its checkpoints only laid out, through the Trainer): use
+``SpectrumCallback``, or :func:`~spectrum_callback.spectrum_freeze` before the engine exists.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import statistics
+import weakref
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
+
+from torch import nn
+
+from . import _dist, _frozen
+from ._fence import check_versions
+from ._logging import get_logger
+from ._params import full_numel, unique_params
+from .analyzer import SpectrumAnalyzer
+from .backends import make_backend
+from .candidates import task_head_params
+from .config import SpectrumConfig, compile_patterns
+from .freeze import apply_selection, snr_from_json
+from .selection import select_top
+from .state import SpectrumState
+
+logger = get_logger(__name__)
+
+__all__ = ["SpectrumSession", "SpectrumUsageError"]
+
+_OWNER = "_spectrum_session"  # model.__dict__ entry: a weak reference to the session that drives it
+
+
+class SpectrumUsageError(RuntimeError, ValueError):
+    """A session used out of order: ``maybe_switch`` before ``start``, a step that goes
+    backwards, two sessions on one model."""
+
+
+class SpectrumSession:
+    """A Spectrum run, apart from any trainer (see the module doc for the loop).
+
+    Args:
+        model: the model: plain, DDP-wrapped, or prepared by accelerate (DDP, FSDP2).
+        optimizer: its torch optimizer (accelerate's wrapper included).
+        config: the settings (:class:`~spectrum_callback.SpectrumConfig`; default: its defaults).
+        lr_scheduler: an lr scheduler that must follow the optimizer when an engine rebuilds it.
+        log: called with a dict of ``spectrum/...`` metrics at every selection (else they are
+            only kept in :attr:`metrics`).
+        progress: show a progress bar during scans (main rank).
+
+    Attributes:
+        selected: sorted names of the modules trainable now.
+        history: one dict per selection: ``step``, ``selected``, ``snr`` (name -> SNR),
+            ``types``, ``experts``, ``joined``, ``left``, ``source`` (``"scan"``,
+            ``"snr_json"`` or ``"resume"``).
+        last_scan_step: the step of the last selection.
+        metrics: the last selection's metrics.
+        analyzer / backend: the :class:`SpectrumAnalyzer` and the optimizer backend (from
+            :meth:`start` or :meth:`load_state_dict` on).
+    """
+
+    def __init__(self, model: nn.Module, optimizer, config: Optional[SpectrumConfig] = None, *,
+                 lr_scheduler=None, log: Optional[Callable[[Dict[str, float]], None]] = None, progress: bool = True):
+        if config is None:
+            config = SpectrumConfig()
+        if not isinstance(config, SpectrumConfig):
+            raise TypeError(f"config must be a SpectrumConfig (SpectrumConfig(top_pct=..., ...)), "
+                            f"got {type(config).__name__}")
+        self.config = config
+        self.wrapped = model
+        self.model = _unwrap(model)
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.log = log
+        self.progress = progress
+        self.selected: List[str] = []
+        self.history: List[dict] = []
+        self.last_scan_step: Optional[int] = None
+        self.metrics: Dict[str, float] = {}
+        self.analyzer: Optional[SpectrumAnalyzer] = None
+        self.backend = None
+        self.trainer = None  # the transformers.Trainer, when the callback drives this session
+        self._heads: List[str] = []
+        self._step: Optional[int] = None
+        self._started = False
+        self._early: Optional[dict] = None  # a selection made before the optimizer existed
+        self._adopted = None  # a backend a resume hook built for the optimizer to come
+        _check_free(self.model, self)
+
+    # ------------------------------------------------------------------ public
+    @property
+    def dynamic(self) -> bool:
+        return self.config.dynamic
+
+    def start(self, step: int = 0) -> List[str]:
+        """The first selection: scan (or ``snr_json``), freeze everything else, drop the
+        frozen parameters' optimizer state.  ``step``: optimizer steps done so far."""
+        if self._started:
+            raise SpectrumUsageError("SpectrumSession.start() was called already; call it once, before the loop")
+        step = _check_step(step)
+        self._prepare()
+        early, self._early = self._early, None
+        if early is not None and "snr" in early:
+            # The optimizer was built over this selection: a first selection (nothing to move),
+            # also on a second run whose earlier selection differed.
+            self._apply(step, early["snr"], source=early["source"], first=True)
+        elif self.config.snr_json is not None and not self.history:
+            self._apply(step, snr_from_json(self.config.snr_json, self.analyzer), source="snr_json")
+        else:
+            self._scan_and_apply(step)
+        self._started, self._step = True, step
+        return list(self.selected)
+
+    def maybe_switch(self, step: int) -> bool:
+        """Re-scan and switch when ``step`` (optimizer steps done so far) is due: every
+        ``update_every`` steps in dynamic mode, never in static mode.  Call it before the
+        forward of an optimizer step (not inside a gradient accumulation cycle).  Returns
+        whether a selection was made."""
+        if not self._started:
+            raise SpectrumUsageError(
+                "SpectrumSession.maybe_switch() before start(): call session.start() once before the loop "
+                "(or session.load_state_dict(state) on a resume)")
+        step = _check_step(step)
+        if self._step is not None and step < self._step:
+            raise SpectrumUsageError(
+                f"SpectrumSession.maybe_switch(step={step}) after step {self._step}: the step went backwards. Pass "
+                "the number of optimizer steps done so far; to go back, load an earlier state into a new session")
+        self._step = step
+        due = self.dynamic and step > 0 and step % self.config.update_every == 0 and step != self.last_scan_step
+        if due:
+            self._scan_and_apply(step)
+        return due
+
+    def state_dict(self) -> dict:
+        """What a checkpoint needs to resume this run (JSON-serialisable; what the callback
+        writes as ``spectrum_state.json``): settings, selection, history, schedule, and the
+        parameter names that train now."""
+        trainable = [n for n, p in self.model.named_parameters(remove_duplicate=False) if p.requires_grad]
+        return SpectrumState(selected=list(self.selected), history=self.history, last_scan_step=self.last_scan_step,
+                             step=self._step or 0, config=self.config.to_dict(), trainable=trainable).to_dict()
+
+    def load_state_dict(self, state: Union[Mapping, SpectrumState], step: Optional[int] = None) -> None:
+        """Resume: takes the place of :meth:`start`.  Restores the selection, the history and
+        the schedule, freezes accordingly and leaves no optimizer state on a frozen weight;
+        then load the optimizer's own state dict and go on with :meth:`maybe_switch`.
+        ``step`` (default: the saved one) is where the loop resumes."""
+        if self._started:
+            raise SpectrumUsageError("SpectrumSession.load_state_dict() after start(): on a resume it takes the place "
+                                     "of start(); use it on a new session")
+        st = state if isinstance(state, SpectrumState) else SpectrumState.from_dict(state)
+        step = st.step if step is None else _check_step(step)
+        self._prepare()
+        self._early = None
+        unknown = [n for n in st.selected if n not in self.analyzer.modules]
+        if unknown:
+            raise ValueError(f"{st.source} selects modules this model does not have as candidates (e.g. {unknown[0]}); "
+                             "the checkpoint belongs to another model or other include/exclude settings")
+        self.history, self.last_scan_step, self.selected = list(st.history), st.last_scan_step, []
+        self._switch(st.selected, first=True)
+        if _dist.is_main():
+            logger.info("Spectrum: restored selection of %d modules from %s", len(self.selected), st.source)
+        self._started, self._step = True, step
+        self._apply_changed_settings(st, step)
+
+    def close(self) -> None:
+        """Stop driving the model (another session may take it over)."""
+        self._started = False
+        if self.model.__dict__.get(_OWNER) is not None and self.model.__dict__[_OWNER]() is self:
+            del self.model.__dict__[_OWNER]
+
+    # ------------------------------------------------------------------ set-up
+    def _prepare(self) -> None:
+        """Backend and analyzer for the optimizer, before the first selection."""
+        if self.optimizer is None:
+            raise ValueError("SpectrumSession needs the optimizer; to freeze before building one, use "
+                             "spectrum_freeze(model, ...) (static Spectrum)")
+        check_versions()  # a warning for versions the fenced internals were not checked on
+        _check_free(self.model, self)
+        self._refuse_unsupported()
+        self.model.__dict__[_OWNER] = weakref.ref(self)
+        adopted, self._adopted = self._adopted, None
+        self.backend = make_backend(self.optimizer, self.model, self.trainer, self.lr_scheduler, prepared=adopted)
+        if self._early is not None:
+            self.analyzer = self._early["analyzer"]  # candidates already settled
+            self.analyzer.gather = self.backend.gather
+            # The engine moved the weights' storage (ZeRO partitions, flat buffers), not their
+            # values: the SNRs scanned before it still hold.
+            self.analyzer.refresh_keys(self.analyzer.names)
+        else:
+            self._new_analyzer(self.backend.gather)
+        self.backend.prepare({n: self.analyzer.params_of(n) for n in self.analyzer.names}, dynamic=self.dynamic)
+        self._gradient_checkpointing_inputs()
+
+    def _refuse_unsupported(self) -> None:
+        from ._fence.deepspeed_internals import is_zero_optimizer
+        from .backends import unwrap_optimizer
+
+        if self.trainer is None and (type(self.wrapped).__name__ == "DeepSpeedEngine"
+                                     or is_zero_optimizer(unwrap_optimizer(self.optimizer))):
+            raise ValueError(
+                "SpectrumSession under DeepSpeed works through the Trainer only (trainer.add_callback("
+                "SpectrumCallback(...))); in a custom loop, call spectrum_freeze(model, ...) before "
+                "deepspeed.initialize or accelerator.prepare (static Spectrum)")
+        ddp = self.wrapped if isinstance(self.wrapped, nn.parallel.DistributedDataParallel) else None
+        if ddp is not None and not ddp.find_unused_parameters:
+            raise ValueError(
+                "the model is wrapped by DDP with find_unused_parameters=False: the matrices Spectrum freezes then "
+                "never get the gradient DDP waits for. Build DDP with find_unused_parameters=True (accelerate: "
+                "Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)]))")
+
+    def _select_before_optimizer(self, state: Optional[SpectrumState], gather, device=None) -> None:
+        """Select and freeze before the optimizer exists (the DeepSpeed start-up hook), so that
+        it is built over the selection only; :meth:`start` or :meth:`load_state_dict` then keep
+        this analyzer.  ``state``: a resume's saved selection, applied without a scan."""
+        _check_free(self.model, self)
+        self.model.__dict__[_OWNER] = weakref.ref(self)
+        self._new_analyzer(gather, device=device)
+        self._early = {"analyzer": self.analyzer}
+        if state is not None:
+            saved = [n for n in state.selected if n in self.analyzer.modules]
+            apply_selection(self.model, self.analyzer, saved, self.config.always_train, train_names=self._heads)
+            return
+        if self.config.snr_json is not None and not self.history:
+            snr, source = snr_from_json(self.config.snr_json, self.analyzer), "snr_json"
+        else:
+            snr, source = self.analyzer.scan(), "scan"
+        selected, snr = _dist.broadcast_from_main((self._select(snr), dict(snr)))
+        apply_selection(self.model, self.analyzer, selected, self.config.always_train, train_names=self._heads)
+        self._early.update(snr=snr, source=source)
+
+    def _rebind(self, optimizer, lr_scheduler=None) -> None:
+        """Another run over this session's model (the Trainer's next ``train()``): its
+        optimizer and scheduler; :meth:`start` or :meth:`load_state_dict` follows."""
+        self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
+        self._started, self._step = False, None
+
+    def _adopt(self, backend) -> None:
+        """A backend that a resume hook built for this run's (new) optimizer: used from now on
+        when the session runs, else when it starts."""
+        if self._started:
+            self.backend = backend
+        else:
+            self._adopted = backend
+
+    def _new_analyzer(self, gather, device=None) -> None:
+        """The analyzer of the model: candidates found, those the user froze or ``always_train``
+        keeps left out, task heads named, patterns checked."""
+        cfg, model = self.config, self.model
+        user_frozen = _frozen.user_frozen_names(model)
+        self.analyzer = SpectrumAnalyzer(model, include=cfg.include, exclude=cfg.exclude, method=cfg.method,
+                                         dtype=cfg.torch_dtype, chunk_mb=cfg.chunk_mb, device=device,
+                                         progress=self.progress, gather=gather)
+        self._leave_out_candidates(user_frozen)
+        heads = [n for n in task_head_params(model) if n not in user_frozen]
+        if heads and _dist.is_main():
+            if cfg.train_heads:
+                logger.warning("Spectrum: training the task head parameters the base model lacks: %s "
+                               "(train_heads=False keeps them frozen)", ", ".join(heads))
+            else:
+                logger.warning("Spectrum: train_heads=False: the task head %s stays frozen at its initial values",
+                               ", ".join(heads))
+        self._heads = heads if cfg.train_heads else []
+        self._validate_patterns()
+
+    def _leave_out_candidates(self, user_frozen) -> None:
+        """Candidates the user froze before, and those ``always_train`` keeps trainable anyway,
+        are never scanned or selected."""
+        names = {id(p): n for n, p in self.model.named_parameters(remove_duplicate=False)}
+        always = compile_patterns(self.config.always_train, "always_train")
+        frozen, kept = [], []
+        for cand in self.analyzer.names:
+            pnames = [names.get(id(p), "") for p in self.analyzer.params_of(cand)]
+            if pnames and all(n in user_frozen for n in pnames):
+                frozen.append(cand)
+            elif pnames and any(r.search(pnames[0]) for r in always):  # its weight (a bias alone does not count)
+                kept.append(cand)
+        if len(frozen) + len(kept) == len(self.analyzer.names):
+            raise ValueError(
+                "every candidate matrix is frozen by you or kept trainable by always_train: Spectrum has nothing "
+                "to select. Unfreeze the model before Trainer(...) (SpectrumCallback freezes at train begin)")
+        self.analyzer.drop(frozen + kept)
+        if frozen and _dist.is_main():
+            logger.warning("Spectrum: %d candidate matrices were frozen before the Trainer (e.g. %s); they stay "
+                           "frozen and are never selected", len(frozen), frozen[0])
+
+    def _validate_patterns(self) -> None:
+        names = [n for n, _ in self.model.named_parameters(remove_duplicate=False)]
+        for p in compile_patterns(self.config.always_train, "always_train"):
+            if not any(p.search(n) for n in names):
+                raise ValueError(f"always_train pattern {p.pattern!r} matches no parameter of the model "
+                                 f"(parameter names look like {names[0]!r}); fix or drop it")
+        for p in compile_patterns(self.config.never_train, "never_train"):
+            if not any(p.search(n) for n in self.analyzer.names):
+                raise ValueError(f"never_train pattern {p.pattern!r} matches no candidate module "
+                                 f"(candidates look like {self.analyzer.names[0]!r}); fix or drop it")
+
+    def _gradient_checkpointing_inputs(self) -> None:
+        """Reentrant checkpointing gives no gradients when the block inputs don't require
+        grad (frozen embeddings); make the inputs require grad, as PEFT does."""
+        model = self.model
+        checkpointing = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5
+        if checkpointing is None:
+            checkpointing = getattr(model, "is_gradient_checkpointing", False)
+        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        if not checkpointing or emb is None or not hasattr(model, "enable_input_require_grads"):
+            return
+        always = compile_patterns(self.config.always_train, "always_train")
+        if not any(p is emb.weight and any(r.search(n) for r in always)
+                   for n, p in model.named_parameters(remove_duplicate=False)):
+            model.enable_input_require_grads()
+            logger.info("Spectrum: gradient checkpointing with frozen embeddings -> enable_input_require_grads()")
+
+    # ------------------------------------------------------------------ selections
+    def _scan_and_apply(self, step: int) -> None:
+        snr = self.analyzer.scan()
+        if self.history:
+            # A weight that trained into NaN/Inf: training diverged; stop instead of freezing it.
+            broken = [n for n in self.selected if n in snr and math.isnan(snr[n]["snr"])]
+            if broken:
+                raise RuntimeError(
+                    f"Spectrum: at step {step} the trainable matrices {', '.join(broken)} hold NaN/Inf values: "
+                    "training diverged. Resume from an earlier checkpoint with a lower learning rate (or gradient "
+                    "clipping)")
+        self._apply(step, snr, source="scan")
+
+    def _apply(self, step: int, snr, source: str, first: Optional[bool] = None) -> None:
+        """A new selection from ``snr``: select, agree across ranks, switch, record, report.
+        ``first`` (default: no history yet): nothing outside the selection may keep state,
+        and nothing counts as joined or left."""
+        selected, snr = self.backend.sync_selection((self._select(snr), dict(snr)))
+        first = not self.history if first is None else first
+        old, new = set(self.selected), set(selected)
+        trainable = self._switch(selected, first)
+        self.last_scan_step = step
+        self.history.append({
+            "step": int(step),
+            "selected": list(self.selected),
+            "snr": {n: float(i["snr"]) for n, i in snr.items()},
+            "types": {n: str(i["type"]) for n, i in snr.items()},
+            "experts": {n: list(i["experts"]) for n, i in snr.items() if i.get("experts")},
+            "joined": sorted(new - old) if not first else [],
+            "left": sorted(old - new) if not first else [],
+            "source": source,
+        })
+        self._report(step, snr, source, trainable, changes=len(old ^ new) // 2 if not first else 0)
+
+    def _select(self, snr) -> List[str]:
+        cfg = self.config
+        selected = select_top(snr, cfg.top_pct, min_per_type=cfg.min_per_type, never=cfg.never_train)
+        if not selected:
+            raise ValueError("Spectrum selected no module (every SNR is NaN or excluded by never_train); "
+                             "check the weights for NaN/Inf and the never_train patterns")
+        return selected
+
+    def _switch(self, selected: Sequence[str], first: bool) -> List[nn.Parameter]:
+        """Freeze / unfreeze for ``selected`` and let the backend move the optimizer state.
+        On a first selection (a start or a resume) nothing outside it may keep state."""
+        old, new = set(self.selected), set(selected)
+        joining = [p for n in sorted(new - old) for p in self.analyzer.params_of(n)]
+        trainable = apply_selection(self.model, self.analyzer, selected, self.config.always_train,
+                                    train_names=self._heads)
+        if first:
+            leaving, joining = [p for p in self.model.parameters() if not p.requires_grad], []
+        else:
+            leaving = [p for n in sorted(old - new) for p in self.analyzer.params_of(n)]
+        result = self.backend.switch(leaving, joining)
+        if result.moved:
+            # Storage moved with the same values (an engine re-flattened its buffers): the
+            # analyzer keeps the SNRs of matrices that did not train.
+            self.analyzer.refresh_keys(
+                [n for n, m in self.analyzer.modules.items() if any(id(p) in result.moved for p in m.params)])
+        self.selected = sorted(selected)
+        self.analyzer.mark_dirty(self.selected)
+        return trainable
+
+    def _restore_selection(self, state: SpectrumState) -> None:
+        """The weights were rolled back to ``state``'s checkpoint (the Trainer's
+        ``load_best_model_at_end``): its selection and history, not the last scan's."""
+        known = [n for n in state.selected if n in self.analyzer.modules]
+        self._switch(known, first=False)
+        self.history, self.last_scan_step = list(state.history), state.last_scan_step
+
+    def _report(self, step: int, snr, source: str, trainable, changes: int) -> None:
+        n_train = sum(full_numel(p) for p in trainable)
+        n_total = sum(full_numel(p) for p in unique_params(self.model))
+        metrics = {
+            "spectrum/selected_modules": float(len(self.selected)),
+            "spectrum/changes": float(changes),
+            "spectrum/trainable_params": float(n_train),
+            "spectrum/trainable_fraction": n_train / max(n_total, 1),
+            "spectrum/optimizer_state_numel": float(self.backend.state_numel()),
+        }
+        if source == "scan":
+            metrics.update({f"spectrum/{k}": float(v) for k, v in self.analyzer.last_scan_stats.items()})
+        by_type: Dict[str, List[float]] = {}
+        for info in snr.values():
+            by_type.setdefault(str(info["type"]), []).append(float(info["snr"]))
+        for typ, vals in by_type.items():
+            finite = [v for v in vals if math.isfinite(v)]
+            if finite:
+                metrics[f"spectrum/snr_mean/{typ}"] = statistics.fmean(finite)
+        self.metrics = metrics
+        if self.log is not None:
+            self.log(dict(metrics))
+        if self.config.verbose and _dist.is_main():
+            logger.info("Spectrum %s at step %d: %d/%d modules trainable (%d params, %.1f%% of the model), %d changed",
+                        source, step, len(self.selected), len(snr), n_train, 100 * n_train / max(n_total, 1), changes)
+
+    def _apply_changed_settings(self, state: SpectrumState, step: int) -> None:
+        """A resume with other selection settings than the checkpoint's: say so, and select
+        again under the new ones now, from the saved SNRs when they cover every candidate
+        (no scan), else with a scan."""
+        saved = state.config
+        now = self.config.selection_settings()
+        changed = {k: (saved[k], v) for k, v in now.items() if k in saved and (saved[k] or None) != (v or None)}
+        if not changed:
+            return
+        logger.warning("Spectrum: resuming from %s with changed settings (%s); the new settings apply from step %d",
+                       state.source, ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items()), step)
+        last = self.history[-1] if self.history else None
+        if last is not None and set(last["snr"]) == set(self.analyzer.names):
+            snr = {n: {"snr": last["snr"][n], "type": last["types"][n]} for n in self.analyzer.names}
+            self._apply(step, snr, source="resume")
+        else:
+            self._scan_and_apply(step)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DDP, DataParallel, a DeepSpeed engine or ``torch.compile``
+    (accelerate's public ``extract_model_from_parallel``); an FSDP2 model is its own."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"SpectrumSession needs a torch.nn.Module, got {type(model).__name__}")
+    from accelerate.utils import extract_model_from_parallel
+
+    return extract_model_from_parallel(model, keep_torch_compile=False)
+
+
+def _check_step(step) -> int:
+    if not isinstance(step, numbers.Integral) or isinstance(step, bool) or step < 0:
+        raise ValueError(f"step={step!r} must be an integer >= 0: the number of optimizer steps done so far")
+    return int(step)
+
+
+def _check_free(model: nn.Module, me: SpectrumSession) -> None:
+    ref = model.__dict__.get(_OWNER)
+    other = ref() if ref is not None else None
+    if other is not None and other is not me and other._started:
+        raise SpectrumUsageError(
+            "another SpectrumSession already drives this model: two would overwrite each other's selection and "
+            "leave optimizer state on frozen weights. Keep one, or call close() on the other first")
