@@ -18,7 +18,7 @@ def ds_env():
     """Environment for DeepSpeed on CPU: gloo, one thread, offline, cached JIT extensions."""
     env = dict(os.environ)
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", PYTHONPATH=os.pathsep.join([ROOT, env.get("PYTHONPATH", "")]))
+               TOKENIZERS_PARALLELISM="false", PYTHONPATH=os.pathsep.join([ROOT, HERE, env.get("PYTHONPATH", "")]))
     env.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/spectrum_callback_torch_extensions"))
     return env
 
