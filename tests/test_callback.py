@@ -582,3 +582,28 @@ def test_deepspeed_startup_split_wrapper_is_one_shot():
     startup._split_when_created(own)
     assert len(own.create_optimizer().param_groups) == 2
     assert own.__dict__["create_optimizer"] is user_create_optimizer
+
+
+def test_load_best_model_at_end_restores_that_checkpoints_selection(tmp_path, monkeypatch):
+    """The Trainer rolls the weights back to the best checkpoint: the selection and
+    requires_grad are that checkpoint's too, not the last scan's."""
+    rotating_scan(monkeypatch)
+    model = tiny_model("llama")
+    cb = SpectrumCallback(top_pct=0.25, update_every=2)
+    # greater_is_better on the loss: the first checkpoint is the best one
+    args = training_args(tmp_path, max_steps=6, save_strategy="steps", save_steps=2, eval_strategy="steps",
+                         eval_steps=2, load_best_model_at_end=True, metric_for_best_model="eval_loss",
+                         greater_is_better=True)
+    tr = transformers.Trainer(model=model, args=args, train_dataset=RandomTokens(), eval_dataset=RandomTokens(n=8),
+                              callbacks=[cb])
+    last_scan = []
+    tr.add_callback(type("Last", (TrainerCallback,), {
+        "on_step_end": lambda self, a, s, c, **kw: last_scan.append(list(cb.selected))})())
+    tr.train()
+    assert tr.state.best_model_checkpoint.endswith("checkpoint-2")
+    saved = json.loads((tmp_path / "checkpoint-2" / STATE_FILE).read_text())
+    assert saved["selected"] != last_scan[-1]  # the rotating scans moved on after checkpoint-2
+    assert cb.selected == saved["selected"] and cb.history == saved["history"]
+    trainable = {n.rsplit(".", 1)[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == set(saved["selected"])
+    assert all(p.requires_grad for p in cb.backend.opt.state)  # no state left on a frozen weight

@@ -209,3 +209,25 @@ def test_the_readme_custom_loop_example_runs(capsys):
     trained = {n.rsplit(".", 1)[0] for n, p in model.named_parameters() if not torch.equal(before[n], p)}
     ever = {m for h in session.history for m in h["selected"]}
     assert trained and trained <= ever  # only matrices Spectrum selected moved
+
+
+def test_state_reads_old_files_and_refuses_bad_ones(tmp_path):
+    from spectrum_callback import SpectrumState
+
+    old = {"format": "spectrum_callback.state", "version": 1, "top_pct": 0.25, "update_every": 2, "min_per_type": 1,
+           "last_scan_step": 4, "selected": ["model.layers.1.mlp.up_proj"], "history": [], "global_step": 6}
+    st = SpectrumState.from_dict(old)  # an early version-1 file: no config, trainable or step
+    assert (st.step, st.last_scan_step, st.trainable) == (6, 4, None)
+    assert st.config == {"top_pct": 0.25, "update_every": 2, "min_per_type": 1}
+    round_trip = SpectrumState.from_dict(json.loads(json.dumps(st.to_dict())))
+    assert round_trip.to_dict() == st.to_dict()
+    path = st.write(str(tmp_path / "spectrum_state.json"))
+    assert SpectrumState.read(str(tmp_path)).selected == st.selected == SpectrumState.read(path).selected
+    for bad, match in [({**old, "version": 9}, "upgrade spectrum_callback"), ({**old, "format": "x"}, "not a"),
+                       ({**old, "selected": "q_proj"}, "damaged"), ({**old, "version": True}, "not a")]:
+        with pytest.raises(ValueError, match=match):
+            SpectrumState.from_dict(bad)
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        SpectrumState.read(str(tmp_path / "broken.json"))
+    assert SpectrumState.find([None, str(tmp_path / "nowhere")]) is None
