@@ -1,27 +1,23 @@
-"""The interface between :class:`~spectrum_callback.SpectrumCallback` and an engine's optimizer.
+"""The interface between :class:`~spectrum_callback.SpectrumSession` and an engine's optimizer.
 
 One backend per engine: :class:`~spectrum_callback.backends.torch_backend.TorchBackend`
-(plain torch optimizers, one process or DDP) and
-:class:`~spectrum_callback.backends.deepspeed.DeepSpeedBackend` (ZeRO-1/2/3).  A new engine
-plugs in by subclassing :class:`OptimizerBackend` and adding a branch to
-:func:`~spectrum_callback.backends.make_backend`.  With FSDP2 in mind, for example:
+(plain torch optimizers, one process or DDP),
+:class:`~spectrum_callback.backends.fsdp2.FSDP2Backend` (a torch optimizer over FSDP2's
+DTensor shards) and :class:`~spectrum_callback.backends.deepspeed.DeepSpeedBackend`
+(ZeRO-1/2/3).  A new engine plugs in by subclassing :class:`OptimizerBackend` and adding a
+branch to :func:`~spectrum_callback.backends.make_backend`; the analyzer and the session stay
+as they are.
 
-* ``gather`` would call ``DTensor.full_tensor()`` on the weights (collective);
-* ``switch`` would edit a torch optimizer over DTensors in place (it skips ``grad is
-  None``; a leaver's state is deleted), as the torch backend does;
-* ``state_numel`` would count this rank's local shards;
-* the analyzer and the callback stay as they are.
+The session drives a backend in this order, always between optimizer steps:
 
-The callback drives a backend in this order, always between optimizer steps:
-
-1. construction at ``on_train_begin`` with the Trainer's optimizer, model, Trainer and lr
-   scheduler (as the callback handler passes them);
-2. :meth:`~OptimizerBackend.gather` is handed to the analyzer when it is built: how to
-   read whole weight matrices (sharded engines gather them, collectively);
+1. construction with the optimizer, the model, the Trainer (``None`` in a custom loop) and
+   the lr scheduler;
+2. :meth:`~OptimizerBackend.gather` is handed to the analyzer: how to read whole weight
+   matrices (sharded engines gather them, collectively);
 3. :meth:`~OptimizerBackend.prepare` once, with every candidate matrix's parameters;
 4. :meth:`~OptimizerBackend.sync_selection` at every selection, so that all ranks agree;
 5. :meth:`~OptimizerBackend.switch` after ``requires_grad`` was set for the new selection;
-   the :class:`SwitchResult` says which parameters' storage moved, so that the callback can
+   the :class:`SwitchResult` says which parameters' storage moved, so that the session can
    tell the analyzer (the values did not change);
 6. :meth:`~OptimizerBackend.state_numel` for the metrics.
 """
@@ -54,10 +50,11 @@ class OptimizerBackend(abc.ABC):
     """How a change of the trainable set reaches one engine's optimizer.
 
     Args:
-        optimizer: the optimizer the callback event passes (accelerate's wrapper included).
-        model: the model the callback event passes.
-        trainer: the running ``transformers.Trainer`` (``None`` if it could not be found).
-        lr_scheduler: the scheduler the callback event passes (``None`` if none).
+        optimizer: the run's optimizer (accelerate's wrapper included).
+        model: the model (unwrapped).
+        trainer: the running ``transformers.Trainer`` (``None`` in a custom loop, or if it
+            could not be found).
+        lr_scheduler: the lr scheduler (``None`` if none).
     """
 
     name = "base"

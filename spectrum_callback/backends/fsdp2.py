@@ -24,7 +24,7 @@ Public torch API but for one fenced call (checked with torch 2.11 and 2.13):
   :func:`spectrum_callback._fence.torch_internals.refresh_fsdp2_dtypes`), or a group that
   had no trainable parameter would not cast a joiner's bf16 gradient back to fp32.
 * Before a scan or a switch the FSDP modules are resharded (``FSDPModule.reshard``), so that
-  the parameters the analyzer reads and the callback freezes are the sharded ones the
+  the parameters the analyzer reads and the session freezes are the sharded ones the
   optimizer holds (an evaluation with ``reshard_after_forward=False`` leaves them unsharded).
 
 Resume: the Trainer's FSDP2 checkpoint (accelerate's ``load_fsdp_optimizer``, DCP) builds the
@@ -53,7 +53,7 @@ def fsdp2_modules(model: nn.Module) -> List[nn.Module]:
 
 
 class FSDP2Backend(TorchBackend):
-    """SpectrumCallback's backend for models sharded by FSDP2 (see the module doc)."""
+    """Spectrum's backend for models sharded by FSDP2 (see the module doc)."""
 
     name = "fsdp2"
 
@@ -76,7 +76,7 @@ class FSDP2Backend(TorchBackend):
         super().prepare(candidates, dynamic)
 
     def sync_selection(self, obj):
-        self._reshard()  # the callback sets requires_grad next: on the sharded parameters
+        self._reshard()  # the session sets requires_grad next: on the sharded parameters
         return super().sync_selection(obj)
 
     def switch(self, leaving: Sequence[nn.Parameter], joining: Sequence[nn.Parameter]) -> SwitchResult:

@@ -17,7 +17,7 @@ from typing import Dict, List, Sequence
 import torch
 from torch import nn
 
-from .._sharded import local_part
+from .._params import decay_and_no_decay, decays, local_numel
 from .base import OptimizerBackend, SwitchResult
 from .._logging import get_logger
 
@@ -44,13 +44,13 @@ class TorchBackend(OptimizerBackend):
         super().__init__(optimizer, model, trainer, lr_scheduler)
         if optimizer is None:
             raise ValueError(
-                "SpectrumCallback got no optimizer at on_train_begin; use it with transformers.Trainer "
-                "(trainer.add_callback(...)) or call spectrum_freeze(model, ...) before building your own optimizer"
+                "Spectrum got no optimizer: pass it to SpectrumSession(model, optimizer, ...), use SpectrumCallback "
+                "with transformers.Trainer, or call spectrum_freeze(model, ...) before building your own optimizer"
             )
         self.opt = unwrap_optimizer(optimizer)
         if not isinstance(self.opt, torch.optim.Optimizer):
             raise ValueError(
-                f"unsupported optimizer type {type(self.opt).__name__}: SpectrumCallback needs a torch.optim.Optimizer "
+                f"unsupported optimizer type {type(self.opt).__name__}: Spectrum needs a torch.optim.Optimizer "
                 "(or DeepSpeed ZeRO); for others, freeze before training with spectrum_freeze(model, ...)"
             )
 
@@ -60,14 +60,14 @@ class TorchBackend(OptimizerBackend):
     def prepare(self, candidates: Dict[str, List[nn.Parameter]], dynamic: bool) -> None:
         # Candidates the optimizer was built without (spectrum_freeze froze them before the
         # Trainer) join the param group of their decay class, so that any can be selected.
-        # Parameters the user froze are no candidates (the callback leaves them out).
+        # Parameters the user froze are no candidates (the session leaves them out).
         members = self._members()
         missing = [(n, p) for n, ps in candidates.items() for p in ps if id(p) not in members]
         if not missing:
             return
         decay_group, no_decay_group = self._decay_groups()
         for name, p in missing:
-            group = decay_group if p.ndim >= 2 else no_decay_group
+            group = decay_group if decays(p) else no_decay_group
             self.opt.param_groups[group]["params"].append(p)
         logger.info(
             "Spectrum: added %d parameters that were frozen when the optimizer was built to its param groups",
@@ -75,11 +75,8 @@ class TorchBackend(OptimizerBackend):
         )
 
     def _decay_groups(self):
-        groups = self.opt.param_groups
-        wds = [g.get("weight_decay", 0.0) for g in groups]
-        decay = max(range(len(groups)), key=lambda i: (wds[i], -i))
-        zero = [i for i, w in enumerate(wds) if w == 0.0]
-        return decay, (zero[0] if zero else decay)
+        decay, no_decay = decay_and_no_decay([g.get("weight_decay", 0.0) for g in self.opt.param_groups])
+        return decay, (decay if no_decay is None else no_decay)
 
     def switch(self, leaving: Sequence[nn.Parameter], joining: Sequence[nn.Parameter]) -> SwitchResult:
         for p in leaving:
@@ -95,5 +92,5 @@ class TorchBackend(OptimizerBackend):
         for st in self.opt.state.values():
             for v in st.values():
                 if torch.is_tensor(v) and v.ndim > 0:
-                    total += local_part(v).numel()  # this rank's shard of a DTensor (FSDP2)
+                    total += local_numel(v)  # this rank's shard of a DTensor (FSDP2)
         return total
