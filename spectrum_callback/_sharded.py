@@ -72,3 +72,29 @@ def whole_on(t: torch.Tensor, owner: int) -> Optional[torch.Tensor]:
         return torch.cat(parts, dim).narrow(dim, 0, n) if me == owner else None
     full = t.full_tensor()
     return full if me == owner else None
+
+
+class Parked:
+    """A tensor moved to host memory, with what it takes to put it back where it was: its
+    device, and for a DTensor its mesh, placements, shape and stride."""
+
+    __slots__ = ("local", "device", "spec")
+
+    def __init__(self, t: torch.Tensor):
+        local = t.to_local() if is_dtensor(t) else t
+        self.device = local.device
+        self.spec = (t.device_mesh, t.placements, t.shape, t.stride()) if is_dtensor(t) else None
+        self.local = local.detach().to("cpu", copy=True)
+
+    @property
+    def nbytes(self) -> int:
+        return self.local.numel() * self.local.element_size()
+
+    def restore(self) -> torch.Tensor:
+        local = self.local.to(self.device)
+        if self.spec is None:
+            return local
+        from torch.distributed.tensor import DTensor
+
+        mesh, placements, shape, stride = self.spec
+        return DTensor.from_local(local, mesh, placements, run_check=False, shape=shape, stride=stride)

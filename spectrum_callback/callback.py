@@ -1,6 +1,7 @@
 """``SpectrumCallback``: the Hugging Face Trainer's adapter over :class:`~spectrum_callback.SpectrumSession`."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Dict, Optional, Sequence
 
@@ -32,12 +33,10 @@ class SpectrumCallback(TrainerCallback):
         spectrum.selected                        # the modules trainable now
 
     When freezing happens: before the Trainer builds the DeepSpeed optimizer (a hook), else at
-    ``on_train_begin``; dynamic mode re-selects at ``on_step_begin`` of every
-    ``update_every``-th optimizer step (never inside an accumulation cycle): leavers lose their
-    optimizer state, joiners start fresh, stayers keep theirs.  The run itself is a
-    :class:`~spectrum_callback.SpectrumSession` (:attr:`session`); this class maps the
-    Trainer's events to it, sends its metrics to ``trainer.log`` (``spectrum/...``) and saves
-    ``spectrum_state.json`` with every checkpoint.
+    ``on_train_begin``; dynamic mode re-selects at ``on_step_begin`` of every ``update_every``-th
+    optimizer step: leavers lose their optimizer state, joiners start fresh, stayers keep theirs.
+    The run is a :class:`~spectrum_callback.SpectrumSession` (:attr:`session`); this class maps
+    the Trainer's events to it, its metrics to ``trainer.log`` and its state to checkpoints.
 
     Args (validated by :class:`~spectrum_callback.SpectrumConfig`, which documents each):
         top_pct: fraction of each matrix type kept trainable, in (0, 1].
@@ -53,11 +52,15 @@ class SpectrumCallback(TrainerCallback):
         plot_dir: write ``spectrum_snr.png`` (and ``spectrum_selection.png``) there at train end.
         verbose: log a one-line summary at every scan (INFO; level from ``TrainingArguments.log_level``).
         train_heads: train the task heads a ``*For...`` model adds to its base model.
+        policy: how each selection chooses: ``"scan"`` (re-scan, top by SNR), ``"rotate"``,
+            ``"random"``, ``"cyclic"`` (:mod:`spectrum_callback.policies`) or your own object.
+        pool_pct: the pool ``"rotate"`` moves through, per type (default ``min(1, 2 * top_pct)``).
+        park_state: moving policies keep a leaver's optimizer state in host memory for its return.
+        seed: seed of ``"random"`` (``None``: ``TrainingArguments.seed``).
 
     Attributes:
         selected: sorted names of the modules trainable now.
-        history: one dict per selection (``step``, ``selected``, ``snr``, ``types``,
-            ``joined``, ``left``, ``source``).
+        history: one dict per selection (``step``, ``selected``, ``snr``, ``types``, ``joined``, ``left``, ``source``).
         session / analyzer / backend: the run, its analyzer and its optimizer backend.
     """
 
@@ -65,12 +68,13 @@ class SpectrumCallback(TrainerCallback):
                  include: Optional[Sequence[str]] = None, exclude: Optional[Sequence[str]] = None,
                  always_train: Sequence[str] = (), never_train: Sequence[str] = (), min_per_type: int = 1,
                  snr_json=None, method: str = "auto", dtype: Optional[torch.dtype] = None, chunk_mb: float = 512,
-                 plot_dir: Optional[str] = None, verbose: bool = True, train_heads: bool = True):
+                 plot_dir: Optional[str] = None, verbose: bool = True, train_heads: bool = True, policy="scan",
+                 pool_pct: Optional[float] = None, park_state: bool = False, seed: Optional[int] = None):
         self.config = SpectrumConfig(
             top_pct=top_pct, update_every=update_every, include=include, exclude=exclude,
             always_train=list(always_train or []), never_train=list(never_train or []), min_per_type=min_per_type,
             snr_json=snr_json, method=method, dtype=dtype, chunk_mb=chunk_mb, plot_dir=plot_dir, verbose=verbose,
-            train_heads=train_heads)
+            train_heads=train_heads, policy=policy, pool_pct=pool_pct, park_state=park_state, seed=seed)
         install_hooks()
         self.session: Optional[SpectrumSession] = None
         self.trainer = None
@@ -95,7 +99,10 @@ class SpectrumCallback(TrainerCallback):
             self.session.close()
             self.session = None
         if self.session is None:
-            self.session = SpectrumSession(model, None, self.config, log=self._log)
+            cfg = self.config
+            if cfg.seed is None and getattr(getattr(trainer, "args", None), "seed", None) is not None:
+                cfg = dataclasses.replace(cfg, seed=trainer.args.seed)  # the same sequence on every rank
+            self.session = SpectrumSession(model, None, cfg, log=self._log)
         self.trainer = self.session.trainer = trainer
         self.session.progress = not getattr(getattr(trainer, "args", None), "disable_tqdm", False)
         return self.session

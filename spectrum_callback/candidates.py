@@ -40,7 +40,7 @@ def module_type(name: str) -> Optional[str]:
     return None
 
 
-def _layer_index(name: str) -> Optional[int]:
+def layer_index(name: str) -> Optional[int]:
     for part in name.split("."):
         if part.isdigit():
             return int(part)

@@ -86,6 +86,16 @@ class SpectrumConfig:
         verbose: log a summary line at every scan.
         train_heads: train the task heads the base model does not contain (classifier,
             score, QA head, ...) and its pooler; ``False`` keeps them frozen (with a warning).
+        policy: how each selection chooses (:mod:`spectrum_callback.policies`): ``"scan"``
+            (re-scan, top by SNR), ``"rotate"`` (move through the top ``pool_pct`` by SNR),
+            ``"random"`` (a fresh random draw per type), ``"cyclic"`` (the next window of
+            layers per type), or a ``SelectionPolicy`` object.  All but ``"scan"`` need
+            ``update_every``.
+        pool_pct: the rotation pool per type for ``"rotate"``, in (top_pct, 1]; default
+            ``min(1, 2 * top_pct)``.
+        park_state: for the moving policies, a leaver's optimizer state waits in host memory
+            and comes back when the matrix rejoins (instead of being dropped).
+        seed: seed of ``"random"`` (``None``: the Trainer's ``seed``, else 0).
     """
 
     top_pct: float = 0.25
@@ -102,6 +112,10 @@ class SpectrumConfig:
     plot_dir: Optional[str] = None
     verbose: bool = True
     train_heads: bool = True
+    policy: object = "scan"
+    pool_pct: Optional[float] = None
+    park_state: bool = False
+    seed: Optional[int] = None
 
     def __post_init__(self):
         self.top_pct = validate_top_pct(self.top_pct)
@@ -140,6 +154,48 @@ class SpectrumConfig:
         self.verbose = bool(self.verbose)
         if not isinstance(self.train_heads, bool):
             raise ValueError(f"train_heads={self.train_heads!r} must be True or False")
+        self._check_policy()
+
+    def _check_policy(self) -> None:
+        from .policies import BUILTIN_POLICIES, ROTATING_POLICIES, SelectionPolicy
+
+        if isinstance(self.policy, str):
+            if self.policy not in BUILTIN_POLICIES:
+                raise ValueError(f"policy={self.policy!r} is not known; use one of "
+                                 f"{', '.join(map(repr, BUILTIN_POLICIES))} or a SelectionPolicy object")
+        elif not isinstance(self.policy, SelectionPolicy):
+            raise ValueError(f"policy must be a name ({', '.join(map(repr, BUILTIN_POLICIES))}) or a "
+                             f"spectrum_callback.policies.SelectionPolicy, got {type(self.policy).__name__}")
+        moving = self.policy in ROTATING_POLICIES or isinstance(self.policy, SelectionPolicy)
+        if moving and self.update_every is None and isinstance(self.policy, str):
+            raise ValueError(f"policy={self.policy!r} changes the selection every update_every steps: set "
+                             "update_every=N (e.g. 50), or use policy='scan' for static Spectrum")
+        if self.pool_pct is not None:
+            if self.policy != "rotate":
+                raise ValueError(f"pool_pct applies to policy='rotate' only (policy={self.policy!r}); drop it")
+            value = validate_top_pct(self.pool_pct, "pool_pct")
+            if value <= self.top_pct:
+                raise ValueError(f"pool_pct={self.pool_pct!r} must be in (top_pct, 1] = ({self.top_pct:g}, 1]: the "
+                                 "pool rotates through more matrices than train at once")
+            self.pool_pct = value
+        if not isinstance(self.park_state, bool):
+            raise ValueError(f"park_state={self.park_state!r} must be True or False")
+        if self.park_state and self.policy == "scan":
+            raise ValueError("park_state=True applies to the moving policies ('rotate', 'random', 'cyclic'): with "
+                             "policy='scan' drop it")
+        if self.seed is not None:
+            if not _is_int(self.seed):
+                raise ValueError(f"seed={self.seed!r} must be an integer or None")
+            self.seed = int(self.seed)
+
+    @property
+    def effective_pool_pct(self) -> float:
+        """The rotation pool of ``"rotate"``: ``pool_pct``, or ``min(1, 2 * top_pct)``."""
+        return self.pool_pct if self.pool_pct is not None else min(1.0, 2 * self.top_pct)
+
+    @property
+    def policy_name(self) -> str:
+        return self.policy if isinstance(self.policy, str) else getattr(self.policy, "name", type(self.policy).__name__)
 
     @property
     def dynamic(self) -> bool:
@@ -159,6 +215,7 @@ class SpectrumConfig:
         d = asdict(self)
         if isinstance(self.snr_json, Mapping):
             d["snr_json"] = None
+        d["policy"] = self.policy_name
         return d
 
     @classmethod
@@ -189,7 +246,8 @@ class SpectrumConfig:
     def selection_settings(self) -> dict:
         """The settings that decide which matrices are selected (compared on resume)."""
         return {"top_pct": self.top_pct, "min_per_type": self.min_per_type, "include": self.include,
-                "exclude": self.exclude, "never_train": self.never_train, "update_every": self.update_every}
+                "exclude": self.exclude, "never_train": self.never_train, "update_every": self.update_every,
+                "policy": self.policy_name, "pool_pct": self.pool_pct}
 
 
 def check_method(method) -> str:

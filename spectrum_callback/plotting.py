@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from typing import Dict, List, Mapping, Sequence
 
-from .candidates import _layer_index
+from .candidates import layer_index
 
 
 def _pyplot():
@@ -32,7 +32,7 @@ def snr_grid(snr: Mapping[str, object]):
             value, typ = float(info["snr"]), str(info["type"])
         else:
             raise ValueError("snr must map names to {'snr', 'type'}")
-        layer = _layer_index(name)
+        layer = layer_index(name)
         layer = -1 if layer is None else layer
         layers.add(layer)
         # a fused expert bank: one row for the bank (its mean) and one per expert, each framed
@@ -61,7 +61,7 @@ def plot_snr_heatmap(snr, selected: Sequence[str], path: str, title: str = "Spec
     plt = _pyplot()
     if snr and not isinstance(next(iter(snr.values())), Mapping):
         raise ValueError("plot_snr_heatmap needs {name: {'snr', 'type'}}")
-    inside = {n: i for n, i in snr.items() if _layer_index(n) is not None}
+    inside = {n: i for n, i in snr.items() if layer_index(n) is not None}
     outside = len(snr) - len(inside)
     if not inside:
         raise ValueError("no module of the SNR data sits inside numbered layers: nothing to draw per layer")
@@ -113,7 +113,7 @@ def plot_selection_history(history: Sequence[Mapping], path: str) -> str:
         typ = str(last["types"][name])
         if typ not in types:
             types.append(typ)
-    layers = sorted({_layer_index(n) for n in last["snr"] if _layer_index(n) is not None})
+    layers = sorted({layer_index(n) for n in last["snr"] if layer_index(n) is not None})
     row = {layer: i for i, layer in enumerate(layers)}
     scans = len(history)
     panel_w = max(1.3, 0.12 * scans + 0.9)
@@ -123,7 +123,7 @@ def plot_selection_history(history: Sequence[Mapping], path: str) -> str:
         mat = np.zeros((len(layers), scans))
         for j, h in enumerate(history):
             for n in h["selected"]:
-                li = _layer_index(n)
+                li = layer_index(n)
                 if li is not None and str(last["types"].get(n, h["types"].get(n))) == typ:
                     mat[row[li], j] = 1.0
         ax.imshow(mat, aspect="auto", cmap="Greys", interpolation="nearest", vmin=0, vmax=1)

@@ -12,6 +12,7 @@ from .config import validate_top_pct  # the one rule for top_pct, re-exported he
 
 __all__ = [
     "select_top",
+    "keep_count",
     "group_by_type",
     "load_snr_json",
     "save_snr_json",
@@ -34,7 +35,8 @@ def group_by_type(snr: SnrMap) -> "OrderedDict[str, List[tuple]]":
     return groups
 
 
-def _keep_count(group_len: int, top_pct: float) -> int:
+def keep_count(group_len: int, top_pct: float) -> int:
+    """How many of a type of ``group_len`` matrices ``top_pct`` keeps (before ``min_per_type``)."""
     # The original computes int(len * P / 100) with an integer percentage P; rounding the
     # percentage first keeps e.g. top_pct=0.29 from becoming 28.999... %.
     percent = round(top_pct * 100.0, 9)
@@ -49,7 +51,7 @@ def types_keeping_none(snr: SnrMap, top_pct: float, min_per_type: int = 0) -> Li
     those are not reported.
     """
     return [(typ, len(members)) for typ, members in group_by_type(snr).items()
-            if len(members) >= 2 and max(_keep_count(len(members), top_pct), min_per_type) == 0]
+            if len(members) >= 2 and max(keep_count(len(members), top_pct), min_per_type) == 0]
 
 
 def select_top(
@@ -91,7 +93,7 @@ def select_top(
     never_re = [re.compile(p) for p in (never or [])]
     selected: List[str] = []
     for _, members in group_by_type(snr).items():
-        k = max(_keep_count(len(members), top_pct), min_per_type)
+        k = max(keep_count(len(members), top_pct), min_per_type)
         eligible = [
             (n, v) for n, v in members if not math.isnan(v) and not any(p.search(n) for p in never_re)
         ]
@@ -193,7 +195,7 @@ def unfrozen_parameters_yaml(
     lines = ["unfrozen_parameters:"]
     lines += [f"- {a}" for a in always]
     for typ, members in group_by_type(snr).items():
-        k = _keep_count(len(members), pct / 100.0)
+        k = keep_count(len(members), pct / 100.0)
         ranked = [(n, v) for n, v in sorted(members, key=lambda x: x[1], reverse=True) if not math.isnan(v)]
         lines.append(f"# {typ} layers")
         lines += [f"- {n}" for n, _ in ranked[:k]]

@@ -21,22 +21,23 @@ from __future__ import annotations
 
 import math
 import numbers
-import statistics
 import weakref
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 from torch import nn
 
-from . import _dist, _frozen
+from . import _dist
 from ._fence import check_versions
-from ._logging import get_logger
+from ._logging import get_logger, warn_once
 from ._params import full_numel, unique_params
 from .analyzer import SpectrumAnalyzer
 from .backends import make_backend
-from .candidates import task_head_params
-from .config import SpectrumConfig, compile_patterns
+from .candidates import layer_index
+from .config import SpectrumConfig
 from .freeze import apply_selection, snr_from_json
-from .selection import select_top
+from .metrics import selection_margin, selection_metrics
+from .policies import PolicyInput, make_policy, policy_input
+from .session_setup import build_analyzer, gradient_checkpointing_inputs
 from .state import SpectrumState
 
 logger = get_logger(__name__)
@@ -82,6 +83,7 @@ class SpectrumSession:
             raise TypeError(f"config must be a SpectrumConfig (SpectrumConfig(top_pct=..., ...)), "
                             f"got {type(config).__name__}")
         self.config = config
+        self.policy = make_policy(config)
         self.wrapped = model
         self.model = _unwrap(model)
         self.optimizer = optimizer
@@ -100,6 +102,7 @@ class SpectrumSession:
         self._started = False
         self._early: Optional[dict] = None  # a selection made before the optimizer existed
         self._adopted = None  # a backend a resume hook built for the optimizer to come
+        self._idle, self._said_idle = 0, False  # re-scans in a row that changed nothing
         _check_free(self.model, self)
 
     # ------------------------------------------------------------------ public
@@ -118,11 +121,11 @@ class SpectrumSession:
         if early is not None and "snr" in early:
             # The optimizer was built over this selection: a first selection (nothing to move),
             # also on a second run whose earlier selection differed.
-            self._apply(step, early["snr"], source=early["source"], first=True)
+            self._apply(step, early["snr"], source=early["source"], first=True, selected=early["selected"])
         elif self.config.snr_json is not None and not self.history:
             self._apply(step, snr_from_json(self.config.snr_json, self.analyzer), source="snr_json")
         else:
-            self._scan_and_apply(step)
+            self._select_and_apply(step)
         self._started, self._step = True, step
         return list(self.selected)
 
@@ -143,7 +146,7 @@ class SpectrumSession:
         self._step = step
         due = self.dynamic and step > 0 and step % self.config.update_every == 0 and step != self.last_scan_step
         if due:
-            self._scan_and_apply(step)
+            self._select_and_apply(step)
         return due
 
     def state_dict(self) -> dict:
@@ -152,7 +155,8 @@ class SpectrumSession:
         parameter names that train now."""
         trainable = [n for n, p in self.model.named_parameters(remove_duplicate=False) if p.requires_grad]
         return SpectrumState(selected=list(self.selected), history=self.history, last_scan_step=self.last_scan_step,
-                             step=self._step or 0, config=self.config.to_dict(), trainable=trainable).to_dict()
+                             step=self._step or 0, config=self.config.to_dict(), trainable=trainable,
+                             policy={"name": self.policy.name, "state": self.policy.state_dict()}).to_dict()
 
     def load_state_dict(self, state: Union[Mapping, SpectrumState], step: Optional[int] = None) -> None:
         """Resume: takes the place of :meth:`start`.  Restores the selection, the history and
@@ -171,6 +175,8 @@ class SpectrumSession:
             raise ValueError(f"{st.source} selects modules this model does not have as candidates (e.g. {unknown[0]}); "
                              "the checkpoint belongs to another model or other include/exclude settings")
         self.history, self.last_scan_step, self.selected = list(st.history), st.last_scan_step, []
+        if st.policy and st.policy.get("name") == self.policy.name:
+            self.policy.load_state_dict(st.policy.get("state") or {})  # the same sequence goes on
         self._switch(st.selected, first=True)
         if _dist.is_main():
             logger.info("Spectrum: restored selection of %d modules from %s", len(self.selected), st.source)
@@ -202,9 +208,11 @@ class SpectrumSession:
             # values: the SNRs scanned before it still hold.
             self.analyzer.refresh_keys(self.analyzer.names)
         else:
-            self._new_analyzer(self.backend.gather)
-        self.backend.prepare({n: self.analyzer.params_of(n) for n in self.analyzer.names}, dynamic=self.dynamic)
-        self._gradient_checkpointing_inputs()
+            self.analyzer, self._heads = build_analyzer(self.model, self.config, self.backend.gather,
+                                                        progress=self.progress)
+        self.backend.prepare({n: self.analyzer.params_of(n) for n in self.analyzer.names}, dynamic=self.dynamic,
+                             park_state=self.config.park_state)
+        gradient_checkpointing_inputs(self.model, self.config)
 
     def _refuse_unsupported(self) -> None:
         from ._fence.deepspeed_internals import is_zero_optimizer
@@ -229,7 +237,8 @@ class SpectrumSession:
         this analyzer.  ``state``: a resume's saved selection, applied without a scan."""
         _check_free(self.model, self)
         self.model.__dict__[_OWNER] = weakref.ref(self)
-        self._new_analyzer(gather, device=device)
+        self.analyzer, self._heads = build_analyzer(self.model, self.config, gather, device=device,
+                                                    progress=self.progress)
         self._early = {"analyzer": self.analyzer}
         if state is not None:
             saved = [n for n in state.selected if n in self.analyzer.modules]
@@ -238,10 +247,11 @@ class SpectrumSession:
         if self.config.snr_json is not None and not self.history:
             snr, source = snr_from_json(self.config.snr_json, self.analyzer), "snr_json"
         else:
-            snr, source = self.analyzer.scan(), "scan"
-        selected, snr = _dist.broadcast_from_main((self._select(snr), dict(snr)))
+            snr = self.analyzer.scan() if self.policy.needs_snr(not self.history) else None
+            source = self.policy.name
+        selected, snr = _dist.broadcast_from_main((self._select(0, snr), snr if snr is None else dict(snr)))
         apply_selection(self.model, self.analyzer, selected, self.config.always_train, train_names=self._heads)
-        self._early.update(snr=snr, source=source)
+        self._early.update(snr=snr, source=source, selected=selected)
 
     def _rebind(self, optimizer, lr_scheduler=None) -> None:
         """Another run over this session's model (the Trainer's next ``train()``): its
@@ -257,78 +267,11 @@ class SpectrumSession:
         else:
             self._adopted = backend
 
-    def _new_analyzer(self, gather, device=None) -> None:
-        """The analyzer of the model: candidates found, those the user froze or ``always_train``
-        keeps left out, task heads named, patterns checked."""
-        cfg, model = self.config, self.model
-        user_frozen = _frozen.user_frozen_names(model)
-        self.analyzer = SpectrumAnalyzer(model, include=cfg.include, exclude=cfg.exclude, method=cfg.method,
-                                         dtype=cfg.torch_dtype, chunk_mb=cfg.chunk_mb, device=device,
-                                         progress=self.progress, gather=gather)
-        self._leave_out_candidates(user_frozen)
-        heads = [n for n in task_head_params(model) if n not in user_frozen]
-        if heads and _dist.is_main():
-            if cfg.train_heads:
-                logger.warning("Spectrum: training the task head parameters the base model lacks: %s "
-                               "(train_heads=False keeps them frozen)", ", ".join(heads))
-            else:
-                logger.warning("Spectrum: train_heads=False: the task head %s stays frozen at its initial values",
-                               ", ".join(heads))
-        self._heads = heads if cfg.train_heads else []
-        self._validate_patterns()
-
-    def _leave_out_candidates(self, user_frozen) -> None:
-        """Candidates the user froze before, and those ``always_train`` keeps trainable anyway,
-        are never scanned or selected."""
-        names = {id(p): n for n, p in self.model.named_parameters(remove_duplicate=False)}
-        always = compile_patterns(self.config.always_train, "always_train")
-        frozen, kept = [], []
-        for cand in self.analyzer.names:
-            pnames = [names.get(id(p), "") for p in self.analyzer.params_of(cand)]
-            if pnames and all(n in user_frozen for n in pnames):
-                frozen.append(cand)
-            elif pnames and any(r.search(pnames[0]) for r in always):  # its weight (a bias alone does not count)
-                kept.append(cand)
-        if len(frozen) + len(kept) == len(self.analyzer.names):
-            raise ValueError(
-                "every candidate matrix is frozen by you or kept trainable by always_train: Spectrum has nothing "
-                "to select. Unfreeze the model before Trainer(...) (SpectrumCallback freezes at train begin)")
-        self.analyzer.drop(frozen + kept)
-        if frozen and _dist.is_main():
-            logger.warning("Spectrum: %d candidate matrices were frozen before the Trainer (e.g. %s); they stay "
-                           "frozen and are never selected", len(frozen), frozen[0])
-
-    def _validate_patterns(self) -> None:
-        names = [n for n, _ in self.model.named_parameters(remove_duplicate=False)]
-        for p in compile_patterns(self.config.always_train, "always_train"):
-            if not any(p.search(n) for n in names):
-                raise ValueError(f"always_train pattern {p.pattern!r} matches no parameter of the model "
-                                 f"(parameter names look like {names[0]!r}); fix or drop it")
-        for p in compile_patterns(self.config.never_train, "never_train"):
-            if not any(p.search(n) for n in self.analyzer.names):
-                raise ValueError(f"never_train pattern {p.pattern!r} matches no candidate module "
-                                 f"(candidates look like {self.analyzer.names[0]!r}); fix or drop it")
-
-    def _gradient_checkpointing_inputs(self) -> None:
-        """Reentrant checkpointing gives no gradients when the block inputs don't require
-        grad (frozen embeddings); make the inputs require grad, as PEFT does."""
-        model = self.model
-        checkpointing = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5
-        if checkpointing is None:
-            checkpointing = getattr(model, "is_gradient_checkpointing", False)
-        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-        if not checkpointing or emb is None or not hasattr(model, "enable_input_require_grads"):
-            return
-        always = compile_patterns(self.config.always_train, "always_train")
-        if not any(p is emb.weight and any(r.search(n) for r in always)
-                   for n, p in model.named_parameters(remove_duplicate=False)):
-            model.enable_input_require_grads()
-            logger.info("Spectrum: gradient checkpointing with frozen embeddings -> enable_input_require_grads()")
-
     # ------------------------------------------------------------------ selections
-    def _scan_and_apply(self, step: int) -> None:
-        snr = self.analyzer.scan()
-        if self.history:
+    def _select_and_apply(self, step: int) -> None:
+        """A selection by the policy: a scan first when it needs SNRs."""
+        snr = self.analyzer.scan() if self.policy.needs_snr(not self.history) else None
+        if snr is not None and self.history:
             # A weight that trained into NaN/Inf: training diverged; stop instead of freezing it.
             broken = [n for n in self.selected if n in snr and math.isnan(snr[n]["snr"])]
             if broken:
@@ -336,32 +279,49 @@ class SpectrumSession:
                     f"Spectrum: at step {step} the trainable matrices {', '.join(broken)} hold NaN/Inf values: "
                     "training diverged. Resume from an earlier checkpoint with a lower learning rate (or gradient "
                     "clipping)")
-        self._apply(step, snr, source="scan")
+        self._apply(step, snr, source=self.policy.name)
 
-    def _apply(self, step: int, snr, source: str, first: Optional[bool] = None) -> None:
-        """A new selection from ``snr``: select, agree across ranks, switch, record, report.
-        ``first`` (default: no history yet): nothing outside the selection may keep state,
-        and nothing counts as joined or left."""
-        selected, snr = self.backend.sync_selection((self._select(snr), dict(snr)))
+    def _apply(self, step: int, snr, source: str, first: Optional[bool] = None,
+               selected: Optional[List[str]] = None) -> None:
+        """A new selection (``selected``, or the policy's from ``snr``): agree across ranks,
+        switch, record, report.  ``first`` (default: no history yet): nothing outside the
+        selection may keep state, and nothing counts as joined or left."""
+        if selected is None:
+            selected = self._select(step, snr)
+        selected, snr = self.backend.sync_selection((selected, None if snr is None else dict(snr)))
         first = not self.history if first is None else first
         old, new = set(self.selected), set(selected)
         trainable = self._switch(selected, first)
         self.last_scan_step = step
-        self.history.append({
-            "step": int(step),
-            "selected": list(self.selected),
-            "snr": {n: float(i["snr"]) for n, i in snr.items()},
-            "types": {n: str(i["type"]) for n, i in snr.items()},
-            "experts": {n: list(i["experts"]) for n, i in snr.items() if i.get("experts")},
-            "joined": sorted(new - old) if not first else [],
-            "left": sorted(old - new) if not first else [],
-            "source": source,
-        })
-        self._report(step, snr, source, trainable, changes=len(old ^ new) // 2 if not first else 0)
+        entry = {"step": int(step), "selected": list(self.selected),
+                 "types": {n: str(t) for n, t in self.analyzer.types.items()},
+                 "joined": sorted(new - old) if not first else [], "left": sorted(old - new) if not first else [],
+                 "source": source}
+        if snr is not None:
+            entry["snr"] = {n: float(i["snr"]) for n, i in snr.items()}
+            entry["experts"] = {n: list(i["experts"]) for n, i in snr.items() if i.get("experts")}
+        self.history.append(entry)
+        self._report(step, entry, source, trainable, changes=len(old ^ new) // 2 if not first else 0)
 
-    def _select(self, snr) -> List[str]:
-        cfg = self.config
-        selected = select_top(snr, cfg.top_pct, min_per_type=cfg.min_per_type, never=cfg.never_train)
+    def _units(self, snr=None) -> PolicyInput:
+        cfg, an = self.config, self.analyzer
+        return policy_input(an.names, an.types, {n: layer_index(n) for n in an.names}, cfg.top_pct,
+                            cfg.min_per_type, cfg.never_train,
+                            snr=None if snr is None else {n: float(snr[n]["snr"]) for n in an.names})
+
+    def _select(self, step: int, snr) -> List[str]:
+        units = self._units(snr)
+        empty = [(t, sum(1 for n in units.names if units.types[n] == t)) for t, k in units.budget.items() if k == 0]
+        empty = [(t, n) for t, n in empty if n >= 2]
+        if empty:
+            typ, n = empty[0]
+            raise ValueError(
+                f"top_pct={self.config.top_pct:g} keeps no matrix of {len(empty)} type(s), e.g. {typ!r} ({n} "
+                f"matrices); use top_pct >= {1 / min(m for _, m in empty):.3g} or min_per_type=1")
+        selected = sorted(set(self.policy.select(step, units)))
+        unknown = [n for n in selected if n not in self.analyzer.modules]
+        if unknown:
+            raise ValueError(f"policy {self.policy.name!r} selected {unknown[0]!r}, which is no candidate")
         if not selected:
             raise ValueError("Spectrum selected no module (every SNR is NaN or excluded by never_train); "
                              "check the weights for NaN/Inf and the never_train patterns")
@@ -395,36 +355,47 @@ class SpectrumSession:
         self._switch(known, first=False)
         self.history, self.last_scan_step = list(state.history), state.last_scan_step
 
-    def _report(self, step: int, snr, source: str, trainable, changes: int) -> None:
+    def _report(self, step: int, entry: dict, source: str, trainable, changes: int) -> None:
         n_train = sum(full_numel(p) for p in trainable)
         n_total = sum(full_numel(p) for p in unique_params(self.model))
-        metrics = {
-            "spectrum/selected_modules": float(len(self.selected)),
-            "spectrum/changes": float(changes),
-            "spectrum/trainable_params": float(n_train),
-            "spectrum/trainable_fraction": n_train / max(n_total, 1),
-            "spectrum/optimizer_state_numel": float(self.backend.state_numel()),
-        }
-        if source == "scan":
-            metrics.update({f"spectrum/{k}": float(v) for k, v in self.analyzer.last_scan_stats.items()})
-        by_type: Dict[str, List[float]] = {}
-        for info in snr.values():
-            by_type.setdefault(str(info["type"]), []).append(float(info["snr"]))
-        for typ, vals in by_type.items():
-            finite = [v for v in vals if math.isfinite(v)]
-            if finite:
-                metrics[f"spectrum/snr_mean/{typ}"] = statistics.fmean(finite)
-        self.metrics = metrics
+        snr, margin = entry.get("snr"), None
+        if snr is not None and self.policy.name == "scan":
+            margin = selection_margin(snr, entry["types"], self.selected, self._units().eligible)
+            self._say_if_idle(changes, margin, first=len(self.history) == 1)
+        self.metrics = selection_metrics(
+            self.selected, changes, n_train, n_total, self.backend.state_numel(), snr, entry["types"],
+            scan_stats=self.analyzer.last_scan_stats if source == "scan" else None, margin=margin,
+            parked_bytes=self.backend.parked_bytes() if self.config.park_state else None)
         if self.log is not None:
-            self.log(dict(metrics))
-        if self.config.verbose and _dist.is_main():
-            logger.info("Spectrum %s at step %d: %d/%d modules trainable (%d params, %.1f%% of the model), %d changed",
-                        source, step, len(self.selected), len(snr), n_train, 100 * n_train / max(n_total, 1), changes)
+            self.log(dict(self.metrics))
+        if _dist.is_main():
+            if len(self.history) == 1 and len(self.selected) > 1.5 * self.config.top_pct * len(entry["types"]) + 1:
+                warn_once(logger, f"fraction:{id(self)}", "Spectrum: %d of %d candidate matrices train (%.0f%%), not "
+                          "the %.0f%% of top_pct: min_per_type=%d keeps at least that many of each of the %d types",
+                          len(self.selected), len(entry["types"]), 100 * len(self.selected) / len(entry["types"]),
+                          100 * self.config.top_pct, self.config.min_per_type, len(set(entry["types"].values())))
+            if self.config.verbose:
+                logger.info("Spectrum %s at step %d: %d/%d modules trainable (%d params, %.1f%% of the model), %d "
+                            "changed", source, step, len(self.selected), len(entry["types"]), n_train,
+                            100 * n_train / max(n_total, 1), changes)
+
+    def _say_if_idle(self, changes: int, margin: Optional[float], first: bool) -> None:
+        """Dynamic scanning that never changes the selection is idle: say how long, and how
+        far it is from changing (once per run, then every 10 idle scans in a row)."""
+        if first:
+            return
+        self._idle = 0 if changes else self._idle + 1
+        if self._idle and (not self._said_idle or self._idle % 10 == 0) and _dist.is_main():
+            self._said_idle = True
+            logger.info("Spectrum: %d re-scan(s) in a row changed nothing; the smallest per-type margin is %s "
+                        "(how far the best unselected SNR lies below the last selected one). policy='rotate' or "
+                        "'random' move the selection", self._idle,
+                        "n/a" if margin is None else f"{100 * margin:.3g}%")
 
     def _apply_changed_settings(self, state: SpectrumState, step: int) -> None:
         """A resume with other selection settings than the checkpoint's: say so, and select
         again under the new ones now, from the saved SNRs when they cover every candidate
-        (no scan), else with a scan."""
+        (no scan), else as the policy does."""
         saved = state.config
         now = self.config.selection_settings()
         changed = {k: (saved[k], v) for k, v in now.items() if k in saved and (saved[k] or None) != (v or None)}
@@ -432,12 +403,12 @@ class SpectrumSession:
             return
         logger.warning("Spectrum: resuming from %s with changed settings (%s); the new settings apply from step %d",
                        state.source, ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items()), step)
-        last = self.history[-1] if self.history else None
-        if last is not None and set(last["snr"]) == set(self.analyzer.names):
+        last = next((h for h in reversed(self.history) if "snr" in h), None)
+        if last is not None and set(last["snr"]) == set(self.analyzer.names) and self.policy.needs_snr(False):
             snr = {n: {"snr": last["snr"][n], "type": last["types"][n]} for n in self.analyzer.names}
             self._apply(step, snr, source="resume")
         else:
-            self._scan_and_apply(step)
+            self._select_and_apply(step)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

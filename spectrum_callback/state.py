@@ -10,8 +10,9 @@ rollback after ``load_best_model_at_end``) goes through :meth:`SpectrumState.fro
 Format ``spectrum_callback.state``, version 1: ``selected``, ``history``,
 ``last_scan_step``, the settings that shape the selection (``top_pct``, ``update_every``,
 ``min_per_type``) and ``config``, ``trainable`` (the parameter names that trained),
-``global_step`` (written by the callback) and ``step`` (the last optimizer step the session
-saw).  Keys were added over releases without breaking older readers; files that lack
+``global_step`` (written by the callback), ``step`` (the last optimizer step the session
+saw) and ``policy`` (the selection policy's name and its place in its sequence).  Keys were
+added over releases without breaking older readers; files that lack
 ``config``, ``trainable`` or ``step`` load (``step`` then defaults to ``global_step`` or the
 last scan's step).  A newer version than this release knows is refused.
 """
@@ -42,6 +43,7 @@ class SpectrumState:
         trainable: parameter names that trained when saved (selection, heads,
             ``always_train``); ``None`` in files that predate it.
         global_step: the Trainer's step when the callback wrote the file (else ``None``).
+        policy: the selection policy's name and state (where it is in its sequence).
         source: where it was read from (for messages), not saved.
     """
 
@@ -52,6 +54,7 @@ class SpectrumState:
     config: dict = field(default_factory=dict)
     trainable: Optional[List[str]] = None
     global_step: Optional[int] = None
+    policy: Optional[dict] = None
     source: str = "state"
 
     # ------------------------------------------------------------------ reading
@@ -83,7 +86,10 @@ class SpectrumState:
         step = data.get("step")
         if step is None:  # version 1
             step = global_step if global_step is not None else (last or 0)
-        return cls(selected=list(selected), history=[dict(h) for h in history],
+        policy = data.get("policy")
+        if policy is not None and (not isinstance(policy, Mapping) or not isinstance(policy.get("name"), str)):
+            raise ValueError(f"{source}: 'policy' must name the selection policy; the file is damaged")
+        return cls(selected=list(selected), history=[dict(h) for h in history], policy=policy,
                    last_scan_step=None if last is None else int(last), step=int(step), config=dict(config),
                    trainable=None if trainable is None else [str(n) for n in trainable],
                    global_step=None if global_step is None else int(global_step), source=source)
@@ -124,6 +130,7 @@ class SpectrumState:
             "trainable": None if self.trainable is None else list(self.trainable),
             "history": list(self.history),
             "global_step": self.global_step,
+            "policy": self.policy,
         }
 
     def write(self, path: str) -> str:

@@ -81,7 +81,7 @@ class OptimizerBackend(abc.ABC):
         return contextlib.nullcontext()
 
     @abc.abstractmethod
-    def prepare(self, candidates: Dict[str, List[nn.Parameter]], dynamic: bool) -> None:
+    def prepare(self, candidates: Dict[str, List[nn.Parameter]], dynamic: bool, park_state: bool = False) -> None:
         """Get ready to train any of ``candidates``.
 
         Called once, before the first selection.  In dynamic mode every candidate may join
@@ -92,9 +92,11 @@ class OptimizerBackend(abc.ABC):
         Args:
             candidates: module name -> that module's parameters, for every candidate.
             dynamic: whether the selection will change during training.
+            park_state: a leaver's optimizer state waits in host memory (:meth:`switch`)
+                and comes back when it rejoins, instead of being dropped.
 
         Raises:
-            ValueError: a candidate can never be trained by this engine.
+            ValueError: a candidate can never be trained by this engine, or it cannot park.
         """
 
     @abc.abstractmethod
@@ -106,9 +108,10 @@ class OptimizerBackend(abc.ABC):
 
         Args:
             leaving: parameters that stop training.  Afterwards they have no optimizer state
-                and no gradient, and no optimizer step can change a bit of them.
-            joining: parameters that start training; they get fresh state.  Parameters in
-                neither list that train keep their state exactly.
+                on the device (parked in host memory with ``park_state``) and no gradient,
+                and no optimizer step can change a bit of them.
+            joining: parameters that start training; they get fresh state, or their parked
+                state back.  Parameters in neither list that train keep their state exactly.
 
         Returns:
             What moved (see :class:`SwitchResult`).
@@ -121,6 +124,19 @@ class OptimizerBackend(abc.ABC):
         Returns:
             The moments' elements, plus the master copies where the engine keeps them.
         """
+
+    def parked_bytes(self) -> int:
+        """Bytes of optimizer state parked in host memory on this rank."""
+        return 0
+
+    def parked_state(self) -> Dict[str, object]:
+        """The parked state, by parameter name (this rank's part), for a checkpoint."""
+        return {}
+
+    def load_parked(self, parked: Dict[str, object]) -> None:
+        """Parked state from :meth:`parked_state` of a checkpoint (a resume)."""
+        if parked:
+            raise ValueError(f"the {self.name} backend cannot take parked optimizer state")
 
     def sync_selection(self, obj):
         """Make every rank select alike.

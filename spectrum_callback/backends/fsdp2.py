@@ -71,9 +71,9 @@ class FSDP2Backend(TorchBackend):
         self._reshard()
         return contextlib.nullcontext()
 
-    def prepare(self, candidates: Dict[str, List[nn.Parameter]], dynamic: bool) -> None:
+    def prepare(self, candidates: Dict[str, List[nn.Parameter]], dynamic: bool, park_state: bool = False) -> None:
         self._reshard()
-        super().prepare(candidates, dynamic)
+        super().prepare(candidates, dynamic, park_state)
 
     def sync_selection(self, obj):
         self._reshard()  # the session sets requires_grad next: on the sharded parameters

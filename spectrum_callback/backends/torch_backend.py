@@ -17,7 +17,10 @@ from typing import Dict, List, Sequence
 import torch
 from torch import nn
 
-from .._params import decay_and_no_decay, decays, local_numel
+from .._params import decay_and_no_decay, decays, local_numel, param_names
+from .._fence.torch_internals import adam_step_tensor
+from .._sharded import Parked, is_dtensor
+from .._sharded import local_part as local_part_of
 from .base import OptimizerBackend, SwitchResult
 from .._logging import get_logger
 
@@ -53,11 +56,14 @@ class TorchBackend(OptimizerBackend):
                 f"unsupported optimizer type {type(self.opt).__name__}: Spectrum needs a torch.optim.Optimizer "
                 "(or DeepSpeed ZeRO); for others, freeze before training with spectrum_freeze(model, ...)"
             )
+        self.park_state = False
+        self.parked: Dict[int, Dict[str, object]] = {}  # id(p) -> its optimizer state in host memory
 
     def _members(self) -> Dict[int, int]:
         return {id(p): gi for gi, g in enumerate(self.opt.param_groups) for p in g["params"]}
 
-    def prepare(self, candidates: Dict[str, List[nn.Parameter]], dynamic: bool) -> None:
+    def prepare(self, candidates: Dict[str, List[nn.Parameter]], dynamic: bool, park_state: bool = False) -> None:
+        self.park_state = park_state
         # Candidates the optimizer was built without (spectrum_freeze froze them before the
         # Trainer) join the param group of their decay class, so that any can be selected.
         # Parameters the user froze are no candidates (the session leaves them out).
@@ -81,11 +87,36 @@ class TorchBackend(OptimizerBackend):
     def switch(self, leaving: Sequence[nn.Parameter], joining: Sequence[nn.Parameter]) -> SwitchResult:
         for p in leaving:
             p.grad = None
-            self.opt.state.pop(p, None)
+            state = self.opt.state.pop(p, None)
+            if self.park_state and state:
+                self.parked[id(p)] = {k: Parked(v) if torch.is_tensor(v) else v for k, v in state.items()}
         for p in joining:
-            # Fresh state: whatever the optimizer held (e.g. restored from an old checkpoint) goes.
+            # Fresh state (whatever the optimizer held, e.g. from an old checkpoint, goes), or
+            # the parked state of a matrix that comes back.
             self.opt.state.pop(p, None)
+            back = self.parked.pop(id(p), None)
+            if back is not None:
+                self.opt.state[p] = {k: v.restore() if isinstance(v, Parked) else v for k, v in back.items()}
         return SwitchResult()  # edited in place: no storage moved
+
+    def parked_bytes(self) -> int:
+        return sum(v.nbytes for st in self.parked.values() for v in st.values() if isinstance(v, Parked))
+
+    def parked_state(self) -> Dict[str, object]:
+        names = param_names(self.model)
+        return {names[i]: {k: v.local if isinstance(v, Parked) else v for k, v in st.items()}
+                for i, st in self.parked.items()}
+
+    def load_parked(self, parked: Dict[str, object]) -> None:
+        by_name = dict(self.model.named_parameters(remove_duplicate=False))
+        groups = self._members()
+        for name, st in parked.items():
+            p = by_name[name]
+            group = self.opt.param_groups[groups[id(p)]]
+            self.parked[id(p)] = {
+                k: (adam_step_tensor(int(v), group, local_part_of(p)) if k == "step" and torch.is_tensor(v)
+                    else _parked_like(v, p) if torch.is_tensor(v) else v)
+                for k, v in st.items()}
 
     def state_numel(self) -> int:
         total = 0
@@ -94,3 +125,13 @@ class TorchBackend(OptimizerBackend):
                 if torch.is_tensor(v) and v.ndim > 0:
                     total += local_numel(v)  # this rank's shard of a DTensor (FSDP2)
         return total
+
+
+def _parked_like(local: torch.Tensor, p: nn.Parameter) -> Parked:
+    """A checkpoint's parked moment of ``p`` (this rank's part), to go back beside ``p``: a
+    DTensor shard laid out as ``p`` is, or a tensor on ``p``'s device."""
+    parked = Parked.__new__(Parked)
+    parked.local = local.to("cpu")
+    parked.device = local_part_of(p).device
+    parked.spec = (p.device_mesh, p.placements, p.shape, p.stride()) if is_dtensor(p) else None
+    return parked

@@ -129,6 +129,8 @@ class DeepSpeedBackend(OptimizerBackend):
         self.schedule = ClassSchedule()
         self.rebuilds = 0
         self.last_switch: dict = {}
+        self.park_state = False
+        self.parked: Dict[int, Kept] = {}  # id(p) -> (step, this rank's parked values), with park_state
         # Class of a parameter = index of the torch param group it was in when the engine was
         # built; the lr scheduler's per-group lists are indexed the same way.
         layouts = [g.get(LAYOUT_KEY) for g in base.param_groups]
@@ -152,7 +154,8 @@ class DeepSpeedBackend(OptimizerBackend):
         return self.per_stage.gather(modules)
 
     # ------------------------------------------------------------------ setup
-    def prepare(self, candidates: Dict[str, List[nn.Parameter]], dynamic: bool) -> None:
+    def prepare(self, candidates: Dict[str, List[nn.Parameter]], dynamic: bool, park_state: bool = False) -> None:
+        self.park_state = park_state
         decay, no_decay = self._decay_classes()
         for _, ps in candidates.items():
             for p in ps:
@@ -190,7 +193,7 @@ class DeepSpeedBackend(OptimizerBackend):
             return SwitchResult()
         if self.rebuilds == 0:
             _say_full_build_once(len(old_ids), len(new_params))
-        return self.rebuild(new_params, force_fresh={id(p) for p in joining})
+        return self.rebuild(new_params, force_fresh={id(p) for p in joining if id(p) not in self.parked})
 
     def rebuild(self, new_params: List[nn.Parameter], force_fresh, layout=None) -> SwitchResult:
         """Replace the ZeRO optimizer by one over ``new_params`` (module doc, steps 1-5).
@@ -207,7 +210,12 @@ class DeepSpeedBackend(OptimizerBackend):
         reuse = self.per_stage.reusable(old_zero, old_groups, new_params, force_fresh, keys) if layout is None else {}
         self.last_switch = {"kept_in_place": len(reuse), "kept_in_place_bytes": sum(
             _nbytes(t) for t in _reused_tensors(reuse) if t.ndim > 0)}
+        if self.park_state and layout is None:
+            self._park(old_groups, {id(p) for p in new_params}, keys)
         kept = self._read_stayers(old_groups, new_params, force_fresh | {i for k in reuse for i in k}, keys)
+        for p in new_params:  # matrices that come back: their parked state goes in as a stayer's does
+            if id(p) in self.parked and id(p) not in kept and (id(p),) not in reuse:
+                kept[id(p)] = self.parked.pop(id(p))
         moved = {id(p) for ps, _, _ in old_groups for p in ps} | {id(p) for p in new_params}
         self._retire(old_zero, old_groups, {id(p) for p in new_params})
         # The old optimizer's fp32 partitions, moments and gradient buffers go now, before the
@@ -248,6 +256,36 @@ class DeepSpeedBackend(OptimizerBackend):
         self.last_switch.update({"stayers": len(stayers), "staged_bytes": sum(
             _nbytes(v) for _, vals in kept.values() for v in vals.values()), "staging_device": str(dev)})
         return kept
+
+    def _park(self, old_groups, new_ids, keys) -> None:
+        """Step 1b (``park_state``): what this rank holds of each leaver's moments (and fp32
+        master, where the weights are not fp32) goes to host memory, with its step count, to
+        be written back as a stayer's when it rejoins."""
+        base = ds.torch_optimizer(self.zero)
+        self.per_stage.link_state(self.zero, keys)
+        cpu = torch.device("cpu")
+        for ps, _, flat in old_groups:
+            step = step_of(ds.flat_state(base, flat))
+            for p in ps:
+                if id(p) in new_ids or step == 0:
+                    continue
+                need = ([] if local_view(p).dtype == torch.float32 else [None]) + list(keys)
+                self.parked[id(p)] = (step, {k: self.per_stage.copy_local(p, k, cpu) for k in need})
+        self.last_switch["parked_bytes"] = self.parked_bytes()
+
+    def parked_bytes(self) -> int:
+        return sum(_nbytes(v) for _, vals in self.parked.values() for v in vals.values())
+
+    def parked_state(self) -> Dict[str, object]:
+        names = param_names(self.model)
+        return {names[i]: {"step": step, "values": {"master" if k is None else k: v for k, v in vals.items()}}
+                for i, (step, vals) in self.parked.items()}
+
+    def load_parked(self, parked: Dict[str, object]) -> None:
+        by_name = dict(self.model.named_parameters(remove_duplicate=False))
+        for name, entry in parked.items():
+            vals = {None if k == "master" else k: v for k, v in entry["values"].items()}
+            self.parked[id(by_name[name])] = (int(entry["step"]), vals)
 
     @staticmethod
     def _retire(old_zero, old_groups, new_ids) -> None:
