@@ -8,6 +8,7 @@ from typing import Dict, Optional, Sequence
 import torch
 from transformers import TrainerCallback
 
+from . import _dist
 from ._fence.transformers_internals import find_trainer
 from ._logging import follow_trainer, get_logger
 from .candidates import SHARDED_HELP
@@ -15,7 +16,7 @@ from .config import SpectrumConfig
 from .freeze import apply_selection, spectrum_freeze
 from .integrations.transformers_hooks import install_hooks
 from .session import SpectrumSession
-from .state import STATE_FILE, SpectrumState
+from .state import STATE_FILE, SpectrumState, read_parked, write_parked
 
 logger = get_logger(__name__)
 
@@ -82,7 +83,6 @@ class SpectrumCallback(TrainerCallback):
 
     @classmethod
     def from_config(cls, config: SpectrumConfig) -> "SpectrumCallback":
-        """A callback with the settings of ``config``."""
         return cls(**{k: getattr(config, k) for k in config.__dataclass_fields__})
 
     dynamic = property(lambda self: self.config.dynamic)
@@ -122,8 +122,8 @@ class SpectrumCallback(TrainerCallback):
         trainer, resume_dir = find_trainer(lambda t: self in getattr(t.callback_handler, "callbacks", []))
         plugin = getattr(getattr(getattr(trainer, "accelerator", None), "state", None), "fsdp_plugin", None)
         if getattr(trainer, "is_fsdp_enabled", False) and int(getattr(plugin, "fsdp_version", 1) or 1) != 2:
-            raise ValueError(
-                f"the Trainer runs FSDP1 (TrainingArguments.fsdp or an accelerate FSDP config): {SHARDED_HELP}")
+            raise ValueError(f"the Trainer runs FSDP1 (TrainingArguments.fsdp or an accelerate FSDP config): "
+                             f"{SHARDED_HELP}")
         if trainer is not None:
             n = sum(isinstance(cb, SpectrumCallback) for cb in trainer.callback_handler.callbacks)
             if n > 1:
@@ -142,6 +142,7 @@ class SpectrumCallback(TrainerCallback):
                                "Spectrum?); scanning afresh", state.global_step, STATE_FILE)
         if saved is not None:
             session.load_state_dict(saved, step=state.global_step)
+            session.load_parked_state_dict(read_parked(os.path.dirname(saved.source), _dist.rank()))
         else:
             session.start(state.global_step)
         return control
@@ -154,13 +155,15 @@ class SpectrumCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self._pending_logs and logs is not None:
             logs.update(self._pending_logs)
-            self._pending_logs = {}
+            self._pending_logs.clear()
         return control
 
     def on_save(self, args, state, control, **kwargs):
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        if state.is_world_process_zero and os.path.isdir(folder):
-            self.save_state(os.path.join(folder, STATE_FILE), state.global_step)
+        if os.path.isdir(folder) and self.session is not None:
+            write_parked(folder, self.session.parked_state_dict(), _dist.rank())  # every rank its own part
+            if state.is_world_process_zero:
+                self.save_state(os.path.join(folder, STATE_FILE), state.global_step)
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -182,16 +185,14 @@ class SpectrumCallback(TrainerCallback):
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         """What a checkpoint needs to resume the same run (:meth:`SpectrumSession.state_dict`):
-        settings, the step of the last scan, the selection, the trainable parameter names and
-        the whole ``history``, tagged with a format name and version."""
+        settings, selection, history, schedule, tagged with a format name and version."""
         if self.session is None:
             return SpectrumState(selected=[], config=self.config.to_dict()).to_dict()
         return self.session.state_dict()
 
     def save_state(self, path: str, global_step: Optional[int] = None) -> str:
-        """Write :meth:`state_dict` (plus ``global_step``) to ``path`` as JSON, atomically.
-        The callback calls it at every checkpoint (``checkpoint-N/spectrum_state.json``, main
-        process only).  Returns ``path``."""
+        """Write :meth:`state_dict` (plus ``global_step``) to ``path`` as JSON, atomically (at
+        every checkpoint: ``checkpoint-N/spectrum_state.json``, main process).  Returns ``path``."""
         st = SpectrumState.from_dict(self.state_dict())
         st.global_step = global_step
         return st.write(path)

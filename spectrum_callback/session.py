@@ -183,6 +183,16 @@ class SpectrumSession:
         self._started, self._step = True, step
         self._apply_changed_settings(st, step)
 
+    def parked_state_dict(self) -> dict:
+        """This rank's parked optimizer state (``park_state``), by parameter name, for a
+        checkpoint beside :meth:`state_dict` (``torch.save``); ``{}`` when nothing is parked."""
+        return self.backend.parked_state() if self.backend is not None else {}
+
+    def load_parked_state_dict(self, parked: dict) -> None:
+        """Parked state from :meth:`parked_state_dict`, after :meth:`load_state_dict`."""
+        if parked:
+            self.backend.load_parked(parked)
+
     def close(self) -> None:
         """Stop driving the model (another session may take it over)."""
         self._started = False

@@ -140,3 +140,28 @@ class SpectrumState:
             json.dump(self.to_dict(), fh)
         os.replace(tmp, path)
         return path
+
+
+PARKED_FILE = "spectrum_parked.rank{rank}.pt"
+
+
+def write_parked(folder: str, parked: dict, rank: int) -> Optional[str]:
+    """This rank's parked optimizer state (``park_state``) beside the state file, if any."""
+    if not parked:
+        return None
+    import torch
+
+    path = os.path.join(folder, PARKED_FILE.format(rank=rank))
+    torch.save(parked, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def read_parked(folder: str, rank: int) -> dict:
+    """What :func:`write_parked` wrote for ``rank`` in ``folder`` (``{}`` when nothing was parked)."""
+    path = os.path.join(folder, PARKED_FILE.format(rank=rank))
+    if not os.path.isfile(path):
+        return {}
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=False)

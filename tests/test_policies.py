@@ -218,3 +218,28 @@ def test_callback_takes_the_policy_and_the_trainers_seed(tmp_path):
     a, cb = run(1)
     assert a == run(1)[0] and a != run(2)[0]
     assert [h["source"] for h in cb.history] == ["random"] * 3 and cb.session.config.seed == 1
+
+
+@pytest.mark.parametrize("park", [True, False])
+def test_trainer_resume_of_a_moving_policy_continues_exactly(tmp_path, park):
+    """The policy's place in its sequence (and, with park_state, the parked moments, one file
+    per rank) go with the checkpoint: a resumed run gives the uninterrupted run's losses."""
+    import transformers
+
+    def trainer(out, model, cb):
+        args = training_args(out, max_steps=9, save_strategy="steps", save_steps=5, seed=3)
+        return transformers.Trainer(model=model, args=args, train_dataset=RandomTokens(), callbacks=[cb])
+
+    kw = dict(top_pct=0.25, update_every=2, policy="rotate", park_state=park)
+    full_cb = SpectrumCallback(**kw)
+    tr = trainer(tmp_path, tiny_model("llama", layers=8), full_cb)
+    tr.train()
+    full = [h["loss"] for h in tr.state.log_history if "loss" in h]
+    ckpt = tmp_path / "checkpoint-5"
+    assert (ckpt / "spectrum_parked.rank0.pt").exists() == park
+    cb = SpectrumCallback(**kw)
+    tr2 = trainer(tmp_path / "resumed", tiny_model("llama", layers=8, seed=1), cb)
+    tr2.train(resume_from_checkpoint=str(ckpt))
+    resumed = [h["loss"] for h in tr2.state.log_history if "loss" in h and h["step"] > 5]
+    assert [h["selected"] for h in cb.history] == [h["selected"] for h in full_cb.history]
+    assert resumed == pytest.approx(full[5:], rel=1e-6)
