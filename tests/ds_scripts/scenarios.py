@@ -68,6 +68,14 @@ SCENARIOS = {
     # fused 3-D MoE expert banks (transformers 5 Mixtral): one unit each, partitioned by ZeRO-3 too
     "z2_moe_dynamic": dict(stage=2, update_every=2, max_steps=6, arch="mixtral", top_pct=0.5),
     "z3_moe_dynamic": dict(stage=3, update_every=2, max_steps=6, arch="mixtral", top_pct=0.5),
+    # the selection policies (every switch moves the selection); park: a returning matrix gets
+    # this rank's parked slices back, which the plain-PyTorch reference parks whole
+    "z2_rotate_park": dict(stage=2, update_every=2, max_steps=7, policy="rotate", park_state=True),
+    "z3_rotate_park": dict(stage=3, update_every=2, max_steps=7, policy="rotate", park_state=True),
+    "z2_random": dict(stage=2, update_every=2, max_steps=6, policy="random"),
+    "z3_random": dict(stage=3, update_every=2, max_steps=6, policy="random"),
+    "z2_cyclic_park": dict(stage=2, update_every=2, max_steps=7, policy="cyclic", park_state=True),
+    "z3_cyclic": dict(stage=3, update_every=2, max_steps=6, policy="cyclic"),
 }
 
 
@@ -169,6 +177,7 @@ class Recorder(TrainerCallback):
         self.refs = []
         self.trainer_optimizer = None
         self.scan_stats = []
+        self.parked = []
 
     def on_step_begin(self, args, state, control, model=None, optimizer=None, **kw):
         self.trainer_optimizer = optimizer
@@ -194,6 +203,7 @@ class Recorder(TrainerCallback):
         self.numel.append({"step": state.global_step, "per_rank": numel})
         self.selected.append(list(self.spectrum.selected))
         self.scan_stats.append(dict(self.spectrum.analyzer.last_scan_stats))
+        self.parked.append(b.parked_bytes() if b is not None else 0)
         self.trainable_numel.append(sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
                                         for p in model.parameters() if p.requires_grad))
         zero = getattr(b, "zero", None) if b is not None else None
@@ -235,7 +245,8 @@ def make_trainer(name, s, out, reference, max_steps=None, save=False):
     if not reference:
         kw["deepspeed"] = ds_config(s["stage"], out, s.get("optimizer_block", False))
     args = training_args(os.path.join(out, name), **kw)
-    spectrum = SpectrumCallback(top_pct=s.get("top_pct", 0.25), update_every=s["update_every"], verbose=False)
+    spectrum = SpectrumCallback(top_pct=s.get("top_pct", 0.25), update_every=s["update_every"], verbose=False,
+                                policy=s.get("policy", "scan"), park_state=s.get("park_state", False))
     trainer = Trainer(model=model, args=args, train_dataset=RandomTokens(n=256, length=16, seed=1))
     if not s.get("no_spectrum"):
         trainer.add_callback(spectrum)
@@ -328,6 +339,7 @@ def run(name, out, reference=False):
         numel=rec.numel,
         selected=rec.selected,
         scan_stats=rec.scan_stats,
+        parked_bytes=rec.parked,
         trainable_numel=rec.trainable_numel,
         total_numel=sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters()),
         trainable_logged=losses.trainable_logged,

@@ -270,7 +270,13 @@ class DeepSpeedBackend(OptimizerBackend):
                 if id(p) in new_ids or step == 0:
                     continue
                 need = ([] if local_view(p).dtype == torch.float32 else [None]) + list(keys)
-                self.parked[id(p)] = (step, {k: self.per_stage.copy_local(p, k, cpu) for k in need})
+                # DeepSpeed's local getters answer only for parameters that require grad; the
+                # session froze the leaver already, so it is marked trainable for the copy
+                p.requires_grad_(True)
+                try:
+                    self.parked[id(p)] = (step, {k: self.per_stage.copy_local(p, k, cpu) for k in need})
+                finally:
+                    p.requires_grad_(False)
         self.last_switch["parked_bytes"] = self.parked_bytes()
 
     def parked_bytes(self) -> int:
