@@ -56,6 +56,10 @@ SCENARIOS = {
     # spectrum_freeze before Trainer(...), then the callback (dynamic): the optimizer is built
     # without the frozen candidates, which must be able to join later
     "accel_prefrozen_dynamic": dict(update_every=2, max_steps=6, prefreeze=True, top_pct=0.5, lr=2e-2),
+    # the selection policies; park: a leaver's DTensor moments wait in host memory
+    "accel_rotate_park": dict(update_every=2, max_steps=7, policy="rotate", park_state=True),
+    "accel_random": dict(update_every=2, max_steps=6, policy="random"),
+    "accel_cyclic_park": dict(update_every=2, max_steps=7, policy="cyclic", park_state=True),
 }
 
 
@@ -218,7 +222,8 @@ def make_trainer(name, s, out, reference, save=False):
     if save:
         kw.update(save_strategy="steps", save_steps=s["resume_at"], save_only_model=False)
     args = training_args(os.path.join(out, name), **kw)
-    spectrum = SpectrumCallback(top_pct=s.get("top_pct", 0.25), update_every=s["update_every"], verbose=False)
+    spectrum = SpectrumCallback(top_pct=s.get("top_pct", 0.25), update_every=s["update_every"], verbose=False,
+                                policy=s.get("policy", "scan"), park_state=s.get("park_state", False))
     trainer = Trainer(model=model, args=args, train_dataset=RandomTokens(n=256, length=16, seed=1))
     if not reference and s.get("route", "accel") == "accel":
         force_accelerate_fsdp2(trainer, model, s.get("bf16", False))
