@@ -1,6 +1,6 @@
 """SpectrumSession in a custom accelerate loop, for tests/test_session_distributed.py.
 
-usage: torchrun --nproc_per_node=2 accelerate_loop.py OUT ddp fsdp2    (one process group, in turn)
+usage: torchrun --nproc_per_node=2 accelerate_loop.py OUT ddp fsdp2 ...   (one process group, in turn)
        python accelerate_loop.py OUT ref:ddp                            (the plain single-process reference)
 
 Each scenario trains a tiny Llama for 6 steps with dynamic Spectrum whose scans are replaced by
@@ -23,6 +23,9 @@ from spectrum_callback import SpectrumAnalyzer, SpectrumConfig, SpectrumSession
 from tiny import RandomTokens, frozen_changes, rotating_scan, snapshot_frozen, tiny_model
 
 STEPS, GLOBAL_BATCH, LR, WD = 6, 4, 5e-3, 0.1
+# scenario -> its selection policy (the others re-scan, with their scans replaced by a rotating ranking)
+POLICIES = {"ddp_rotate_park": dict(policy="rotate", park_state=True), "ddp_random": dict(policy="random", seed=7),
+            "ddp_cyclic": dict(policy="cyclic")}
 
 
 def optimizer_for(model):
@@ -46,7 +49,7 @@ def accelerator_for(name):
 
     reset_state()
     acc = Accelerator(cpu=True, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
-    if name == "fsdp2":
+    if name.startswith("fsdp2"):
         plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
                                                 transformer_cls_names_to_wrap=["LlamaDecoderLayer"],
                                                 reshard_after_forward=True, state_dict_type="SHARDED_STATE_DICT")
@@ -68,7 +71,8 @@ def run(name, out):
     if not reference:
         acc = accelerator_for(name)
         model, optimizer = acc.prepare(model, optimizer)
-    session = SpectrumSession(model, optimizer, SpectrumConfig(top_pct=0.25, update_every=2), progress=False)
+    policy = POLICIES.get(name, {})
+    session = SpectrumSession(model, optimizer, SpectrumConfig(top_pct=0.25, update_every=2, **policy), progress=False)
     session.start()
     losses, violations, state_outside, selections = [], [], [], []
     for step in range(STEPS):
