@@ -377,7 +377,7 @@ def main(argv=None):
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--force-fsdp2-on-cpu", action="store_true",
                     help="rehearsal only: set the FSDP2 accelerator state accelerate refuses on CPU "
-                         "(as tests/fsdp_scripts/scenarios.py does)")
+                         "(as tests/distributed/fsdp/scenarios.py does)")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--full-steps", type=int, default=12, help="steps of the full fine-tuning reference")

@@ -15,7 +15,7 @@ spectrum_callback touches lives in this package, and nowhere else.
 :data:`TESTED` is the one table of the versions these were checked on;
 :func:`check_versions` warns once about versions outside it (DeepSpeed, whose internals
 matter most, is refused outside its tested minor version; see
-:func:`.deepspeed_internals.check_deepspeed_version`).  ``tests/test_fence.py`` is the
+:func:`.deepspeed_internals.check_deepspeed_version`).  ``tests/unit/test_fence.py`` is the
 contract test: it fails when an upstream name this package relies on moves.
 """
 from __future__ import annotations
@@ -61,7 +61,7 @@ def check_versions() -> Dict[str, Optional[str]]:
             _warned.add(pkg)
             warnings.warn(
                 f"spectrum_callback was checked with {pkg} {', '.join(TESTED[pkg])}.x; this is {pkg} {found[pkg]}. "
-                "The private APIs it uses (spectrum_callback/_fence) may have moved: run tests/test_fence.py",
+                "The private APIs it uses (spectrum_callback/_fence) may have moved: run tests/unit/test_fence.py",
                 RuntimeWarning,
                 stacklevel=2,
             )

@@ -17,7 +17,7 @@ not public lives here:
 
 The public ``deepspeed.utils.safe_get_*``/``safe_set_*`` move the values.
 :func:`check_deepspeed_version` refuses other major.minor versions unless
-``SPECTRUM_ALLOW_UNTESTED_DEEPSPEED=1``; ``tests/test_fence.py`` fails when a name moves.
+``SPECTRUM_ALLOW_UNTESTED_DEEPSPEED=1``; ``tests/unit/test_fence.py`` fails when a name moves.
 """
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ def check_deepspeed_version(version: Optional[str] = None) -> str:
         raise RuntimeError(
             f"spectrum_callback's DeepSpeed backend uses ZeRO optimizer internals checked with DeepSpeed "
             f"{TESTED_DEEPSPEED_STR}; this is DeepSpeed {version}. Install deepspeed=={TESTED_DEEPSPEED_STR}, or set "
-            f"{ALLOW_ENV}=1 to try anyway (then run tests/test_deepspeed.py on your setup first)"
+            f"{ALLOW_ENV}=1 to try anyway (then run tests/distributed/deepspeed/test_deepspeed.py on your setup first)"
         )
     return version
 

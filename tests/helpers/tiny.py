@@ -155,7 +155,7 @@ def reset_accelerate():
     reset_state()
 
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def ds_config(stage, out, optimizer_block=False):

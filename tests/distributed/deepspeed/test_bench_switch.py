@@ -11,17 +11,18 @@ import sys
 
 import pytest
 
+from dsrun import ROOT, ds_env
+
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 pytest.importorskip("deepspeed")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REQUIRED = ("engine", "world_size", "hidden", "switch_seconds", "peak_extra_bytes", "stayers_state_bytes_per_rank",
             "startup_peak_bytes", "static_startup_peak_bytes", "largest_matrix_state_bytes", "step_seconds")
 
 
 def test_bench_switch_writes_its_record(tmp_path):
     out = tmp_path / "bench.json"
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    env = ds_env()
     cmd = [sys.executable, os.path.join(ROOT, "scripts", "bench_switch.py"), "--engine", "zero2", "--hidden", "64",
            "--modes", "callback,static", "--json", str(out), "--timeout", "400"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=500, cwd=str(tmp_path))

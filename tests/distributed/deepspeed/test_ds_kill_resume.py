@@ -16,6 +16,8 @@ import pytest
 from dsrun import WORLD, torchrun
 from dsrun import read_rank_results as _read
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 pytest.importorskip("deepspeed", reason="deepspeed is a test dependency of the DeepSpeed backend")
@@ -23,7 +25,7 @@ pytest.importorskip("deepspeed", reason="deepspeed is a test dependency of the D
 
 def test_zero3_sigkill_after_checkpoint_then_resume_matches_uninterrupted_run(tmp_path):
     # One process group: the uninterrupted run, then the run that kills itself at step 4.
-    p = torchrun("kill_resume.py", tmp_path, "full,kill")
+    p = torchrun(os.path.join(HERE, "kill_resume.py"), tmp_path, "full,kill")
     log = p.stdout + p.stderr
     full = _read(tmp_path, "full", log)
     assert p.returncode != 0 and f"Signal {int(signal.SIGKILL)} (SIGKILL)" in log, log[-3000:]
@@ -34,7 +36,7 @@ def test_zero3_sigkill_after_checkpoint_then_resume_matches_uninterrupted_run(tm
     assert (ckpt / "spectrum_state.json").exists() and (ckpt / "global_step4").is_dir()
     assert len(list((ckpt / "global_step4").glob("*optim_states.pt"))) == WORLD
 
-    p = torchrun("kill_resume.py", tmp_path, "resume")
+    p = torchrun(os.path.join(HERE, "kill_resume.py"), tmp_path, "resume")
     log = p.stdout + p.stderr
     resumed = _read(tmp_path, "resume", log)
     # (rc is not checked: rarely a rank aborts at interpreter exit, after its result is written,

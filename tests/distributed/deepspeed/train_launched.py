@@ -1,6 +1,6 @@
-"""A user's training script as the README's launch paths run it (tests/test_launchers.py).
+"""A user's training script as the README's launch paths run it (tests/distributed/deepspeed/test_launchers.py).
 
-    scripts/launch_single_node.sh 2 tests/ds_scripts/train_launched.py OUT MODEL_DIR
+    scripts/launch_single_node.sh 2 tests/distributed/deepspeed/train_launched.py OUT MODEL_DIR
     (LAUNCHER=torchrun | deepspeed | accelerate)
 
 As a user writes it: ``TrainingArguments`` first (with ``deepspeed=$DS_CONFIG``, or
@@ -23,7 +23,6 @@ torch.set_num_threads(1)
 import transformers  # noqa: E402
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/ for tiny.py
 from tiny import RandomTokens, frozen_changes, snapshot_frozen  # noqa: E402
 
 from spectrum_callback import SpectrumCallback  # noqa: E402

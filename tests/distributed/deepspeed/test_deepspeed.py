@@ -1,7 +1,7 @@
 """SpectrumCallback under DeepSpeed ZeRO-1, ZeRO-2 and ZeRO-3 (2 processes, gloo, CPU).
 
 All DeepSpeed scenarios run in ONE ``torchrun --nproc_per_node=2`` process group
-(tests/ds_scripts/scenarios.py), started once per test session, so that DeepSpeed's
+(tests/distributed/deepspeed/scenarios.py), started once per test session, so that DeepSpeed's
 start-up (and the first-time JIT build of its shm comm op, cached in
 TORCH_EXTENSIONS_DIR) is paid once.  The plain-PyTorch references run in one
 single-process subprocess with the same global batch.
@@ -17,8 +17,7 @@ from dsrun import run_scenarios, scenario_result
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-SCRIPT = os.path.join(HERE, "ds_scripts", "scenarios.py")
+SCRIPT = os.path.join(HERE, "scenarios.py")
 
 pytest.importorskip("deepspeed", reason="deepspeed is a test dependency of the DeepSpeed backend")
 

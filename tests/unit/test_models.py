@@ -9,6 +9,7 @@ import transformers
 from torch import nn
 
 from spectrum_callback import SpectrumAnalyzer, SpectrumCallback, compute_snr
+from dsrun import ROOT
 from tiny import RandomTokens, snapshot, tiny_model, training_args
 from zoo import ZOO
 
@@ -134,7 +135,7 @@ def _zoo_rows():
 def test_readme_models_table_matches_the_zoo():
     import os
 
-    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    readme = open(os.path.join(ROOT, "README.md")).read()
     table = readme[readme.index("| architecture (tiny random config, 2 layers) |"):]
     lines = []
     for line in table.splitlines()[2:]:

@@ -1,6 +1,6 @@
-"""FSDP2 scenarios for tests/test_fsdp2.py, run under
-``torchrun --nproc_per_node=2 tests/fsdp_scripts/scenarios.py OUT NAME [NAME ...]`` (gloo, CPU)
-or, for the plain-PyTorch reference, ``python tests/fsdp_scripts/scenarios.py OUT ref:NAME``
+"""FSDP2 scenarios for tests/distributed/fsdp/test_fsdp2.py, run under
+``torchrun --nproc_per_node=2 tests/distributed/fsdp/scenarios.py OUT NAME [NAME ...]`` (gloo, CPU)
+or, for the plain-PyTorch reference, ``python tests/distributed/fsdp/scenarios.py OUT ref:NAME``
 (one process, the same global batch and schedule).
 
 Two routes bring an FSDP2 model to the Trainer, and both are run here:
@@ -19,6 +19,8 @@ Two routes bring an FSDP2 model to the Trainer, and both are run here:
 
 Each scenario writes OUT/NAME.json (rank 0; per-rank facts gathered) and the full final
 weights OUT/NAME[.ref].weights.pt.
+
+Imports tests/helpers (tiny.py): launched by hand, set ``PYTHONPATH=tests/helpers`` first.
 """
 from __future__ import annotations
 
@@ -29,8 +31,7 @@ import sys
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
-sys.path.insert(0, os.path.dirname(HERE))  # tests/ for tiny.py
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))  # the repository
 torch.set_num_threads(1)
 
 import transformers  # noqa: E402

@@ -5,6 +5,8 @@ import sys
 
 import pytest
 
+from dsrun import ds_env
+
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 HERE = os.path.dirname(__file__)
@@ -13,17 +15,13 @@ HERE = os.path.dirname(__file__)
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), env_pp()]))
+    env = ds_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-           os.path.join(HERE, "ddp_scripts", "train_ddp.py"), str(out)]
+           os.path.join(HERE, "train_ddp.py"), str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         pytest.fail(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return [json.load(open(out / f"rank{r}.json")) for r in range(2)]
-
-
-def env_pp():
-    return os.environ.get("PYTHONPATH", "")
 
 
 def test_ddp_dynamic_switches_keep_ranks_in_sync(ddp_run):

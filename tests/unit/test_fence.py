@@ -11,9 +11,8 @@ import os
 import pytest
 import torch
 
+from dsrun import ROOT
 from spectrum_callback import _fence
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_versions_in_use_are_the_tested_ones():

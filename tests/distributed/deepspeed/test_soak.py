@@ -1,6 +1,6 @@
 """Long dynamic run under DeepSpeed ZeRO-3 (2 processes, gloo, CPU): nothing accumulates.
 
-One ``torchrun --nproc_per_node=2 tests/ds_scripts/soak.py`` run: 200 steps of a tiny
+One ``torchrun --nproc_per_node=2 tests/distributed/deepspeed/soak.py`` run: 200 steps of a tiny
 Llama with ``SpectrumCallback(top_pct=0.5, update_every=5)`` and a forced scan that
 changes the selection at every one of the 39 switches (7 matrices leave, 7 join, 7 stay).
 Per rank the script records, at every step, optimizer state elements, hooks on the model,
@@ -10,11 +10,13 @@ and checks every parameter bit for bit around every step.
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
 from dsrun import WORLD, read_rank_results, torchrun
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 pytest.importorskip("deepspeed", reason="deepspeed is a test dependency of the DeepSpeed backend")
@@ -30,7 +32,7 @@ RSS_CREEP = 8 * 2**20
 @pytest.fixture(scope="module")
 def soak(tmp_path_factory):
     out = tmp_path_factory.mktemp("soak")
-    p = torchrun("soak.py", out, STEPS, EVERY)
+    p = torchrun(os.path.join(HERE, "soak.py"), out, STEPS, EVERY)
     return read_rank_results(out, "soak", f"rc {p.returncode}\n{p.stdout + p.stderr}")
 
 

@@ -3,9 +3,8 @@ import inspect
 import os
 import re
 
+from dsrun import ROOT
 from spectrum_callback import SpectrumCallback
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _usage_block():

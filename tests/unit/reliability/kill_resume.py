@@ -1,10 +1,12 @@
 """Training run for the kill/resume test.
 
-usage: kill_resume.py MODE OUT   (MODE: full | kill | resume)
+usage: python tests/unit/reliability/kill_resume.py MODE OUT   (MODE: full | kill | resume)
   full:   8 steps, dynamic Spectrum, checkpoints every 2 steps
   kill:   same, but the process SIGKILLs itself right after the step-4 checkpoint
   resume: resumes from OUT/checkpoint-4 (written by `kill`) and finishes
 Writes OUT/result_<MODE>.json (not for `kill`, which dies).
+
+Imports tests/helpers (tiny.py): launched by hand, set ``PYTHONPATH=tests/helpers`` first.
 """
 import json
 import os
@@ -13,7 +15,6 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 torch.set_num_threads(1)
 import transformers  # noqa: E402
 

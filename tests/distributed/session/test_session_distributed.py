@@ -1,6 +1,6 @@
 """SpectrumSession in custom accelerate loops, 2 processes, gloo, CPU: DDP and FSDP2 give the
 plain single-process run's losses and weights, keep frozen bits, keep optimizer state to the
-selection and select alike on every rank (tests/session_scripts/accelerate_loop.py)."""
+selection and select alike on every rank (tests/distributed/session/accelerate_loop.py)."""
 from __future__ import annotations
 
 import os
@@ -12,7 +12,7 @@ from dsrun import run_scenarios, scenario_result
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 POLICIES = ["ddp_rotate_park", "ddp_random", "ddp_cyclic"]
-SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "session_scripts", "accelerate_loop.py")
+SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "accelerate_loop.py")
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Tiny random models of many architectures, with one batch of inputs each (tests/test_models.py,
+"""Tiny random models of many architectures, with one batch of inputs each (tests/unit/test_models.py,
 the README's "Models" table)."""
 from __future__ import annotations
 

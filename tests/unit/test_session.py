@@ -12,9 +12,9 @@ import transformers
 
 from spectrum_callback import SpectrumAnalyzer, SpectrumCallback, SpectrumConfig, SpectrumSession
 from spectrum_callback.session import SpectrumUsageError
+from dsrun import ROOT
 from tiny import RandomTokens, rotating_scan, tiny_model, training_args
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, BATCH, LR, WD = 6, 4, 5e-3, 0.1
 
 

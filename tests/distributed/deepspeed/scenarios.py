@@ -1,11 +1,13 @@
-"""DeepSpeed scenarios for tests/test_deepspeed.py, run under
-``torchrun --nproc_per_node=2 tests/ds_scripts/scenarios.py OUT NAME [NAME ...]``
+"""DeepSpeed scenarios for tests/distributed/deepspeed/test_deepspeed.py, run under
+``torchrun --nproc_per_node=2 tests/distributed/deepspeed/scenarios.py OUT NAME [NAME ...]``
 (DeepSpeed with gloo on CPU) or, for the plain-PyTorch reference,
-``python tests/ds_scripts/scenarios.py OUT ref:NAME`` (single process, global batch 8).
+``python tests/distributed/deepspeed/scenarios.py OUT ref:NAME`` (single process, global batch 8).
 
 One process group runs several scenarios so that DeepSpeed's one-off start-up (the shm
 comm op build) is paid once.  Each scenario writes OUT/NAME.json (rank 0) and
 OUT/NAME.weights.pt (full final weights).
+
+Imports tests/helpers (tiny.py): launched by hand, set ``PYTHONPATH=tests/helpers`` first.
 """
 from __future__ import annotations
 
@@ -16,8 +18,7 @@ import sys
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
-sys.path.insert(0, os.path.dirname(HERE))  # tests/ for tiny.py
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))  # the repository
 torch.set_num_threads(1)
 
 import transformers  # noqa: E402

@@ -1,7 +1,7 @@
 """SpectrumCallback under FSDP2 (torch ``fully_shard``), 2 processes, gloo, CPU.
 
 All scenarios run in ONE ``torchrun --nproc_per_node=2`` process group
-(tests/fsdp_scripts/scenarios.py), the plain-PyTorch references in one single-process
+(tests/distributed/fsdp/scenarios.py), the plain-PyTorch references in one single-process
 subprocess with the same global batch.  What CPU covers, and what only a GPU does:
 
 * ``accel_*``: the Trainer's own FSDP2 path, accelerate's ``fully_shard`` wrapping, its
@@ -23,8 +23,7 @@ from dsrun import run_scenarios, scenario_result
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-SCRIPT = os.path.join(HERE, "fsdp_scripts", "scenarios.py")
+SCRIPT = os.path.join(HERE, "scenarios.py")
 
 POLICIES = ["accel_rotate_park", "accel_random", "accel_cyclic_park"]
 SCENARIOS = ["accel_dynamic", "accel_static", "accel_dynamic_ga", "accel_dynamic_bf16_gc", "accel_switch20",

@@ -1,6 +1,6 @@
-"""Soak run for tests/test_soak.py: dynamic Spectrum under DeepSpeed ZeRO-3 for many switches.
+"""Soak run for tests/distributed/deepspeed/test_soak.py: dynamic Spectrum under DeepSpeed ZeRO-3 for many switches.
 
-usage: torchrun --nproc_per_node=2 tests/ds_scripts/soak.py OUT [STEPS] [UPDATE_EVERY]
+usage: torchrun --nproc_per_node=2 tests/distributed/deepspeed/soak.py OUT [STEPS] [UPDATE_EVERY]
 
 A tiny Llama (4 layers) trains STEPS steps (default 200) with
 ``SpectrumCallback(top_pct=0.5, update_every=UPDATE_EVERY)`` (default 5).  The scan is
@@ -19,6 +19,8 @@ optimizer).  Each rank writes OUT/soak.rank<R>.json with, per step:
   the backend had), and the length of DeepSpeed's global ``FWD_MODULE_STACK``;
 * bitwise check: every parameter gathered (``deepspeed.zero.GatheredParameters``) before
   and after the step; frozen ones must be bit-identical, trainable ones should move.
+
+Imports tests/helpers (tiny.py): launched by hand, set ``PYTHONPATH=tests/helpers`` first.
 """
 from __future__ import annotations
 
@@ -32,8 +34,7 @@ import weakref
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
-sys.path.insert(0, os.path.dirname(HERE))  # tests/ for tiny.py
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))  # the repository
 torch.set_num_threads(1)
 
 import transformers  # noqa: E402

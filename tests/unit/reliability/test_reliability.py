@@ -9,14 +9,15 @@ import torch
 import transformers
 
 from spectrum_callback import SpectrumCallback
+from dsrun import ds_env
 from tiny import RandomTokens, snapshot, tiny_model, training_args
 
 HERE = os.path.dirname(__file__)
 
 
 def run_script(mode, out):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, os.path.join(HERE, "scripts", "kill_resume.py"), mode, str(out)],
+    env = dict(ds_env(), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, os.path.join(HERE, "kill_resume.py"), mode, str(out)],
                           env=env, capture_output=True, text=True, timeout=300)
 
 

@@ -6,7 +6,7 @@ shipped ``configs/ds_zero3.json`` and ``configs/accelerate_deepspeed_zero3.yaml`
 
 Overrides, and why: ``stage3_param_persistence_threshold: 0`` so that the tiny model's
 weights are really partitioned (the shipped "auto" keeps small ones whole), and the
-training script's CPU-only ``deepspeed.init_distributed(gloo)`` (tests/ds_scripts/train_launched.py).
+training script's CPU-only ``deepspeed.init_distributed(gloo)`` (tests/distributed/deepspeed/train_launched.py).
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from dsrun import ROOT, WORLD, ds_env, free_port, read_rank_results
 from tiny import tiny_model
 
 pytest.importorskip("deepspeed")
+HERE = os.path.dirname(os.path.abspath(__file__))
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 
@@ -54,7 +55,7 @@ def test_readme_launch_path_with_zero3_init(setup, tmp_path, launcher):
     env.update(LAUNCHER=launcher, MASTER_PORT=str(free_port()), DS_CONFIG=str(setup / "ds_zero3.json"),
                ACCELERATE_CONFIG=str(setup / "accelerate.yaml"))
     cmd = ["bash", os.path.join(ROOT, "scripts", "launch_single_node.sh"), str(WORLD),
-           os.path.join(ROOT, "tests", "ds_scripts", "train_launched.py"), str(tmp_path), str(setup / "model")]
+           os.path.join(HERE, "train_launched.py"), str(tmp_path), str(setup / "model")]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]

@@ -1,4 +1,4 @@
-"""SpectrumSession in a custom accelerate loop, for tests/test_session_distributed.py.
+"""SpectrumSession in a custom accelerate loop, for tests/distributed/session/test_session_distributed.py.
 
 usage: torchrun --nproc_per_node=2 accelerate_loop.py OUT ddp fsdp2 ...   (one process group, in turn)
        python accelerate_loop.py OUT ref:ddp                            (the plain single-process reference)
@@ -8,7 +8,7 @@ a rotating ranking (every re-scan moves the selection), each rank on its half of
 of 4, and writes OUT/<name>.json (rank 0; every rank's checks gathered) and OUT/<name>.weights.pt.
 ``fsdp2``: accelerate's FSDP2 path (``fully_shard`` per decoder layer, the optimizer remapped to
 the DTensor shards); accelerate enables FSDP only on GPUs, so the state it sets from an FSDP2
-config there is set here (as in tests/fsdp_scripts/scenarios.py).
+config there is set here (as in tests/distributed/fsdp/scenarios.py).
 """
 from __future__ import annotations
 

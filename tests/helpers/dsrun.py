@@ -1,4 +1,4 @@
-"""Launching the 2-process DeepSpeed test scripts (tests/ds_scripts/) and reading their results."""
+"""Launching the 2-process worker scripts of tests/distributed/ and reading their results."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ import sys
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+ROOT = os.path.dirname(os.path.dirname(HERE))  # the repository
 WORLD = 2
 
 
@@ -30,8 +30,9 @@ def free_port():
 
 
 def torchrun(script, *args, timeout=300):
+    """``torchrun --nproc_per_node=2 script args...`` (``script`` a path), run from the repository."""
     cmd = ["nice", "-n", "5", sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}",
-           f"--master_port={free_port()}", os.path.join(HERE, "ds_scripts", script), *map(str, args)]
+           f"--master_port={free_port()}", script, *map(str, args)]
     return subprocess.run(cmd, cwd=ROOT, env=ds_env(), capture_output=True, text=True, timeout=timeout)
 
 

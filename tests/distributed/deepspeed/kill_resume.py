@@ -1,6 +1,6 @@
-"""SIGKILL + resume under DeepSpeed ZeRO-3, for tests/test_ds_kill_resume.py.
+"""SIGKILL + resume under DeepSpeed ZeRO-3, for tests/distributed/deepspeed/test_ds_kill_resume.py.
 
-usage: torchrun --nproc_per_node=2 tests/ds_scripts/kill_resume.py OUT MODE[,MODE...]
+usage: torchrun --nproc_per_node=2 tests/distributed/deepspeed/kill_resume.py OUT MODE[,MODE...]
   full:   8 steps of dynamic Spectrum (update_every=2, real scans), checkpoint at step 4
           and 8, in OUT/full; writes OUT/full.rank<R>.json
   kill:   the same run in OUT/broken, but every rank SIGKILLs itself right after the
@@ -9,6 +9,8 @@ usage: torchrun --nproc_per_node=2 tests/ds_scripts/kill_resume.py OUT MODE[,MOD
   resume: trainer.train(resume_from_checkpoint=OUT/broken/checkpoint-4) up to step 8;
           writes OUT/resume.rank<R>.json
 Modes run one after the other in the same process group ("full,kill" saves a start-up).
+
+Imports tests/helpers (tiny.py): launched by hand, set ``PYTHONPATH=tests/helpers`` first.
 """
 from __future__ import annotations
 
@@ -21,8 +23,7 @@ import sys
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
-sys.path.insert(0, os.path.dirname(HERE))  # tests/ for tiny.py
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))  # the repository
 torch.set_num_threads(1)
 
 import transformers  # noqa: E402
