@@ -48,8 +48,28 @@ def snr_grid(snr: Mapping[str, object]):
     return types, layer_list, grid, names
 
 
-def plot_snr_heatmap(snr, selected: Sequence[str], path: str, title: str = "Spectrum SNR (log10)") -> str:
-    """Heatmap of log10 SNR, types x layers; selected cells framed.
+def _row_scaled(logv):
+    """Each row of ``logv`` mapped to [0, 1] over its own finite range (a row with one value:
+    0.5), with that range: the choice is made within a type, so each type gets its own scale."""
+    import numpy as np
+
+    out = np.full_like(logv, np.nan)
+    ranges = []
+    for i, row in enumerate(logv):
+        finite = row[np.isfinite(row)]
+        if finite.size == 0:
+            ranges.append(None)
+            continue
+        lo, hi = float(finite.min()), float(finite.max())
+        out[i] = (row - lo) / (hi - lo) if hi > lo else np.where(np.isfinite(row), 0.5, np.nan)
+        ranges.append((lo, hi))
+    return out, ranges
+
+
+def plot_snr_heatmap(snr, selected: Sequence[str], path: str, title: str = "Spectrum SNR") -> str:
+    """Heatmap of SNR, types x layers, each type on its own colour scale (the row's lowest
+    log10 SNR darkest, its highest brightest; the range is in the row's label); selected
+    cells framed.
 
     Only modules inside numbered layers are drawn; those outside (``embed_tokens``,
     ``lm_head``, the final norm, as some original files list) are counted in the title.
@@ -69,8 +89,9 @@ def plot_snr_heatmap(snr, selected: Sequence[str], path: str, title: str = "Spec
     arr = np.array(grid, dtype=float)
     with np.errstate(divide="ignore", invalid="ignore"):
         logv = np.log10(np.where(np.isfinite(arr) & (arr > 0), arr, np.nan))
-    fig, ax = plt.subplots(figsize=(max(7, 0.32 * len(layers) + 3.5), max(2.5, 0.45 * len(types) + 1.5)))
-    im = ax.imshow(logv, aspect="auto", cmap="viridis", interpolation="nearest")
+    scaled, ranges = _row_scaled(logv)
+    fig, ax = plt.subplots(figsize=(max(7, 0.32 * len(layers) + 5), max(2.5, 0.45 * len(types) + 1.5)))
+    im = ax.imshow(scaled, aspect="auto", cmap="viridis", interpolation="nearest", vmin=0, vmax=1)
     sel = set(selected)
     n_inf = 0
     for ti, row in enumerate(names):
@@ -82,7 +103,8 @@ def plot_snr_heatmap(snr, selected: Sequence[str], path: str, title: str = "Spec
                 ax.text(li, ti, "inf", ha="center", va="center", fontsize=5, color="black")
             if n in sel:
                 ax.add_patch(plt.Rectangle((li - 0.5, ti - 0.5), 1, 1, fill=False, edgecolor="red", lw=1.6))
-    ax.set_yticks(range(len(types)), types, fontsize=8)
+    labels = [t if r is None else f"{t}  SNR {10 ** r[0]:.3g}–{10 ** r[1]:.3g}" for t, r in zip(types, ranges)]
+    ax.set_yticks(range(len(types)), labels, fontsize=8)
     ax.set_xticks(range(len(layers)), [str(layer) for layer in layers], fontsize=7)
     ax.set_xlabel("layer")
     notes = ["red frame = trainable"]
@@ -91,7 +113,9 @@ def plot_snr_heatmap(snr, selected: Sequence[str], path: str, title: str = "Spec
     if outside:
         notes.append(f"{outside} module(s) outside the numbered layers not shown")
     ax.set_title(f"{title}\n" + "; ".join(notes), fontsize=9)
-    fig.colorbar(im, ax=ax, label="log10 SNR")
+    bar = fig.colorbar(im, ax=ax, ticks=[0, 1])
+    bar.ax.set_yticklabels(["type's\nlowest", "type's\nhighest"], fontsize=7)
+    bar.set_label("log10 SNR within its type", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -99,21 +123,21 @@ def plot_snr_heatmap(snr, selected: Sequence[str], path: str, title: str = "Spec
 
 
 def plot_selection_history(history: Sequence[Mapping], path: str) -> str:
-    """Which layers of each type were trainable after each scan: one panel per type,
-    layers down, scans across (black = trainable).  Meant for dynamic runs (for a single
-    scan the SNR heatmap already shows the selection)."""
+    """Which layers of each type were trainable after each selection: one panel per type,
+    layers down, selections across (black = trainable), whatever the policy (the title names
+    the policies in the history).  Meant for dynamic runs (for a single scan the SNR heatmap
+    already shows the selection)."""
     import numpy as np
 
     plt = _pyplot()
     if not history:
-        raise ValueError("no scans in history to plot")
+        raise ValueError("no selection in history to plot")
     last = history[-1]
     types: List[str] = []
-    for name in last["snr"]:
-        typ = str(last["types"][name])
-        if typ not in types:
-            types.append(typ)
-    layers = sorted({layer_index(n) for n in last["snr"] if layer_index(n) is not None})
+    for name, typ in last["types"].items():
+        if str(typ) not in types:
+            types.append(str(typ))
+    layers = sorted({layer_index(n) for n in last["types"] if layer_index(n) is not None})
     row = {layer: i for i, layer in enumerate(layers)}
     scans = len(history)
     panel_w = max(1.3, 0.12 * scans + 0.9)
@@ -134,23 +158,33 @@ def plot_selection_history(history: Sequence[Mapping], path: str) -> str:
     lstep = max(1, len(layers) // 16)
     axes[0][0].set_yticks(range(0, len(layers), lstep), [str(layer) for layer in layers[::lstep]], fontsize=6)
     axes[0][0].set_ylabel("layer")
-    fig.supxlabel("scan at optimizer step", fontsize=8)
-    fig.suptitle("Selection over time (black = trainable)", fontsize=10)
+    sources = []
+    for h in history:
+        if h.get("source") and h["source"] not in sources:
+            sources.append(str(h["source"]))
+    fig.supxlabel("selection at optimizer step", fontsize=8)
+    fig.suptitle("Selection over time (black = trainable)" + (f"; {', '.join(sources)}" if sources else ""),
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def write_plots(history: Sequence[dict], selected: Sequence[str], folder: str) -> None:
-    """The SNR heatmap of the last selection (``spectrum_snr.png``) and, for a run with more
-    than one selection, the selection over time (``spectrum_selection.png``) in ``folder``."""
+def write_plots(history: Sequence[dict], selected: Sequence[str], folder: str) -> List[str]:
+    """In ``folder``: the SNR heatmap of the last scan (``spectrum_snr.png``), framing the
+    current selection, when any selection was made from SNRs (``"random"`` and ``"cyclic"``
+    never scan); and, for a run with more than one selection, the selection over time
+    (``spectrum_selection.png``).  Returns the paths written."""
     import os
 
     os.makedirs(folder, exist_ok=True)
-    last = history[-1]
-    snr = {n: {"snr": v, "type": last["types"][n], "experts": last.get("experts", {}).get(n)}
-           for n, v in last["snr"].items()}
-    plot_snr_heatmap(snr, list(selected), os.path.join(folder, "spectrum_snr.png"))
+    written = []
+    scanned = next((h for h in reversed(history) if h.get("snr")), None)
+    if scanned is not None:
+        snr = {n: {"snr": v, "type": scanned["types"][n], "experts": scanned.get("experts", {}).get(n)}
+               for n, v in scanned["snr"].items()}
+        written.append(plot_snr_heatmap(snr, list(selected), os.path.join(folder, "spectrum_snr.png")))
     if len(history) > 1:  # a single scan: the heatmap's frames already show the selection
-        plot_selection_history(list(history), os.path.join(folder, "spectrum_selection.png"))
+        written.append(plot_selection_history(list(history), os.path.join(folder, "spectrum_selection.png")))
+    return written

@@ -10,6 +10,10 @@ Methods (each over a learning-rate grid, all with ``transformers.Trainer``):
 * ``full``              every parameter trains
 * ``spectrum``          ``SpectrumCallback(top_pct)``: top 25 % by SNR per matrix type, static
 * ``spectrum-dynamic``  ``SpectrumCallback(top_pct, update_every=N)``
+* ``spectrum-rotate``   ``policy="rotate"``: the active 25 % moves through the top 50 % by SNR
+* ``lisa``              ``policy="random"``: a fresh random 25 % per type every N steps (per seed)
+* ``cyclic``            ``policy="cyclic"``: the next window of layers per type every N steps
+* ``*-park``            the three above with ``park_state=True`` (leavers' state kept on the host)
 * ``random``            25 % per type chosen at random (one configuration per seed), via
                         ``SpectrumCallback(snr_json=<random values>)``
 * ``bottom``            the lowest 25 % by SNR per type (``snr_json=<negated SNR>``)
@@ -42,7 +46,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from .assets import BlockDataset
-from .methods import METHODS, PeakMemory, build_method
+from .methods import METHODS, SEEDED, PeakMemory, build_method
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +79,7 @@ class StudySettings:
     eval_every: int = 25
     eval_batch_size: int = 8
     top_pct: float = 0.25
-    update_every: Optional[int] = None  # spectrum-dynamic; None -> max(1, max_steps // 5)
+    update_every: Optional[int] = None  # the moving methods; None -> max(1, max_steps // 5)
     lora_r: int = 16
     lora_alpha: int = 32
     warmup: float = 0.05
@@ -97,11 +101,11 @@ class StudySettings:
 class Config:
     method: str  # one of METHODS
     lr: float
-    seed: int = 0  # for "random"
+    seed: int = 0  # for the methods of SEEDED
 
     @property
     def label(self) -> str:
-        return f"random-s{self.seed}" if self.method == "random" else self.method
+        return f"{self.method}-s{self.seed}" if self.method in SEEDED else self.method
 
     @property
     def key(self) -> str:
@@ -119,7 +123,7 @@ def expand_configs(
         grid = list(lora_lrs) if (m == "lora" and lora_lrs) else list(lrs)
         if not grid:
             raise ValueError(f"empty learning-rate grid for {m}")
-        seeds = list(random_seeds) if m == "random" else [0]
+        seeds = list(random_seeds) if m in SEEDED else [0]
         for s in seeds:
             for lr in grid:
                 out.append(Config(m, float(lr), int(s)))
@@ -298,7 +302,15 @@ def run_config(
     }
     if spectrum_cb is not None:
         record["selected"] = list(spectrum_cb.selected)
-        record["scans"] = len(spectrum_cb.history)
+        record["scans"] = sum(1 for h in spectrum_cb.history if h.get("snr"))
+        # every selection after the first: how many matrices joined (as many left)
+        record["switches"] = [{"step": int(h.get("step", 0)), "joined": len(h.get("joined") or ()),
+                               "left": len(h.get("left") or ())} for h in spectrum_cb.history[1:]]
+        # the optimizer's state (elements) and the parked host copies (bytes), largest logged
+        for name, key in (("optimizer_state_numel", "optimizer_state_numel_max"),
+                          ("parked_state_bytes", "parked_state_bytes_max")):
+            seen = [float(h[f"spectrum/{name}"]) for h in hist if f"spectrum/{name}" in h]
+            record[key] = max(seen) if seen else 0.0
     del trainer, model
     return record
 
@@ -488,18 +500,18 @@ def markdown_table(rows: Sequence[dict], baseline: Dict[str, float], target: Opt
         )
 
     lines += [line(r) for r in per]
-    by_lr: Dict[float, List[dict]] = {}
+    seeded: Dict[tuple, List[dict]] = {}
     for r in rows:
-        if r["method"] == "random":
-            by_lr.setdefault(r["lr"], []).append(r)
-    for lr, randoms in sorted(by_lr.items()):
-        if len(randoms) < 2:
+        if r["method"] in SEEDED:
+            seeded.setdefault((r["method"], r["lr"]), []).append(r)
+    for (method, lr), runs in sorted(seeded.items()):
+        if len(runs) < 2:
             continue
-        hs = [r["best_heldout"] for r in randoms]
-        fs = [r["forgetting"] for r in randoms]
+        hs = [r["best_heldout"] for r in runs]
+        fs = [r["forgetting"] for r in runs]
         lines += [
             "",
-            f"Random 25 % at lr {lr:g} over {len(randoms)} seeds: best held-out loss "
+            f"{method} at lr {lr:g} over {len(runs)} seeds: best held-out loss "
             f"{statistics.fmean(hs):.4f} ± {statistics.stdev(hs):.4f} (min {min(hs):.4f}, max {max(hs):.4f}); "
             f"forgetting {statistics.fmean(fs):+.4f} ± {statistics.stdev(fs):.4f} (mean ± sd).",
         ]
@@ -534,11 +546,18 @@ _COLORS = {
     "full": "tab:red",
     "spectrum": "tab:blue",
     "spectrum-dynamic": "tab:cyan",
+    "spectrum-rotate": "tab:purple",
+    "spectrum-rotate-park": "tab:pink",
+    "lisa": "tab:orange",
+    "lisa-park": "gold",
+    "cyclic": "tab:olive",
+    "cyclic-park": "yellowgreen",
     "random": "tab:gray",
     "bottom": "tab:brown",
     "lora": "tab:green",
 }
-_MARKERS = {"full": "s", "spectrum": "o", "spectrum-dynamic": "D", "random": "x", "bottom": "v", "lora": "^"}
+_MARKERS = {"full": "s", "spectrum": "o", "spectrum-dynamic": "D", "spectrum-rotate": "P", "spectrum-rotate-park": "p",
+            "lisa": "*", "lisa-park": "h", "cyclic": ">", "cyclic-park": "<", "random": "x", "bottom": "v", "lora": "^"}
 
 
 def plot_study(records: Sequence[dict], baseline: Dict[str, float], path: str, title: str = "") -> str:
@@ -573,7 +592,7 @@ def plot_study(records: Sequence[dict], baseline: Dict[str, float], path: str, t
                 continue
             m = rec["method"]
             ax.plot(rec["steps"], rec[metric], color=_COLORS.get(m, "k"), marker=_MARKERS.get(m, "o"), ms=4,
-                    alpha=0.6 if m == "random" else 1.0, label=f"{rec['label']} lr={rec['lr']:g}")
+                    alpha=0.6 if m in SEEDED else 1.0, label=f"{rec['label']} lr={rec['lr']:g}")
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(name)
         ax.set_title(f"{name}, best lr per method")
@@ -622,8 +641,9 @@ def _floats(s: str) -> List[float]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="spectrum-compare",
-        description="Fine-tune one model on one dataset with full FT, Spectrum (static/dynamic), random and "
-        "bottom-SNR 25%% selections and LoRA at the same budget; report held-out loss vs forgetting.",
+        description="Fine-tune one model on one dataset with full FT, Spectrum (static, dynamic, rotating), "
+        "LISA-like and cyclic schedules, random and bottom-SNR 25%% selections and LoRA at the same budget; "
+        "report held-out loss vs forgetting.",
     )
     p.add_argument("--model", default=None, help="hub id or local path (default: offline SmolLM2-135M-Instruct)")
     p.add_argument("--dataset", default=None, help="training domain: hub id, .txt/.json/.jsonl file (default: KJV, "
@@ -637,7 +657,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=None, help=f"comma list of {','.join(METHODS)} (default: all)")
     p.add_argument("--lrs", default=None, help="lr grid (default 1e-5,3e-5,1e-4)")
     p.add_argument("--lora-lrs", default=None, help="lr grid for LoRA (default 1e-4,3e-4,1e-3)")
-    p.add_argument("--random-seeds", default=None, help="seeds of the random selection (default 0,1,2)")
+    p.add_argument("--random-seeds", default=None,
+                   help=f"seeds of the seeded methods ({', '.join(SEEDED)}; default 0,1,2)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per configuration (default 300)")
     p.add_argument("--batch-size", type=int, default=None, help="sequences per step (default 16)")
     p.add_argument("--block-size", type=int, default=None, help="tokens per sequence (default 256)")
@@ -645,7 +666,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-blocks", type=int, default=None, help="blocks per eval set (default 64)")
     p.add_argument("--eval-batch-size", type=int, default=8)
     p.add_argument("--update-every", type=int, default=None,
-                   help="spectrum-dynamic re-scan interval (default steps//5)")
+                   help="steps between selections of the moving methods (spectrum-dynamic, -rotate, lisa, "
+                        "cyclic; default steps//5)")
     p.add_argument("--top-pct", type=float, default=0.25)
     p.add_argument("--target-loss", type=float, default=None,
                    help="held-out loss for 'steps to target' (default: 80%% of the best improvement of any run)")
@@ -681,7 +703,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     lrs = _floats(pick(args.lrs, "lrs", "1e-5,3e-5,1e-4"))
     lora_lrs = _floats(pick(args.lora_lrs, "lora_lrs", "1e-4,3e-4,1e-3"))
     seeds = [int(s) for s in pick(args.random_seeds, "random_seeds", "0,1,2").split(",") if s.strip()]
-    configs = expand_configs(methods, lrs, lora_lrs, seeds)
+    try:
+        configs = expand_configs(methods, lrs, lora_lrs, seeds)
+    except ValueError as e:
+        print(f"spectrum-compare: error: {e}", file=sys.stderr)
+        return 2
     steps = pick(args.steps, "max_steps", 300)
     settings = StudySettings(
         max_steps=steps,

@@ -11,7 +11,14 @@ Methods (:data:`METHODS`):
 
 * ``full``: every parameter trains;
 * ``spectrum``: ``SpectrumCallback(top_pct)``, one scan (static);
-* ``spectrum-dynamic``: ``SpectrumCallback(top_pct, update_every=N)``;
+* ``spectrum-dynamic``: ``SpectrumCallback(top_pct, update_every=N)`` (policy ``"scan"``);
+* ``spectrum-rotate``: policy ``"rotate"``: the active ``top_pct`` moves through the top
+  ``2 * top_pct`` by SNR every N steps;
+* ``lisa``: policy ``"random"``: a fresh random ``top_pct`` per type every N steps (``seed``);
+* ``cyclic``: policy ``"cyclic"``: the next window of layers per type every N steps (BAdam's
+  order);
+* ``spectrum-rotate-park``, ``lisa-park``, ``cyclic-park``: the same with ``park_state=True``
+  (a leaver's optimizer state waits in host memory for its return);
 * ``random``: ``top_pct`` per type at random (``seed``), through ``snr_json``;
 * ``bottom``: the lowest ``top_pct`` per type by SNR (negated SNRs through ``snr_json``);
 * ``lora``: peft LoRA on all linear layers (``lora_r``, ``lora_alpha``).
@@ -26,9 +33,22 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-__all__ = ["METHODS", "build_method", "selection_snr", "PeakMemory"]
+__all__ = ["METHODS", "MOVING", "SEEDED", "build_method", "selection_snr", "PeakMemory"]
 
-METHODS = ("full", "spectrum", "spectrum-dynamic", "random", "bottom", "lora")
+METHODS = ("full", "spectrum", "spectrum-dynamic", "spectrum-rotate", "spectrum-rotate-park", "lisa", "lisa-park",
+           "cyclic", "cyclic-park", "random", "bottom", "lora")
+# method -> (policy, park_state) for the methods whose selection changes every update_every steps
+MOVING = {
+    "spectrum-dynamic": ("scan", False),
+    "spectrum-rotate": ("rotate", False),
+    "spectrum-rotate-park": ("rotate", True),
+    "lisa": ("random", False),
+    "lisa-park": ("random", True),
+    "cyclic": ("cyclic", False),
+    "cyclic-park": ("cyclic", True),
+}
+# the methods whose selection depends on a seed (one configuration per seed in the study)
+SEEDED = ("random", "lisa", "lisa-park")
 
 
 def selection_snr(method: str, model, seed: int = 0, scan_cache: Optional[Dict[str, dict]] = None):
@@ -69,7 +89,7 @@ def build_method(
 
     The model comes back wrapped for ``lora`` and unchanged otherwise; ``callbacks`` go to
     the Trainer; ``spectrum_callback`` is the ``SpectrumCallback`` (``None`` for ``full``
-    and ``lora``).  ``update_every`` is required for ``spectrum-dynamic``.
+    and ``lora``).  ``update_every`` is required for the methods of :data:`MOVING`.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
@@ -83,12 +103,16 @@ def build_method(
         return get_peft_model(model, cfg), [], None
     from spectrum_callback import SpectrumCallback
 
-    if method == "spectrum-dynamic" and not update_every:
-        raise ValueError("spectrum-dynamic needs update_every (re-scan every N optimizer steps)")
+    policy, park = MOVING.get(method, ("scan", False))
+    if method in MOVING and not update_every:
+        raise ValueError(f"{method} needs update_every (a new selection every N optimizer steps)")
     cb = SpectrumCallback(
         top_pct=top_pct,
-        update_every=update_every if method == "spectrum-dynamic" else None,
+        update_every=update_every if method in MOVING else None,
         snr_json=selection_snr(method, model, seed, scan_cache),
+        policy=policy,
+        park_state=park,
+        seed=seed,
         plot_dir=plot_dir,
         verbose=verbose,
     )

@@ -135,3 +135,37 @@ def test_cli_quick_defaults_and_bad_method():
         expand_configs(["full", "spectrumm"], [1e-4])
     keys = [c.key for c in expand_configs(["random", "lora"], [1e-4], [1e-3, 3e-3], random_seeds=[0, 1])]
     assert keys == ["random-s0_lr0.0001", "random-s1_lr0.0001", "lora_lr0.001", "lora_lr0.003"]
+
+
+def test_moving_methods_switch_at_every_selection_at_spectrums_fraction(tmp_path):
+    """spectrum-rotate, lisa and cyclic (parked or not) train as many parameters as static
+    Spectrum and change the selection at every switch; lisa's seeds give different runs."""
+    train, evals = _data()
+    settings = StudySettings(**dict(SETTINGS, max_steps=6, update_every=2))
+    methods = ["spectrum", "spectrum-rotate", "lisa", "lisa-park", "cyclic-park"]
+    configs = expand_configs(methods, [5e-3], random_seeds=[0, 1])
+    assert [c.key for c in configs] == ["spectrum_lr0.005", "spectrum-rotate_lr0.005", "lisa-s0_lr0.005",
+                                        "lisa-s1_lr0.005", "lisa-park-s0_lr0.005", "lisa-park-s1_lr0.005",
+                                        "cyclic-park_lr0.005"]
+    configs = [c for c in configs if c.key != "lisa-park-s1_lr0.005"]
+    rep = run_study(CountingFactory(), train, evals, configs, settings, str(tmp_path), progress=False)
+    runs = {r["key"]: r for r in rep["results"]}
+    static = runs["spectrum_lr0.005"]
+    assert static["switches"] == [] and static["scans"] == 1
+    for key, r in runs.items():
+        assert r["trainable_params"] == static["trainable_params"], key
+        if key == "spectrum_lr0.005":
+            continue
+        assert [s["step"] for s in r["switches"]] == [2, 4], key
+        assert all(s["joined"] > 0 and s["joined"] == s["left"] for s in r["switches"]), (key, r["switches"])
+    assert runs["spectrum-rotate_lr0.005"]["scans"] == 1  # one scan, then the rotation
+    assert runs["lisa-s0_lr0.005"]["scans"] == runs["cyclic-park_lr0.005"]["scans"] == 0  # never scan
+    assert runs["lisa-s0_lr0.005"]["selected"] != runs["lisa-s1_lr0.005"]["selected"]
+    assert "lisa at lr 0.005 over 2 seeds" in rep["table"]
+    assert "| cyclic-park | 0.005 |" in rep["table"]
+
+
+def test_unknown_method_is_a_one_line_cli_error(capsys):
+    assert compare.main(["--methods", "spectrum,badam", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "badam" in err and "spectrum-rotate" in err

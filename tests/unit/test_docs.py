@@ -202,3 +202,17 @@ def test_the_link_check_catches_what_it_should(tmp_path):
     assert _link_problems(str(page), root=str(tmp_path)) == ["line 3: nowhere.md does not exist",
                                          "line 3: there.md#nope: no heading with the anchor #nope",
                                          "line 3: gone.png does not exist"]
+
+
+def test_no_test_file_edits_sys_path():
+    """tests/helpers is found through pytest's ``pythonpath`` and, in workers, through
+    ``PYTHONPATH`` from dsrun.ds_env(); a ``sys.path`` edit would hide a wrong layout."""
+    offenders = []
+    for folder, _, files in os.walk(os.path.join(ROOT, "tests")):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(folder, name)
+                text = open(path).read()
+                if re.search(r"sys\.path\.(insert|append)\(", text):
+                    offenders.append(os.path.relpath(path, ROOT))
+    assert offenders == []

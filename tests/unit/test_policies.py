@@ -243,3 +243,45 @@ def test_trainer_resume_of_a_moving_policy_continues_exactly(tmp_path, park):
     resumed = [h["loss"] for h in tr2.state.log_history if "loss" in h and h["step"] > 5]
     assert [h["selected"] for h in cb.history] == [h["selected"] for h in full_cb.history]
     assert resumed == pytest.approx(full[5:], rel=1e-6)
+
+
+@pytest.mark.parametrize("policy", ["rotate", "random", "cyclic"])
+def test_plots_follow_every_policy(policy, tmp_path, monkeypatch):
+    """The selection-over-time PNG is drawn from the history whatever the policy (random and
+    cyclic never scan, so there is no SNR heatmap for them), and names the policy."""
+    import matplotlib.figure
+
+    from spectrum_callback.plotting import write_plots
+
+    titles = []
+    real = matplotlib.figure.Figure.suptitle
+
+    def spy(fig, t, **kw):
+        titles.append(t)
+        return real(fig, t, **kw)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "suptitle", spy)
+    session, picks, _, _ = _run(policy)
+    written = sorted(p.rsplit("/", 1)[-1] for p in write_plots(session.history, session.selected, str(tmp_path)))
+    want = ["spectrum_selection.png"] + (["spectrum_snr.png"] if policy == "rotate" else [])
+    assert written == sorted(want) == sorted(p.name for p in tmp_path.iterdir())
+    assert all((tmp_path / w).stat().st_size > 5000 for w in written)
+    assert any(t.endswith(f"; {policy}") for t in titles)
+
+
+def test_heatmap_gives_each_type_its_own_colour_scale():
+    """q_proj's SNRs sit within 1 % of each other, o_proj's span a factor 100: on one log scale
+    q_proj would be one flat colour; per type, each row spans the whole scale."""
+    import numpy as np
+
+    from spectrum_callback.plotting import _row_scaled
+
+    logv = np.log10(np.array([[1.00, 1.005, 1.01, np.nan], [1.0, 10.0, 100.0, 30.0]]))
+    scaled, ranges = _row_scaled(logv)
+    for row in scaled:
+        finite = row[np.isfinite(row)]
+        assert finite.min() == 0.0 and finite.max() == 1.0
+    assert scaled[0, 1] == pytest.approx(0.5, abs=0.01) and np.isnan(scaled[0, 3])
+    assert 10 ** ranges[1][1] == pytest.approx(100.0)
+    flat, _ = _row_scaled(np.array([[0.3, 0.3]]))
+    assert flat.tolist() == [[0.5, 0.5]]
