@@ -19,6 +19,7 @@ _EXPORTS = {
     "spectrum_freeze": "freeze",
     "apply_selection": "freeze",
     "SpectrumAnalyzer": "analyzer",
+    "scan_checkpoint": "checkpoint_scan",
     "find_candidates": "candidates",
     "module_type": "candidates",
     "compute_snr": "snr",

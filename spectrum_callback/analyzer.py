@@ -119,6 +119,10 @@ class SpectrumAnalyzer:
         self.gather: Callable[[List[nn.Module]], contextlib.AbstractContextManager] = (
             gather if gather is not None else (lambda mods: contextlib.nullcontext()))
         self.last_scan_stats: Dict[str, float] = {}
+        # read_weight(name, expert): the matrix of that candidate (one expert of a fused bank),
+        # read from elsewhere than the model (a checkpoint file: checkpoint_scan.py); None:
+        # the model's own weights.
+        self.read_weight: Optional[Callable[[str, Optional[int]], torch.Tensor]] = None
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -294,7 +298,7 @@ class SpectrumAnalyzer:
                     chunk = items[i : i + per_chunk]
                     units = list(OrderedDict((c, self.modules[c]) for c, _ in chunk).values())
                     with torch.no_grad(), self.gather(units), _threads(threads):
-                        for unit in units:  # same order on every rank (collective for DTensors)
+                        for unit in units if self.read_weight is None else ():  # same order on every rank
                             if unit.name in kept:
                                 continue
                             w = unit.weight
@@ -307,8 +311,11 @@ class SpectrumAnalyzer:
                         if local:
                             mats, finite = [], []
                             for c, e in local:
-                                w = whole[c]
-                                w = (w[e] if e is not None else as_matrix(w)).to(dev)
+                                if self.read_weight is not None:
+                                    w = self.read_weight(c, e).to(dev)
+                                else:
+                                    w = whole[c]
+                                    w = (w[e] if e is not None else as_matrix(w)).to(dev)
                                 ok = bool(torch.isfinite(w).all())
                                 finite.append(ok)
                                 mats.append(w.to(dtype) if ok else torch.zeros(w.shape, dtype=dtype, device=dev))

@@ -9,6 +9,11 @@ Layout, as the original Spectrum scanner writes it and axolotl's Spectrum plugin
 ``<slug>`` is the hub id with ``/`` as ``-`` (``meta-llama/Meta-Llama-3-8B`` ->
 ``meta-llama-Meta-Llama-3-8B``); for a local folder, the folder's name.
 
+A local folder of safetensors is streamed, one matrix at a time, without loading the model
+(:mod:`spectrum_callback.checkpoint_scan`; ``--no-stream`` loads it); under ``torchrun`` the
+matrices are split across ranks and rank 0 writes the files.  How the scan ran goes to
+``<results>.scan_info.json`` beside the SNR JSON, never into it.
+
 Every user error is one line on stderr with exit code 2, and nothing is written.
 """
 from __future__ import annotations
@@ -50,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="hub id, local folder, or smollm2-135m-instruct (the offline default model); "
-                                     "loaded with AutoModelForCausalLM.from_pretrained")
+                                     "a local safetensors folder is streamed (see --stream)")
     src.add_argument("--snr-json", help="an existing SNR JSON (either original format): write the YAML, no scan")
     p.add_argument("--top-percent", type=float, default=25, help="percentage kept per type, 0-100 (default 25)")
     p.add_argument("--output-dir", default=".", help=f"the YAML goes here, the JSON files to {RESULTS_DIR}/ "
@@ -61,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["auto", "svd", "gram"], default="auto")
     p.add_argument("--device", default=None, help="device for the SVD work (default: the weights')")
     p.add_argument("--plot", action="store_true", help="also write a PNG heatmap of SNR (layer x type)")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="read a local safetensors folder one matrix at a time instead of loading the model "
+                        "(default: stream where the checkpoint allows it; --no-stream loads it in fp32)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
@@ -69,8 +78,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return _run(args)
     except CliError as exc:
-        print(f"spectrum-scan: {exc}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"spectrum-scan: {exc}", file=sys.stderr)
         return 2
+    finally:
+        _dist_end()
 
 
 def _check_percent(snr, pct: float) -> None:
@@ -163,22 +175,21 @@ def _run(args) -> int:
         json_path = os.path.join(results_dir, base + ".json")
     else:
         ref, slug = resolve_model(args.model)
-        model = _load_model(ref, args.model, args.gguf_file)
-        from .analyzer import SpectrumAnalyzer
-
-        try:
-            analyzer = SpectrumAnalyzer(model, include=cfg.include, exclude=cfg.exclude, method=cfg.method,
-                                        device=args.device)
-        except ValueError as exc:
-            raise CliError(str(exc).splitlines()[0]) from None
-        snr = analyzer.scan()
+        snr, info = _scan(args, cfg, ref)
         _check_percent(snr, pct)
+        if os.environ.get("RANK", "0") != "0":
+            return 0  # rank 0 writes the files
+        from .checkpoint_scan import write_scan_info
+
         os.makedirs(results_dir, exist_ok=True)
         json_path = os.path.join(results_dir, f"snr_results_{slug}.json")
         save_snr_json(snr, json_path)
         sorted_path = os.path.join(results_dir, f"snr_results_{slug}_sorted.json")
         _write_sorted(snr, sorted_path)
+        info_path = write_scan_info(dict(info, model=args.model), json_path)
         print(f"SNR results saved to {json_path} and {sorted_path}")
+        print(f"Scanned {info['matrices']} matrices: {info['route']}, {info['method']} in {info['dtype']} on "
+              f"{info['device']}, {info['ranks']} rank(s), {info['seconds']:.1f} s ({info_path})")
     os.makedirs(args.output_dir, exist_ok=True)
     yaml_path = write_unfrozen_parameters_yaml(snr, pct, json_path, args.output_dir)
     print(f"Top {pct:g}% SNR layers saved to {yaml_path}")
@@ -189,6 +200,62 @@ def _run(args) -> int:
         plot_snr_heatmap(snr, select_top(snr, pct / 100, min_per_type=0), png)
         print(f"Heatmap saved to {png}")
     return 0
+
+
+def _dist_begin() -> None:
+    """Join the process group torchrun describes (``WORLD_SIZE`` > 1): the scan is split across ranks."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    import torch
+
+    if not torch.distributed.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def _dist_end() -> None:
+    if "torch" in sys.modules:
+        import torch
+
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _scan(args, cfg, ref: str):
+    """``(snr, info)``: streamed from a local safetensors folder where possible, else loaded in memory."""
+    import time
+
+    from .checkpoint_scan import CheckpointError, memory_scan, plan_stream, stream_scan
+
+    local = os.path.isdir(ref) and not args.gguf_file
+    reason = "--no-stream" if args.stream is False else (
+        "--gguf-file" if args.gguf_file else "a hub id, not a local folder")
+    if args.stream and not local:
+        raise CliError(f"--stream needs a local folder of safetensors files, not {reason}")
+    plan = None
+    if local and args.stream is not False:
+        try:
+            plan, reason = plan_stream(ref, cfg.include, cfg.exclude, cfg.method, device=args.device)
+        except (OSError, ValueError) as exc:  # CheckpointError included
+            raise CliError(f"--model {args.model}: {str(exc).splitlines()[0]}" if isinstance(exc, CheckpointError)
+                           else str(exc).splitlines()[0]) from None
+        if plan is None:
+            if args.stream:
+                raise CliError(f"--model {args.model}: cannot be streamed: {reason}")
+            print(f"spectrum-scan: loading the model in memory, not streaming: {reason}", file=sys.stderr)
+    _dist_begin()
+    if plan is not None:
+        return stream_scan(plan, progress=not args.no_progress)
+    t0 = time.perf_counter()
+    model = _load_model(ref, args.model, args.gguf_file)
+    try:
+        snr, info = memory_scan(model, cfg.include, cfg.exclude, cfg.method, device=args.device,
+                                progress=not args.no_progress)
+    except ValueError as exc:
+        raise CliError(str(exc).splitlines()[0]) from None
+    info.update(reason=reason, load_seconds=round(time.perf_counter() - t0 - info["seconds"], 3))
+    return snr, info
 
 
 def _write_sorted(snr, path: str) -> None:
