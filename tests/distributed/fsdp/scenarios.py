@@ -90,7 +90,7 @@ def full_state(model):
 
 class ScanCounter:
     """Counts what the scans bring whole to this rank (spectrum_callback._sharded.whole_on) and
-    every DTensor.full_tensor() call (a whole weight on every rank)."""
+    every DTensor.full_tensor() call on a weight matrix (a whole weight on every rank)."""
 
     def __init__(self):
         import spectrum_callback._sharded as sh
@@ -108,7 +108,9 @@ class ScanCounter:
             return w
 
         def full_tensor(self, *a, **k):
-            counter.full_tensor_calls += 1
+            # a weight matrix; accelerate >= 1.16 gathers the (0-d) gradient norm this way every step
+            if self.ndim >= 2:
+                counter.full_tensor_calls += 1
             return orig_full(self, *a, **k)
 
         import spectrum_callback.analyzer as an
