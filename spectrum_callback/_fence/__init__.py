@@ -12,7 +12,8 @@ spectrum_callback touches lives in this package, and nowhere else.
   process-wide state between two Trainers (benchmarks, tests).  accelerate's optimizer
   wrapper is reached through its public ``optimizer`` attribute.
 
-:data:`TESTED` is the one table of the versions these were checked on;
+:data:`STACKS` is the one table of the versions these were checked on (:data:`TESTED`, by
+major.minor, is read from it);
 :func:`check_versions` warns once about versions outside it (DeepSpeed, whose internals
 matter most, is refused outside its tested minor version; see
 :func:`.deepspeed_internals.check_deepspeed_version`).  ``tests/unit/test_fence.py`` is the
@@ -23,20 +24,63 @@ from __future__ import annotations
 import warnings
 from typing import Dict, Optional
 
-# package -> versions the fenced internals were checked on (CPU CI, and one GPU run:
-# docs/gpu.md).  Major.minor is what is compared.
-TESTED: Dict[str, tuple] = {
-    "torch": ("2.11", "2.13"),
-    "transformers": ("5.24",),
-    "accelerate": ("1.15",),
-    "deepspeed": ("0.19",),
+# The stacks the suite passed on, exact versions: CI's three (scripts/constraints-tested.txt
+# through scripts/run_tests.sh; scripts/ci_stack.sh axolotl and newest) and one GPU run
+# (docs/gpu.md).  TESTED, the floors in pyproject.toml and the README's versions table
+# (versions_table()) are all read from here; tests/unit/test_fence.py checks that they agree
+# and that the stack in use is one of these.
+STACKS: Dict[str, Dict[str, str]] = {
+    "tested": {"torch": "2.13.0", "transformers": "5.24.0", "accelerate": "1.15.0", "deepspeed": "0.19.8",
+               "peft": "0.21.2", "trl": "1.16.0"},
+    "axolotl 0.19": {"torch": "2.13.0", "transformers": "5.16.1", "accelerate": "1.13.0", "deepspeed": "0.19.8",
+                     "peft": "0.20.0", "trl": "1.9.0", "axolotl": "0.19.0"},
+    "newest": {"torch": "2.14.1", "transformers": "5.24.0", "accelerate": "1.16.0",
+               "deepspeed": "0.19.8", "peft": "0.21.2", "trl": "1.16.0"},
+    "GPU (H200)": {"torch": "2.11.0", "transformers": "5.24.0", "accelerate": "1.15.0", "deepspeed": "0.19.8",
+                   "peft": "0.21.2"},
 }
+# where each stack ran, for the README's table
+STACK_RUNS: Dict[str, str] = {
+    "tested": "CI: the whole suite (`scripts/run_tests.sh`)",
+    "axolotl 0.19": "CI: quick loop + distributed; the axolotl plugin tests (`scripts/ci_axolotl.sh`)",
+    "newest": "CI: quick loop + distributed, newest releases at CI time (`scripts/ci_stack.sh newest`)",
+    "GPU (H200)": "one GPU run (docs/gpu.md)",
+}
+FENCED = ("torch", "transformers", "accelerate", "deepspeed")
 
-_warned = set()
+
+def _version_key(v: str) -> tuple:
+    return tuple(int(x) for x in v.split("+")[0].split(".")[:3] if x.isdigit())
 
 
 def _major_minor(version: str) -> str:
     return ".".join(version.split("+")[0].split(".")[:2])
+
+
+# package -> major.minor versions the fenced internals were checked on (what is compared)
+TESTED: Dict[str, tuple] = {
+    pkg: tuple(sorted({_major_minor(s[pkg]) for s in STACKS.values() if pkg in s}, key=_version_key))
+    for pkg in FENCED
+}
+
+
+def floors() -> Dict[str, str]:
+    """package -> the oldest version a stack of :data:`STACKS` ran (pyproject.toml's floors)."""
+    pkgs = sorted({p for s in STACKS.values() for p in s})
+    return {p: min((s[p] for s in STACKS.values() if p in s), key=_version_key) for p in pkgs}
+
+
+def versions_table() -> str:
+    """The README's versions table (Markdown), rendered from :data:`STACKS`."""
+    cols = ["torch", "transformers", "accelerate", "deepspeed", "peft", "trl"]
+    lines = ["| stack | " + " | ".join(cols) + " | run |", "|" + " --- |" * (len(cols) + 2)]
+    for name, stack in STACKS.items():
+        cells = [stack.get(c, "-") for c in cols]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {STACK_RUNS[name]} |")
+    return "\n".join(lines) + "\n"
+
+
+_warned = set()
 
 
 def untested(package: str, version: Optional[str]) -> bool:

@@ -15,11 +15,68 @@ from dsrun import ROOT
 from spectrum_callback import _fence
 
 
-def test_versions_in_use_are_the_tested_ones():
-    # CI installs the tested versions; a new release there makes this fail first.
-    found = _fence.check_versions()
+STACK_PACKAGES = ("torch", "transformers", "accelerate", "deepspeed", "peft", "trl")
+
+
+def _installed(pkg):
+    from importlib import metadata
+
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def test_versions_in_use_are_a_stack_ci_runs():
+    # CI runs the suite on the stacks of _fence.STACKS; a new minor release of any of these
+    # (the newest stack installs them unpinned) makes this fail until the table says it passed.
+    found = {p: _installed(p) for p in STACK_PACKAGES}
+    mm = _fence._major_minor
+    matches = [name for name, stack in _fence.STACKS.items() if _fence.STACK_RUNS[name].startswith("CI")
+               and all(found[p] is None or mm(found[p]) == mm(stack[p]) for p in STACK_PACKAGES)]
+    assert matches, f"{found} is none of the stacks in spectrum_callback/_fence/__init__.py STACKS"
+    checked = _fence.check_versions()
     for pkg in ("torch", "transformers", "accelerate"):
-        assert not _fence.untested(pkg, found[pkg]), (pkg, found[pkg], _fence.TESTED[pkg])
+        assert not _fence.untested(pkg, checked[pkg]), (pkg, checked[pkg], _fence.TESTED[pkg])
+
+
+def test_tested_and_floors_are_read_from_the_stacks():
+    assert _fence.TESTED["deepspeed"] == ("0.19",) and _fence.TESTED["torch"] == ("2.11", "2.13", "2.14")
+    assert set(_fence.TESTED) == set(_fence.FENCED) and set(_fence.STACK_RUNS) == set(_fence.STACKS)
+    assert _fence.floors()["transformers"] == "5.16.1" and _fence.floors()["torch"] == "2.11.0"
+
+
+def test_pyproject_floors_are_the_oldest_versions_run():
+    import re
+    import tomllib
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as fh:
+        project = tomllib.load(fh)["project"]
+    reqs = list(project["dependencies"]) + [r for extra in project["optional-dependencies"].values() for r in extra]
+    floors = _fence.floors()
+    seen = set()
+    for req in reqs:
+        m = re.fullmatch(r"([A-Za-z0-9_.-]+)\s*(.*)", req)
+        name, spec = m.group(1).lower(), m.group(2)
+        if name in floors:
+            assert spec == f">={floors[name]}", (req, floors[name])
+            seen.add(name)
+    assert seen == set(floors), set(floors) - seen
+
+
+@pytest.mark.parametrize("stack,path", [("tested", "constraints-tested.txt"),
+                                        ("axolotl 0.19", "constraints-axolotl.txt")])
+def test_constraints_files_are_the_stacks(stack, path):
+    with open(os.path.join(ROOT, "scripts", path)) as fh:
+        pins = dict(line.strip().split("==") for line in fh if line.strip() and not line.startswith("#"))
+    assert pins == _fence.STACKS[stack]
+
+
+def test_readme_versions_table_is_rendered_from_the_stacks():
+    with open(os.path.join(ROOT, "README.md")) as fh:
+        readme = fh.read()
+    table = _fence.versions_table()
+    assert table in readme, "paste spectrum_callback._fence.versions_table() into README.md:\n" + table
 
 
 def test_untested_version_warns_once(monkeypatch):
@@ -151,9 +208,12 @@ def test_deepspeed_version_check(monkeypatch):
     from spectrum_callback._fence.deepspeed_internals import ALLOW_ENV, check_deepspeed_version
 
     monkeypatch.delenv(ALLOW_ENV, raising=False)
-    check_deepspeed_version("0.19.8")
+    for tested in _fence.TESTED["deepspeed"]:
+        check_deepspeed_version(tested + ".0")
     with pytest.raises(RuntimeError, match="0.19.8"):
         check_deepspeed_version("0.20.0")
+    with pytest.raises(RuntimeError, match="SPECTRUM_ALLOW_UNTESTED_DEEPSPEED=1"):
+        check_deepspeed_version("0.17.6")
     monkeypatch.setenv(ALLOW_ENV, "1")
     check_deepspeed_version("0.20.0")
 
