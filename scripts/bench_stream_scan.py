@@ -10,7 +10,7 @@ subprocesses, so each peak RSS is its own:
 * ``stream`` under ``torchrun --nproc_per_node=N`` (gloo), when ``--nproc`` is 2 or more.
 
 Each worker reports its baseline RSS (after the imports, before the scan), its peak RSS
-(``ru_maxrss``), the scan's wall time and the SNRs; the parent compares the SNRs (relative
+(``VmHWM``), the scan's wall time and the SNRs; the parent compares the SNRs (relative
 difference, top 25 % per type) and writes everything, with the machine's load, to ``--json``.
 
     python scripts/bench_stream_scan.py --json docs/bench_stream_scan_cpu.json
@@ -47,6 +47,15 @@ def _rss_mb() -> float:
 
 
 def _peak_mb() -> float:
+    """This process's peak RSS: VmHWM, the high-water mark of its own address space.
+
+    ``ru_maxrss`` would not do: Linux carries it across ``execve``, and a child started
+    with vfork (Python's subprocess) inherits the parent's peak (here: writing the model).
+    """
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 

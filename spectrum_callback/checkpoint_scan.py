@@ -197,7 +197,8 @@ def scan_checkpoint(
 
     Args:
         path: a local folder with ``config.json`` and safetensors (one file, or shards with
-            ``model.safetensors.index.json``).
+            ``model.safetensors.index.json``); anything else ``from_pretrained`` takes (a hub
+            id) is loaded in memory.
         include / exclude / method / dtype / chunk_mb / cpu_threads: as for the analyzer.
         device: where to solve (default: this rank's GPU if there is one, else the CPU;
             the in-memory route defaults to the weights' device, as the analyzer does).
@@ -210,8 +211,11 @@ def scan_checkpoint(
 
     Under ``torch.distributed`` every rank must call it; every rank returns the same mapping.
     """
-    reason = "--no-stream / stream=False"
-    if stream is not False:
+    reason = "stream=False" if stream is False else "not a local folder (a hub id?)"
+    if stream is not False and not os.path.isdir(path):
+        if stream:
+            raise CheckpointError(f"{path}: cannot be streamed: {reason}")
+    elif stream is not False:
         plan, reason = plan_stream(path, include, exclude, method, dtype, chunk_mb, device, cpu_threads)
         if plan is not None:
             snr, got = stream_scan(plan, progress=progress)
