@@ -27,7 +27,7 @@ from pydantic import create_model, model_validator
 
 from ..config import SpectrumConfig
 
-__all__ = ["SpectrumPlugin", "SpectrumArgs", "PLUGIN", "AXOLOTL_PLUGIN", "YAML_KEYS", "spectrum_config",
+__all__ = ["SpectrumPlugin", "SpectrumCallbackArgs", "PLUGIN", "AXOLOTL_PLUGIN", "YAML_KEYS", "spectrum_config",
            "check_axolotl_config"]
 
 PLUGIN = "spectrum_callback.integrations.axolotl.SpectrumPlugin"
@@ -91,14 +91,15 @@ def _validate(cls, data: Any) -> Any:
 
 # The input arguments merged into axolotl's config model: one optional key per setting (kept
 # as given, so that SpectrumConfig checks them and words the error).
-# (named unlike axolotl's own plugin's SpectrumArgs: axolotl merges the classes by name)
-SpectrumArgs = create_model(
+# (named unlike axolotl's own plugin's SpectrumArgs: axolotl imports each plugin's class by its
+# name into one namespace, where the same name twice would be one class)
+SpectrumCallbackArgs = create_model(
     "SpectrumCallbackArgs",
     __module__=__name__,
     __validators__={"check_spectrum": model_validator(mode="before")(classmethod(_validate))},
     **{key: (Optional[Any], None) for key in YAML_KEYS},
 )
-SpectrumArgs.__doc__ = "axolotl config keys of spectrum_callback's SpectrumPlugin (spectrum_<SpectrumConfig field>)."
+SpectrumCallbackArgs.__doc__ = "axolotl config keys of this SpectrumPlugin (spectrum_<SpectrumConfig field>)."
 
 
 class SpectrumPlugin(BasePlugin):
@@ -106,7 +107,7 @@ class SpectrumPlugin(BasePlugin):
     configured by the ``spectrum_*`` keys (:data:`YAML_KEYS`)."""
 
     def get_input_args(self) -> str:
-        return f"{__name__}.SpectrumArgs"
+        return f"{__name__}.SpectrumCallbackArgs"
 
     def add_callbacks_post_trainer(self, cfg, trainer) -> list:
         from ..callback import SpectrumCallback

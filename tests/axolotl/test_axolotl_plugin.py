@@ -170,10 +170,10 @@ def test_every_setting_has_a_key():
     from dataclasses import fields
 
     from spectrum_callback import SpectrumConfig
-    from spectrum_callback.integrations.axolotl import SpectrumArgs, YAML_KEYS
+    from spectrum_callback.integrations.axolotl import SpectrumCallbackArgs, YAML_KEYS
 
     assert set(YAML_KEYS.values()) == {f.name for f in fields(SpectrumConfig)}
-    assert set(SpectrumArgs.model_fields) == set(YAML_KEYS)
+    assert set(SpectrumCallbackArgs.model_fields) == set(YAML_KEYS)
 
 
 def test_only_the_plugin_module_imports_axolotl():
