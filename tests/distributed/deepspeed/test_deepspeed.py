@@ -137,9 +137,10 @@ def test_logged_trainable_params_count_whole_parameters(ds_results, name):
 
 def test_no_growth_over_20_switches(ds_results):
     r = _get(ds_results, "z3_switch20")
-    assert r["rebuilds"] >= 20
+    # 20 real re-scans (lr 2e-2): a re-scan that leaves the selection as it was rebuilds
+    # nothing, so the rebuilds are exactly the changes (19 or 20, by the last bits of the SVDs)
     changed = sum(1 for a, b in zip(r["selected"], r["selected"][1:]) if a != b)
-    assert changed >= 5, "too few real switches to say anything"
+    assert r["rebuilds"] == changed >= 15, (r["rebuilds"], changed)
     per_rank = [tuple(e["per_rank"]) for e in r["numel"]]
     assert len(set(per_rank)) == 1, per_rank  # same-size selections, same state: nothing accumulates
     assert r["live_old_optimizers"] == 0  # old ZeRO optimizers are garbage
