@@ -306,11 +306,14 @@ def run_config(
         # every selection after the first: how many matrices joined (as many left)
         record["switches"] = [{"step": int(h.get("step", 0)), "joined": len(h.get("joined") or ()),
                                "left": len(h.get("left") or ())} for h in spectrum_cb.history[1:]]
-        # the optimizer's state (elements) and the parked host copies (bytes), largest logged
-        for name, key in (("optimizer_state_numel", "optimizer_state_numel_max"),
-                          ("parked_state_bytes", "parked_state_bytes_max")):
-            seen = [float(h[f"spectrum/{name}"]) for h in hist if f"spectrum/{name}" in h]
-            record[key] = max(seen) if seen else 0.0
+        # the parked host copies (bytes), the largest logged at a selection
+        seen = [float(h["spectrum/parked_state_bytes"]) for h in hist if "spectrum/parked_state_bytes" in h]
+        record["parked_state_bytes_max"] = max(seen) if seen else 0.0
+    # the optimizer's state after the last step (elements): a selection logs it right after a
+    # switch, before any joiner has taken a step, so the logged value undercounts
+    record["optimizer_state_numel_end"] = int(sum(
+        v.numel() for st in trainer.optimizer.state.values() for v in st.values()
+        if torch.is_tensor(v) and v.dim() > 0))
     del trainer, model
     return record
 

@@ -154,6 +154,9 @@ def test_moving_methods_switch_at_every_selection_at_spectrums_fraction(tmp_path
     assert static["switches"] == [] and static["scans"] == 1
     for key, r in runs.items():
         assert r["trainable_params"] == static["trainable_params"], key
+        # AdamW's two moments for every trained parameter after the last step, parked or not
+        assert r["optimizer_state_numel_end"] == 2 * r["trainable_params"], key
+        assert (r["parked_state_bytes_max"] > 0) == ("park" in key), key
         if key == "spectrum_lr0.005":
             continue
         assert [s["step"] for s in r["switches"]] == [2, 4], key
