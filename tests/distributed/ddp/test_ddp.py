@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from dsrun import ds_env
+from dsrun import ds_env, free_port
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -16,7 +16,7 @@ HERE = os.path.dirname(__file__)
 def ddp_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
     env = ds_env()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            os.path.join(HERE, "train_ddp.py"), str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:

@@ -11,6 +11,16 @@ import torch.distributed as dist
 
 torch.set_num_threads(1)
 
+
+def _cpu_rank_location(obj, location):
+    """Restore a storage to "cpu:<rank>" as to "cpu". transformers 5.16.1 (axolotl 0.19's pin)
+    loads the optimizer with map_location=args.device under several processes, which on CPU is
+    "cpu:0", a location torch.load cannot restore to; newer releases pass "cpu" there."""
+    return obj if location.startswith("cpu:") else None
+
+
+torch.serialization.register_package(5, lambda obj: None, _cpu_rank_location)
+
 import transformers  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 

@@ -19,6 +19,7 @@ import os
 import pytest
 import torch
 from dsrun import run_scenarios, scenario_result
+from transformers import PreTrainedModel
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -29,6 +30,24 @@ POLICIES = ["accel_rotate_park", "accel_random", "accel_cyclic_park"]
 SCENARIOS = ["accel_dynamic", "accel_static", "accel_dynamic_ga", "accel_dynamic_bf16_gc", "accel_switch20",
              "accel_resume", "accel_moe_dynamic", "tload_dynamic", "accel_prefrozen_dynamic", *POLICIES]
 REFS = ["accel_dynamic", "accel_static", "accel_dynamic_ga", "accel_moe_dynamic", "tload_dynamic", *POLICIES]
+
+# The Trainer leaves a model sharded at load by transformers alone only where transformers has
+# that notion (PreTrainedModel.is_distributed_loading_by_transformers: in 5.24, not in 5.16.1,
+# axolotl 0.19's pin, whose Trainer wraps such a model in DDP and fails on its DTensor parameters
+# in accelerate's prepare, before any Spectrum code runs). There the tload_* scenarios do not run.
+TLOAD = hasattr(PreTrainedModel, "is_distributed_loading_by_transformers")
+_NO_TLOAD = pytest.mark.skipif(not TLOAD, reason="this transformers' Trainer cannot train a model sharded at load "
+                               "by from_pretrained(distributed_config=...) (it wraps it in DDP); 5.24 can")
+
+
+def _runnable(names):
+    return [n for n in names if TLOAD or not n.startswith("tload")]
+
+
+def _cases(names, pair=False):
+    return [pytest.param(*([n, n] if pair else [n]), marks=_NO_TLOAD) if n.startswith("tload") else
+            ((n, n) if pair else n) for n in names]
+
 
 # Tolerance vs plain PyTorch, fp32: float reassociation only (FSDP2's reduce-scatter sums the
 # two ranks' gradients in another order).  Measured: losses 1.1e-7 relative, weights 8e-7
@@ -42,7 +61,8 @@ MOE_WEIGHT_ATOL = 5e-5
 @pytest.fixture(scope="session")
 def fsdp_results(tmp_path_factory):
     # one after the other: 2 cores
-    return run_scenarios(SCRIPT, str(tmp_path_factory.mktemp("fsdp2")), SCENARIOS, REFS, parallel=False,
+    return run_scenarios(SCRIPT, str(tmp_path_factory.mktemp("fsdp2")), _runnable(SCENARIOS), _runnable(REFS),
+                         parallel=False,
                          what="FSDP2 scenarios")
 
 
@@ -61,27 +81,27 @@ RUNS = ["accel_dynamic", "accel_static", "accel_dynamic_ga", "accel_dynamic_bf16
         "accel_moe_dynamic", "tload_dynamic", "accel_prefrozen_dynamic", *POLICIES]
 
 
-@pytest.mark.parametrize("name", RUNS)
+@pytest.mark.parametrize("name", _cases(RUNS))
 def test_runs_on_fsdp2_with_the_fsdp2_backend(fsdp_results, name):
     r = _get(fsdp_results, name)
     assert r["backend"] == "fsdp2"
     assert r["fsdp_modules"] >= 2 and r["dtensor_params"] > 0  # sharded per layer, parameters are DTensors
 
 
-@pytest.mark.parametrize("name", RUNS)
+@pytest.mark.parametrize("name", _cases(RUNS))
 def test_frozen_parameters_do_not_change_a_bit(fsdp_results, name):
     r = _get(fsdp_results, name)
     assert r["violations"] == [[], []], r["violations"]  # each rank checked its own shards, weight decay 0.1
     assert len(r["losses"]) >= 4
 
 
-@pytest.mark.parametrize("name", RUNS)
+@pytest.mark.parametrize("name", _cases(RUNS))
 def test_one_selection_on_every_rank(fsdp_results, name):
     r = _get(fsdp_results, name)
     assert r["selected"][0] == r["selected"][1]
 
 
-@pytest.mark.parametrize("name", RUNS)
+@pytest.mark.parametrize("name", _cases(RUNS))
 def test_optimizer_state_only_for_the_selection_per_rank(fsdp_results, name):
     """Adam's two moments of this rank's shards of the trainable parameters, nothing more; at a
     switch step the joiners have no state yet (created at their first step)."""
@@ -96,8 +116,8 @@ def test_optimizer_state_only_for_the_selection_per_rank(fsdp_results, name):
         assert max(numel) < 0.6 * 2 * r["local_numel"][rank]  # full fine-tuning's moments: 2x every element
 
 
-@pytest.mark.parametrize("name", ["accel_dynamic", "accel_switch20", "accel_moe_dynamic", "tload_dynamic",
-                                  "accel_prefrozen_dynamic"])
+@pytest.mark.parametrize("name", _cases(["accel_dynamic", "accel_switch20", "accel_moe_dynamic", "tload_dynamic",
+                                          "accel_prefrozen_dynamic"]))
 def test_state_kept_for_stayers_fresh_for_joiners_dropped_for_leavers(fsdp_results, name):
     r = _get(fsdp_results, name)
     hist = r["history"]
@@ -122,7 +142,7 @@ def test_state_kept_for_stayers_fresh_for_joiners_dropped_for_leavers(fsdp_resul
     assert stayed, "no matrix stayed across a switch: the test would not exercise kept state"
 
 
-@pytest.mark.parametrize("name,ref", [(n, n) for n in REFS])
+@pytest.mark.parametrize("name,ref", _cases(REFS, pair=True))
 def test_same_losses_and_weights_as_plain_pytorch(fsdp_results, name, ref):
     r = _get(fsdp_results, name)
     want = _get(fsdp_results, "ref:" + ref)
@@ -147,7 +167,7 @@ def test_scan_brings_each_weight_whole_to_one_rank_only(fsdp_results):
     assert r["scans"] == 1
     assert sum(r["scan_received"]) == r["candidate_numel"]
     assert max(r["scan_received"]) < r["candidate_numel"] and min(r["scan_received"]) > 0
-    for name in RUNS:
+    for name in _runnable(RUNS):
         assert _get(fsdp_results, name)["full_tensor_calls"] == [0, 0], name
 
 
