@@ -38,7 +38,10 @@ t1=$(date +%s)
 echo "stack $stack: installed ($((t1 - t0)) s): $versions"
 [ "${2:-}" = "--install-only" ] && exit 0
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} DS_ACCELERATOR=cpu
-export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/spectrum_callback/torch_extensions}-$stack
+# DeepSpeed's CPU comm op is built once per torch version (a stack on the tested torch reuses
+# the main suite's build)
+torch_version=$("$py" -c 'import torch; print(torch.__version__)')
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/spectrum_callback/torch_extensions/torch-$torch_version}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 export PATH=$PWD/$venv/bin:$PATH VIRTUAL_ENV=$PWD/$venv
 source scripts/ci_lib.sh
@@ -51,6 +54,6 @@ if [ "$stack" = newest ] && ! drift=$("$py" scripts/ci_versions.py --drift newes
   extra=(--deselect tests/unit/test_fence.py::test_versions_in_use_are_a_stack_ci_runs)
   note="; DRIFT from _fence.STACKS['newest']: $drift (update STACKS and the README table)"
 fi
-ci_pytest "$py" -m pytest -q -p no:cacheprovider -m "not slow or distributed" "${extra[@]}" tests
+ci_suite "$py" -q -p no:cacheprovider -m "not slow or distributed" "${extra[@]}"
 ci_report "stack $stack: $CI_VERDICT (quick loop + distributed: $CI_TESTS; $(( $(date +%s) - t1 )) s; $versions$note)"
 exit "$CI_RC"

@@ -29,7 +29,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-def torchrun(script, *args, timeout=300):
+def torchrun(script, *args, timeout=600):
     """``torchrun --nproc_per_node=2 script args...`` (``script`` a path), run from the repository."""
     cmd = ["nice", "-n", "5", sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}",
            f"--master_port={free_port()}", script, *map(str, args)]
@@ -47,7 +47,7 @@ def read_rank_results(out, prefix, log):
     return got
 
 
-def run_scenarios(script, out, names, refs, parallel=True, timeout=420, what="scenarios"):
+def run_scenarios(script, out, names, refs, parallel=True, timeout=900, what="scenarios"):
     """Run ``script OUT NAME...`` under torchrun (2 processes) and ``script OUT ref:NAME...`` in
     one process (the plain-PyTorch references), side by side or one after the other; return
     ``{name: result, "ref:name": result, "_out": OUT, "_log": both logs}`` (a missing result file
