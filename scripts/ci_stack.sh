@@ -38,10 +38,7 @@ t1=$(date +%s)
 echo "stack $stack: installed ($((t1 - t0)) s): $versions"
 [ "${2:-}" = "--install-only" ] && exit 0
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} DS_ACCELERATOR=cpu
-# DeepSpeed's CPU comm op is built once per torch version (a stack on the tested torch reuses
-# the main suite's build)
-torch_version=$("$py" -c 'import torch; print(torch.__version__)')
-export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/spectrum_callback/torch_extensions/torch-$torch_version}
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/spectrum_callback/torch_extensions}-$stack
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 export PATH=$PWD/$venv/bin:$PATH VIRTUAL_ENV=$PWD/$venv
 source scripts/ci_lib.sh

@@ -7,9 +7,7 @@ cd "$(dirname "$0")/.."
 source scripts/venv.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export DS_ACCELERATOR=cpu
-# DeepSpeed's CPU comm op, built once per torch version (scripts/ci_stack.sh shares it)
-torch_version=$(python -c 'import torch; print(torch.__version__)')
-export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/spectrum_callback/torch_extensions/torch-$torch_version}
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/spectrum_callback/torch_extensions}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 source scripts/ci_lib.sh
 ci_suite python -q "$@"
