@@ -17,6 +17,7 @@ _EXPORTS = {
     "SpectrumSession": "session",
     "SpectrumState": "state",
     "spectrum_freeze": "freeze",
+    "spectrum_lora_targets": "lora",
     "apply_selection": "freeze",
     "SpectrumAnalyzer": "analyzer",
     "scan_checkpoint": "checkpoint_scan",

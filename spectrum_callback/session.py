@@ -241,27 +241,40 @@ class SpectrumSession:
                 "never get the gradient DDP waits for. Build DDP with find_unused_parameters=True (accelerate: "
                 "Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)]))")
 
-    def _select_before_optimizer(self, state: Optional[SpectrumState], gather, device=None) -> None:
-        """Select and freeze before the optimizer exists (the DeepSpeed start-up hook), so that
-        it is built over the selection only; :meth:`start` or :meth:`load_state_dict` then keep
-        this analyzer.  ``state``: a resume's saved selection, applied without a scan."""
+    def preselect(self, state: Optional[SpectrumState] = None, gather=None, device=None,
+                  freeze: bool = True) -> List[str]:
+        """The first selection, before any optimizer or engine exists: scan (or ``snr_json``),
+        select, and (``freeze``) set ``requires_grad`` so that an optimizer built next holds
+        the selection only.  :meth:`start` or :meth:`load_state_dict` then keep this analyzer
+        and selection.  Returns the selected module names.
+
+        Args:
+            state: a resume's saved selection, applied without a scan.
+            gather: how to read whole weights (a sharded engine's; default: they are whole).
+            device: where to compute the SNRs (default: each weight's own device).
+            freeze: set ``requires_grad`` for the selection (``False``: only select, e.g. to
+                place LoRA adapters, :func:`~spectrum_callback.spectrum_lora_targets`).
+        """
         _check_free(self.model, self)
         self.model.__dict__[_OWNER] = weakref.ref(self)
         self.analyzer, self._heads = build_analyzer(self.model, self.config, gather, device=device,
                                                     progress=self.progress)
         self._early = {"analyzer": self.analyzer}
         if state is not None:
-            saved = [n for n in state.selected if n in self.analyzer.modules]
-            apply_selection(self.model, self.analyzer, saved, self.config.always_train, train_names=self._heads)
-            return
+            selected = [n for n in state.selected if n in self.analyzer.modules]
+            if freeze:
+                apply_selection(self.model, self.analyzer, selected, self.config.always_train, train_names=self._heads)
+            return selected
         if self.config.snr_json is not None and not self.history:
             snr, source = snr_from_json(self.config.snr_json, self.analyzer), "snr_json"
         else:
             snr = self.analyzer.scan() if self.policy.needs_snr(not self.history) else None
             source = self.policy.name
         selected, snr = _dist.broadcast_from_main((self._select(0, snr), snr if snr is None else dict(snr)))
-        apply_selection(self.model, self.analyzer, selected, self.config.always_train, train_names=self._heads)
+        if freeze:
+            apply_selection(self.model, self.analyzer, selected, self.config.always_train, train_names=self._heads)
         self._early.update(snr=snr, source=source, selected=selected)
+        return list(selected)
 
     def _rebind(self, optimizer, lr_scheduler=None) -> None:
         """Another run over this session's model (the Trainer's next ``train()``): its

@@ -46,7 +46,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from .assets import BlockDataset
-from .methods import METHODS, SEEDED, PeakMemory, build_method
+from .methods import LORA, METHODS, SEEDED, PeakMemory, build_method
 
 logger = logging.getLogger(__name__)
 
@@ -101,11 +101,11 @@ class StudySettings:
 class Config:
     method: str  # one of METHODS
     lr: float
-    seed: int = 0  # for the methods of SEEDED
+    seed: int = 0  # added to StudySettings.seed: the data order, the LoRA init and, for SEEDED, the selection
 
     @property
     def label(self) -> str:
-        return f"{self.method}-s{self.seed}" if self.method in SEEDED else self.method
+        return f"{self.method}-s{self.seed}" if self.method in SEEDED or self.seed else self.method
 
     @property
     def key(self) -> str:
@@ -120,7 +120,7 @@ def expand_configs(
     for m in methods:
         if m not in METHODS:
             raise ValueError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
-        grid = list(lora_lrs) if (m == "lora" and lora_lrs) else list(lrs)
+        grid = list(lora_lrs) if (m in LORA and lora_lrs) else list(lrs)
         if not grid:
             raise ValueError(f"empty learning-rate grid for {m}")
         seeds = list(random_seeds) if m in SEEDED else [0]
@@ -166,8 +166,8 @@ def _training_args(out_dir: str, cfg: Config, settings: StudySettings):
         report_to=[],
         use_cpu=not cuda,
         bf16=bool(settings.bf16 and cuda),
-        seed=settings.seed,
-        data_seed=settings.seed,
+        seed=settings.seed + cfg.seed,
+        data_seed=settings.seed + cfg.seed,
         disable_tqdm=True,
         dataloader_num_workers=0,
         remove_unused_columns=False,
@@ -179,9 +179,11 @@ def _make_progress_callback(bar):
 
     class _Bar(TrainerCallback):
         last: Dict[str, str] = {}
+        step_times: Dict[int, float] = {}  # step -> time.perf_counter() at its end, before any evaluation
 
         def on_step_end(self, args, state, control, **kw):
             bar.update(1)
+            self.step_times[int(state.global_step)] = time.perf_counter()
 
         def on_evaluate(self, args, state, control, metrics=None, **kw):
             # called once per eval dataset; keep the latest value of each
@@ -236,7 +238,7 @@ def run_config(
     from tqdm.auto import tqdm
 
     scan_cache = {} if scan_cache is None else scan_cache
-    torch.manual_seed(settings.seed)
+    torch.manual_seed(settings.seed + cfg.seed)
     model = model_factory()
     total_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     model, method_callbacks, spectrum_cb = build_method(
@@ -245,7 +247,9 @@ def run_config(
 
     bar = tqdm(total=settings.max_steps, desc=f"{cfg.key:>28}", unit="step", position=position, leave=False,
                dynamic_ncols=True)
-    callbacks = [_make_progress_callback(bar), *method_callbacks]
+    progress = _make_progress_callback(bar)
+    progress.step_times = {}
+    callbacks = [progress, *method_callbacks]
     args = _training_args(os.path.join(work_dir, "trainer", cfg.key), cfg, settings)
     trainer = _trainer(model, args, train_ds, eval_sets, callbacks)
     mem = PeakMemory()
@@ -276,6 +280,15 @@ def run_config(
         held.append(by_step[s].get(HELD, float("nan")))
         other.append(by_step[s].get(OTHER, float("nan")))
     train_loss = [[int(h["step"]), float(h["loss"])] for h in hist if "loss" in h]
+    # training time (evaluations excluded) from the start of train() to the end of each evaluated step
+    eval_by_step: Dict[int, float] = {}
+    for h in hist:
+        for k, v in h.items():
+            if k.startswith("eval_") and k.endswith("_runtime"):
+                eval_by_step[int(h["step"])] = eval_by_step.get(int(h["step"]), 0.0) + float(v)
+    train_elapsed = [
+        (max(0.0, progress.step_times[s] - t0 - sum(v for e, v in eval_by_step.items() if e < s))
+         if s in progress.step_times else 0.0) for s in steps]
     trainable = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values() if p.requires_grad)
     record = {
         "key": cfg.key,
@@ -289,7 +302,10 @@ def run_config(
         HELD: held,
         OTHER: other,
         "train_loss": train_loss,
+        "train_elapsed": train_elapsed,
         "trainable_params": int(trainable),
+        "grad_bytes": int(sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values()
+                              if p.requires_grad)),
         "total_params": int(total_params),
         "train_seconds": max(0.0, wall - eval_seconds),
         "eval_seconds": eval_seconds,
@@ -311,9 +327,9 @@ def run_config(
         record["parked_state_bytes_max"] = max(seen) if seen else 0.0
     # the optimizer's state after the last step (elements): a selection logs it right after a
     # switch, before any joiner has taken a step, so the logged value undercounts
-    record["optimizer_state_numel_end"] = int(sum(
-        v.numel() for st in trainer.optimizer.state.values() for v in st.values()
-        if torch.is_tensor(v) and v.dim() > 0))
+    tensors = [v for st in trainer.optimizer.state.values() for v in st.values() if torch.is_tensor(v) and v.dim() > 0]
+    record["optimizer_state_numel_end"] = int(sum(v.numel() for v in tensors))
+    record["optimizer_state_bytes_end"] = int(sum(v.numel() * v.element_size() for v in tensors))
     del trainer, model
     return record
 
@@ -558,9 +574,12 @@ _COLORS = {
     "random": "tab:gray",
     "bottom": "tab:brown",
     "lora": "tab:green",
+    "lora-spectrum": "darkgreen",
+    "lora-random": "lightgreen",
 }
 _MARKERS = {"full": "s", "spectrum": "o", "spectrum-dynamic": "D", "spectrum-rotate": "P", "spectrum-rotate-park": "p",
-            "lisa": "*", "lisa-park": "h", "cyclic": ">", "cyclic-park": "<", "random": "x", "bottom": "v", "lora": "^"}
+            "lisa": "*", "lisa-park": "h", "cyclic": ">", "cyclic-park": "<", "random": "x", "bottom": "v", "lora": "^",
+            "lora-spectrum": "8", "lora-random": "d"}
 
 
 def plot_study(records: Sequence[dict], baseline: Dict[str, float], path: str, title: str = "") -> str:
@@ -691,6 +710,30 @@ def _texts(name: Optional[str], text_field: str, other: bool):
     return train + held if other else (train, held)
 
 
+def load_study_data(model: Optional[str], dataset: Optional[str], other_dataset: str, text_field: str,
+                    settings: StudySettings, eval_blocks: int, max_train_blocks: Optional[int] = None):
+    """``(model_factory, train blocks, {"heldout": blocks, "other": blocks})``: the model
+    (default: the offline SmolLM2-135M-Instruct), its training text shuffled with seed 0, the
+    held-out text and the second domain, as token blocks of ``settings.block_size``."""
+    from .assets import load_model_and_tokenizer, token_blocks
+
+    base, tok = load_model_and_tokenizer(model)
+    base.config.use_cache = False
+    train_texts, held_texts = _texts(dataset, text_field, other=False)
+    other_texts = _texts(other_dataset, text_field, other=True)
+    need = max_train_blocks or settings.max_steps * settings.batch_size
+    train_texts = list(train_texts)
+    random.Random(0).shuffle(train_texts)
+    train = token_blocks(tok, train_texts, settings.block_size, max_blocks=need)
+    held = token_blocks(tok, held_texts, settings.block_size, max_blocks=eval_blocks)
+    other = token_blocks(tok, other_texts, settings.block_size, max_blocks=eval_blocks)
+
+    def factory():
+        return copy.deepcopy(base)  # base itself is never trained
+
+    return factory, train, {HELD: held, OTHER: other}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -731,26 +774,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{len(configs)} configurations; settings {asdict(settings)}")
         return 0
 
-    from .assets import load_model_and_tokenizer, token_blocks
-
-    base, tok = load_model_and_tokenizer(args.model)
-    base.config.use_cache = False
-    train_texts, held_texts = _texts(args.dataset, args.text_field, other=False)
-    other_texts = _texts(args.other_dataset, args.text_field, other=True)
-    need = args.max_train_blocks or settings.max_steps * settings.batch_size
-    rng = random.Random(0)
-    train_texts = list(train_texts)
-    rng.shuffle(train_texts)
-    train = token_blocks(tok, train_texts, settings.block_size, max_blocks=need)
-    held = token_blocks(tok, held_texts, settings.block_size, max_blocks=eval_blocks)
-    other = token_blocks(tok, other_texts, settings.block_size, max_blocks=eval_blocks)
+    factory, train, evals = load_study_data(args.model, args.dataset, args.other_dataset, args.text_field, settings,
+                                            eval_blocks, args.max_train_blocks)
     print(f"train {tuple(train.shape)} (epochs over it: {settings.max_steps * settings.batch_size / len(train):.2f}), "
-          f"held-out {tuple(held.shape)}, second domain {tuple(other.shape)}; {len(configs)} configurations "
-          f"-> {args.out}", file=sys.stderr)
-    def factory():
-        return copy.deepcopy(base)  # base itself is never trained
-
-    report = run_study(factory, train, {HELD: held, OTHER: other}, configs, settings, args.out)
+          f"held-out {tuple(evals[HELD].shape)}, second domain {tuple(evals[OTHER].shape)}; {len(configs)} "
+          f"configurations -> {args.out}", file=sys.stderr)
+    report = run_study(factory, train, evals, configs, settings, args.out)
     if args.target_loss is not None:
         report.update(write_reports(args.out, None, report["baseline"], settings, args.target_loss))
     print(report["table"])

@@ -21,7 +21,11 @@ Methods (:data:`METHODS`):
   (a leaver's optimizer state waits in host memory for its return);
 * ``random``: ``top_pct`` per type at random (``seed``), through ``snr_json``;
 * ``bottom``: the lowest ``top_pct`` per type by SNR (negated SNRs through ``snr_json``);
-* ``lora``: peft LoRA on all linear layers (``lora_r``, ``lora_alpha``).
+* ``lora``: peft LoRA on all linear layers (``lora_r``, ``lora_alpha``);
+* ``lora-spectrum``: LoRA on Spectrum's top ``top_pct`` per type
+  (:func:`~spectrum_callback.spectrum_lora_targets`), at the rank that gives as many
+  trainable parameters as ``lora`` (the alpha / rank ratio kept);
+* ``lora-random``: LoRA on a random ``top_pct`` per type (``seed``), at that same rank.
 """
 from __future__ import annotations
 
@@ -33,10 +37,11 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-__all__ = ["METHODS", "MOVING", "SEEDED", "build_method", "selection_snr", "PeakMemory"]
+__all__ = ["METHODS", "MOVING", "SEEDED", "LORA", "build_method", "selection_snr", "lora_targets", "PeakMemory"]
 
 METHODS = ("full", "spectrum", "spectrum-dynamic", "spectrum-rotate", "spectrum-rotate-park", "lisa", "lisa-park",
-           "cyclic", "cyclic-park", "random", "bottom", "lora")
+           "cyclic", "cyclic-park", "random", "bottom", "lora", "lora-spectrum", "lora-random")
+LORA = ("lora", "lora-spectrum", "lora-random")
 # method -> (policy, park_state) for the methods whose selection changes every update_every steps
 MOVING = {
     "spectrum-dynamic": ("scan", False),
@@ -48,7 +53,7 @@ MOVING = {
     "cyclic-park": ("cyclic", True),
 }
 # the methods whose selection depends on a seed (one configuration per seed in the study)
-SEEDED = ("random", "lisa", "lisa-park")
+SEEDED = ("random", "lisa", "lisa-park", "lora-random")
 
 
 def selection_snr(method: str, model, seed: int = 0, scan_cache: Optional[Dict[str, dict]] = None):
@@ -56,7 +61,7 @@ def selection_snr(method: str, model, seed: int = 0, scan_cache: Optional[Dict[s
     selection; ``None`` for the methods that scan."""
     from spectrum_callback import SpectrumAnalyzer
 
-    if method == "random":
+    if method in ("random", "lora-random"):
         an = SpectrumAnalyzer(model, progress=False)
         rng = random.Random(1000 + seed)
         return {n: {"snr": rng.random(), "type": an.types[n]} for n in an.names}
@@ -95,12 +100,8 @@ def build_method(
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     if method == "full":
         return model, [], None
-    if method == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        cfg = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules="all-linear",
-                         task_type="CAUSAL_LM")
-        return get_peft_model(model, cfg), [], None
+    if method in LORA:
+        return _lora(method, model, top_pct, seed, lora_r, lora_alpha), [], None
     from spectrum_callback import SpectrumCallback
 
     policy, park = MOVING.get(method, ("scan", False))
@@ -117,6 +118,45 @@ def build_method(
         verbose=verbose,
     )
     return model, [cb], cb
+
+
+def lora_targets(method: str, model, top_pct: float = 0.25, seed: int = 0) -> Optional[List[str]]:
+    """The modules a LoRA method adapts: ``None`` for ``lora`` (PEFT's ``"all-linear"``),
+    Spectrum's selection for ``lora-spectrum``, a seeded random one for ``lora-random``."""
+    from spectrum_callback import select_top, spectrum_lora_targets
+
+    if method == "lora":
+        return None
+    if method == "lora-spectrum":
+        return spectrum_lora_targets(model, top_pct=top_pct)
+    if method == "lora-random":
+        return select_top(selection_snr("lora-random", model, seed), top_pct)
+    raise ValueError(f"{method!r} is not a LoRA method ({', '.join(LORA)})")
+
+
+def _all_linear(model) -> List[str]:
+    """The modules PEFT's ``target_modules="all-linear"`` adapts: every ``nn.Linear`` but the
+    output layer."""
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not out]
+
+
+def _lora(method: str, model, top_pct: float, seed: int, lora_r: int, lora_alpha: int):
+    """A LoRA method's PEFT model.  The placed methods get the rank that gives as many
+    trainable parameters as rank ``lora_r`` on every linear layer, and the same alpha / rank."""
+    from peft import LoraConfig, get_peft_model
+
+    from spectrum_callback.lora import lora_params, lora_rank_for_budget
+
+    targets = lora_targets(method, model, top_pct, seed)
+    if targets is None:
+        r, alpha, targets = lora_r, lora_alpha, "all-linear"
+    else:
+        budget = lora_params(model, _all_linear(model), lora_r)
+        r = lora_rank_for_budget(model, targets, budget)
+        alpha = lora_alpha * r / lora_r
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM")
+    return get_peft_model(model, cfg)
 
 
 class PeakMemory:

@@ -77,8 +77,8 @@ def _before_deepspeed_init(trainer) -> None:
 
     device = getattr(trainer.args, "device", None)
     session = cb.session_for(trainer, trainer.model)
-    session._select_before_optimizer(state, lambda units: whole([p for u in units for p in u.params]),
-                                     device=device if getattr(device, "type", None) == "cuda" else None)
+    session.preselect(state, lambda units: whole([p for u in units for p in u.params]),
+                      device=device if getattr(device, "type", None) == "cuda" else None)
     split_for_dynamic(trainer, cb.config.dynamic, resuming=bool(resume_dir))
 
 

@@ -1,0 +1,84 @@
+"""The fair study's plan (per-method lr grids that grow at an edge, then seeds) and its run."""
+import json
+
+import pytest
+import torch
+
+from spectrum_study import fair
+from spectrum_study.compare import StudySettings
+from tiny import RandomTokens, tiny_model
+
+
+def _rec(method, lr, seed, best):
+    return {"method": method, "lr": lr, "seed": seed, "steps": [0, 10], "heldout": [3.0, best],
+            "other": [3.0, 3.1], "trainable_params": 1, "total_params": 2, "train_seconds": 1.0}
+
+
+def test_grid_grows_at_an_edge_then_seeds_run_at_the_best_rate():
+    plan = {"spectrum": (1e-4, 3e-4, 9e-4)}
+    todo = fair.next_configs([], plan)
+    assert [(c.method, c.lr, c.seed) for c in todo] == [("spectrum", lr, 0) for lr in (1e-4, 3e-4, 9e-4)]
+    # best at the upper edge: the grid grows up by STEP
+    recs = [_rec("spectrum", 1e-4, 0, 2.9), _rec("spectrum", 3e-4, 0, 2.8), _rec("spectrum", 9e-4, 0, 2.7)]
+    assert [c.lr for c in fair.next_configs(recs, plan)] == [pytest.approx(2.7e-3)]
+    # the new point is worse: 9e-4 is inside the grid now, so seeds 1 and 2 run there
+    recs.append(_rec("spectrum", 2.7e-3, 0, 2.75))
+    assert [(c.lr, c.seed) for c in fair.next_configs(recs, plan)] == [(9e-4, 1), (9e-4, 2)]
+    recs += [_rec("spectrum", 9e-4, 1, 2.71), _rec("spectrum", 9e-4, 2, 2.69)]
+    assert fair.next_configs(recs, plan) == []
+
+
+def test_grid_stops_growing_after_max_extend():
+    plan = {"full": (1e-5, 3e-5)}
+    recs = [_rec("full", 1e-5, 0, 2.5), _rec("full", 3e-5, 0, 2.6)]
+    for _ in range(fair.MAX_EXTEND):
+        (c,) = fair.next_configs(recs, plan)
+        assert c.lr < min(r["lr"] for r in recs)
+        recs.append(_rec("full", c.lr, 0, 2.5 - 0.01 * len(recs)))
+    assert [c.seed for c in fair.next_configs(recs, plan)] == [1, 2]
+
+
+def test_summary_reaching_full_fine_tunings_best():
+    plan = {"full": (1e-5,), "spectrum": (1e-4,)}
+    recs = []
+    for s in range(3):
+        recs.append({**_rec("full", 1e-5, s, 2.70 + 0.01 * s), "steps": [0, 10, 20],
+                     "heldout": [3.0, 2.8, 2.70 + 0.01 * s], "other": [3.0, 3.1, 3.2], "train_elapsed": [0, 5, 10]})
+        recs.append({**_rec("spectrum", 1e-4, s, 2.75), "steps": [0, 10, 20], "heldout": [3.0, 2.69, 2.75],
+                     "other": [3.0, 2.9, 2.95], "train_elapsed": [0, 2, 4]})
+    rows = {r["method"]: r for r in fair.summarize_fair(recs, {"heldout": 3.0, "other": 3.0}, plan, max_extend=0)}
+    assert rows["full"]["heldout_mean"] == pytest.approx(2.71)
+    assert rows["full"]["heldout_sd"] == pytest.approx(0.01)
+    assert rows["spectrum"]["heldout_mean"] == pytest.approx(2.69)
+    assert rows["spectrum"]["forgetting_mean"] == pytest.approx(-0.1)
+    assert rows["spectrum"]["reached"] == 3 and rows["spectrum"]["steps_to_target"] == [10, 10, 10]
+    assert rows["spectrum"]["seconds_to_target"] == [2, 2, 2]
+    assert rows["full"]["reached"] == 2  # seed 2's best (2.72) is above the mean
+
+
+def test_run_fair_on_a_tiny_model(tmp_path):
+    train = RandomTokens(n=32, length=16, seed=1).data
+    evals = {"heldout": RandomTokens(n=8, length=16, seed=2).data,
+             "other": torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(3))}
+    settings = StudySettings(max_steps=2, batch_size=4, block_size=16, eval_every=1, eval_batch_size=8, warmup=0.0)
+    plan = {"full": (5e-3,), "lora-spectrum": (5e-3,)}
+    rep = fair.run_fair(lambda: tiny_model("llama", seed=0), train, evals, settings, str(tmp_path), plan,
+                        seeds=(0, 1), max_extend=0)
+    assert sorted(rep["trained"]) == ["full-s1_lr0.005", "full_lr0.005", "lora-spectrum-s1_lr0.005",
+                                      "lora-spectrum_lr0.005"]
+    rows = {r["method"]: r for r in rep["rows"]}
+    assert rows["full"]["seeds"] == [0, 1]
+    full0 = json.loads((tmp_path / "runs" / "full_lr0.005.json").read_text())
+    full1 = json.loads((tmp_path / "runs" / "full-s1_lr0.005.json").read_text())
+    assert full0["train_loss"] != full1["train_loss"]  # the seed changed the data order
+    lora = json.loads((tmp_path / "runs" / "lora-spectrum_lr0.005.json").read_text())
+    assert 0 < lora["trainable_params"] < full0["trainable_params"]
+    assert lora["optimizer_state_bytes_end"] == 2 * lora["grad_bytes"]  # AdamW: two fp32 moments per parameter
+    assert len(lora["train_elapsed"]) == len(lora["steps"])
+    assert (tmp_path / "study.png").stat().st_size > 1000
+    table = (tmp_path / "table.md").read_text()
+    assert "| lora-spectrum |" in table and "| full |" in table
+    # a second call finds nothing left
+    again = fair.run_fair(lambda: tiny_model("llama", seed=0), train, evals, settings, str(tmp_path), plan,
+                          seeds=(0, 1), max_extend=0)
+    assert again["trained"] == []
