@@ -31,7 +31,10 @@ def parse():
     p.add_argument("--steps", type=int, default=24)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=None,
+                   help="Spectrum's learning rate (default: its best in the CPU study, 1.5e-4)")
+    p.add_argument("--full-lr", type=float, default=None,
+                   help="full fine-tuning's learning rate (default: its own best in the CPU study, 5e-5)")
     p.add_argument("--top-pct", type=float, default=0.25)
     p.add_argument("--update-every", type=int, default=None, help="dynamic Spectrum: re-scan every N steps")
     p.add_argument("--eval-blocks", type=int, default=16)
@@ -42,6 +45,14 @@ def parse():
                    help="CPU threads (default: the idle cores; OpenMP threads on busy cores are very slow)")
     p.add_argument("--_run", choices=["spectrum", "full"], default=None, help=argparse.SUPPRESS)
     return p.parse_args()
+
+
+def learning_rate(args, run: str) -> float:
+    """Each method at its own rate: the flag, else its best rate in the CPU study."""
+    from spectrum_study.methods import BEST_LR
+
+    given = args.full_lr if run == "full" else args.lr
+    return given if given is not None else BEST_LR["full" if run == "full" else "spectrum"]
 
 
 def build(args):
@@ -72,11 +83,12 @@ def run_one(args):
     # The Trainer saves nothing here (save_strategy="no"); a throw-away output_dir leaves no
     # empty folders behind.
     scratch = tempfile.mkdtemp(prefix=f"spectrum_demo_{args._run}_")
+    lr = learning_rate(args, args._run)
     targs = transformers.TrainingArguments(
         output_dir=scratch,
         per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.batch_size,
-        learning_rate=args.lr,
+        learning_rate=lr,
         weight_decay=0.01,
         max_steps=args.steps,
         lr_scheduler_type="constant",
@@ -115,6 +127,7 @@ def run_one(args):
     steady = step_times[2:] or step_times
     out = {
         "run": args._run,
+        "lr": lr,
         "heldout_loss_before": before,
         "heldout_loss_after": after,
         "trainable_params": trainable,
@@ -178,6 +191,7 @@ def main():
     print(f"\nselected {len(s['selected'])} of {len(s['snr'])} matrices; heatmap: {args.output_dir}/spectrum_snr.png")
     print(f"\n{'':<28}{'Spectrum':>14}" + (f"{'full FT':>14}{'ratio':>9}" if "full" in results else ""))
     rows = [
+        ("learning rate", "lr", "{:g}"),
         ("held-out loss before", "heldout_loss_before", "{:.4f}"),
         ("held-out loss after", "heldout_loss_after", "{:.4f}"),
         ("trainable parameters", "trainable_params", "{:,}"),
@@ -194,6 +208,10 @@ def main():
             ratio = s[key] / f if isinstance(f, (int, float)) and f else float("nan")
             line += f"{fmt.format(f):>14}{ratio:>9.2f}"
         print(line)
+    if "full" in results:
+        print(f"\nEach method ran at its own learning rate (the best of each in the CPU study unless --lr / "
+              f"--full-lr): Spectrum {s['lr']:g}, full fine-tuning {results['full']['lr']:g}. "
+              f"{args.steps} steps is a demonstration, not a verdict: see the README's 'Does it pay off?'.")
     with open(os.path.join(args.output_dir, "demo_results.json"), "w") as fh:
         json.dump(results, fh, indent=2)
     print(f"\nresults: {args.output_dir}/demo_results.json")

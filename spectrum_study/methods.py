@@ -37,7 +37,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-__all__ = ["METHODS", "MOVING", "SEEDED", "LORA", "build_method", "selection_snr", "lora_targets", "PeakMemory"]
+__all__ = ["METHODS", "MOVING", "SEEDED", "LORA", "BEST_LR", "build_method", "selection_snr", "lora_targets",
+           "PeakMemory"]
 
 METHODS = ("full", "spectrum", "spectrum-dynamic", "spectrum-rotate", "spectrum-rotate-park", "lisa", "lisa-park",
            "cyclic", "cyclic-park", "random", "bottom", "lora", "lora-spectrum", "lora-random")
@@ -52,6 +53,10 @@ MOVING = {
     "cyclic": ("cyclic", False),
     "cyclic-park": ("cyclic", True),
 }
+# Each method's best learning rate in the CPU study (SmolLM2-135M, KJV, 200 steps of 4 x 128
+# tokens; docs/results/study_cpu): what the demo and the benchmarks give each method, so that
+# no method is compared at another's rate.
+BEST_LR = {"full": 5e-5, "spectrum": 1.5e-4, "lora": 5e-4}
 # the methods whose selection depends on a seed (one configuration per seed in the study)
 SEEDED = ("random", "lisa", "lisa-park", "lora-random")
 
