@@ -179,13 +179,16 @@ def _make_progress_callback(bar):
 
     class _Bar(TrainerCallback):
         last: Dict[str, str] = {}
-        step_times: Dict[int, float] = {}  # step -> time.perf_counter() at its end, before any evaluation
+        # step -> (time.perf_counter(), time.process_time()) at its end, before any evaluation
+        step_times: Dict[int, tuple] = {}
+        eval_end_cpu: Dict[int, float] = {}
 
         def on_step_end(self, args, state, control, **kw):
             bar.update(1)
-            self.step_times[int(state.global_step)] = time.perf_counter()
+            self.step_times[int(state.global_step)] = (time.perf_counter(), time.process_time())
 
         def on_evaluate(self, args, state, control, metrics=None, **kw):
+            self.eval_end_cpu[int(state.global_step)] = time.process_time()  # the last eval set's end
             # called once per eval dataset; keep the latest value of each
             for name in (HELD, OTHER):
                 if metrics and f"eval_{name}_loss" in metrics:
@@ -248,12 +251,12 @@ def run_config(
     bar = tqdm(total=settings.max_steps, desc=f"{cfg.key:>28}", unit="step", position=position, leave=False,
                dynamic_ncols=True)
     progress = _make_progress_callback(bar)
-    progress.step_times = {}
+    progress.step_times, progress.eval_end_cpu = {}, {}
     callbacks = [progress, *method_callbacks]
     args = _training_args(os.path.join(work_dir, "trainer", cfg.key), cfg, settings)
     trainer = _trainer(model, args, train_ds, eval_sets, callbacks)
     mem = PeakMemory()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     try:
         with mem:
             trainer.train()
@@ -280,15 +283,21 @@ def run_config(
         held.append(by_step[s].get(HELD, float("nan")))
         other.append(by_step[s].get(OTHER, float("nan")))
     train_loss = [[int(h["step"]), float(h["loss"])] for h in hist if "loss" in h]
-    # training time (evaluations excluded) from the start of train() to the end of each evaluated step
-    eval_by_step: Dict[int, float] = {}
+    # wall and CPU seconds of training (evaluations excluded) from the start of train() to the end
+    # of each evaluated step; CPU time is what a process got of the machine, so it does not
+    # depend on what else ran beside it
+    eval_wall: Dict[int, float] = {}
     for h in hist:
         for k, v in h.items():
             if k.startswith("eval_") and k.endswith("_runtime"):
-                eval_by_step[int(h["step"])] = eval_by_step.get(int(h["step"]), 0.0) + float(v)
-    train_elapsed = [
-        (max(0.0, progress.step_times[s] - t0 - sum(v for e, v in eval_by_step.items() if e < s))
-         if s in progress.step_times else 0.0) for s in steps]
+                eval_wall[int(h["step"])] = eval_wall.get(int(h["step"]), 0.0) + float(v)
+    eval_cpu = {e: end - progress.step_times[e][1] for e, end in progress.eval_end_cpu.items()
+                if e in progress.step_times}
+    train_elapsed, train_cpu = [], []
+    for s in steps:
+        wall, cpu = progress.step_times.get(s, (t0, c0))
+        train_elapsed.append(max(0.0, wall - t0 - sum(v for e, v in eval_wall.items() if e < s)))
+        train_cpu.append(max(0.0, cpu - c0 - sum(v for e, v in eval_cpu.items() if e < s)))
     trainable = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values() if p.requires_grad)
     record = {
         "key": cfg.key,
@@ -303,6 +312,7 @@ def run_config(
         OTHER: other,
         "train_loss": train_loss,
         "train_elapsed": train_elapsed,
+        "train_cpu_elapsed": train_cpu,
         "trainable_params": int(trainable),
         "grad_bytes": int(sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values()
                               if p.requires_grad)),

@@ -259,10 +259,10 @@ def summarize_fair(records: Sequence[dict], baseline: Dict[str, float], plan: Di
 
 
 def _reach(rec: dict, target: Optional[float]) -> Tuple[Optional[int], Optional[float]]:
-    """The first evaluated step at or below ``target``, and the training seconds to it."""
+    """The first evaluated step at or below ``target``, and the training CPU seconds to it."""
     if target is None:
         return None, None
-    elapsed = rec.get("train_elapsed") or []
+    elapsed = rec.get("train_cpu_elapsed") or []
     for i, (s, h) in enumerate(zip(rec["steps"], rec[HELD])):
         if s > 0 and h <= target:
             return s, (elapsed[i] if i < len(elapsed) else None)
@@ -281,7 +281,7 @@ def fair_table(rows: Sequence[dict], baseline: Dict[str, float], settings: Study
         f"{settings.eval_every} steps; moving selections every {settings.dynamic_every()} steps.",
         "",
         "| method | lr grid (seed 0: best held-out) | best lr | seeds | held-out, mean ± sd | forgetting, mean ± sd "
-        "| reached full's best (steps; train s) | trainable params | grad + optimizer state (MB) |",
+        "| reached full's best (steps; CPU s) | trainable params | grad + optimizer state (MB) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -304,10 +304,10 @@ def fair_table(rows: Sequence[dict], baseline: Dict[str, float], settings: Study
             f"{mem} |")
     lines += ["", "Held-out: the best evaluated held-out loss of a run; forgetting: the pydoc loss at that point "
               "minus the untouched model's. 'Reached full's best': evaluated steps until the held-out loss first "
-              "fell to full fine-tuning's mean best (seeds that got there), and the training seconds to it "
-              "(evaluations excluded; wall time on a shared machine, indicative only). Memory: fp32 gradients of "
-              "the trainable parameters and the optimizer's state tensors after the last step, counted from the "
-              "tensors (not sampled RSS)."]
+              "fell to full fine-tuning's mean best (seeds that got there), and the CPU seconds of training to it "
+              "(one thread; evaluations excluded; CPU time, so other jobs on the machine do not inflate it). "
+              "Memory: fp32 gradients of the trainable parameters and the optimizer's state tensors after the "
+              "last step, counted from the tensors (not sampled RSS)."]
     return "\n".join(lines) + "\n"
 
 

@@ -43,9 +43,9 @@ def test_summary_reaching_full_fine_tunings_best():
     recs = []
     for s in range(3):
         recs.append({**_rec("full", 1e-5, s, 2.70 + 0.01 * s), "steps": [0, 10, 20],
-                     "heldout": [3.0, 2.8, 2.70 + 0.01 * s], "other": [3.0, 3.1, 3.2], "train_elapsed": [0, 5, 10]})
+                     "heldout": [3.0, 2.8, 2.70 + 0.01 * s], "other": [3.0, 3.1, 3.2], "train_cpu_elapsed": [0, 5, 10]})
         recs.append({**_rec("spectrum", 1e-4, s, 2.75), "steps": [0, 10, 20], "heldout": [3.0, 2.69, 2.75],
-                     "other": [3.0, 2.9, 2.95], "train_elapsed": [0, 2, 4]})
+                     "other": [3.0, 2.9, 2.95], "train_cpu_elapsed": [0, 2, 4]})
     rows = {r["method"]: r for r in fair.summarize_fair(recs, {"heldout": 3.0, "other": 3.0}, plan, max_extend=0)}
     assert rows["full"]["heldout_mean"] == pytest.approx(2.71)
     assert rows["full"]["heldout_sd"] == pytest.approx(0.01)
@@ -74,7 +74,8 @@ def test_run_fair_on_a_tiny_model(tmp_path):
     lora = json.loads((tmp_path / "runs" / "lora-spectrum_lr0.005.json").read_text())
     assert 0 < lora["trainable_params"] < full0["trainable_params"]
     assert lora["optimizer_state_bytes_end"] == 2 * lora["grad_bytes"]  # AdamW: two fp32 moments per parameter
-    assert len(lora["train_elapsed"]) == len(lora["steps"])
+    assert len(lora["train_cpu_elapsed"]) == len(lora["steps"])
+    assert 0 < lora["train_cpu_elapsed"][1] < lora["train_cpu_elapsed"][2] <= lora["train_seconds"] * 1.5
     assert (tmp_path / "study.png").stat().st_size > 1000
     table = (tmp_path / "table.md").read_text()
     assert "| lora-spectrum |" in table and "| full |" in table
