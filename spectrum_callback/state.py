@@ -158,10 +158,35 @@ def write_parked(folder: str, parked: dict, rank: int) -> Optional[str]:
 
 
 def read_parked(folder: str, rank: int) -> dict:
-    """What :func:`write_parked` wrote for ``rank`` in ``folder`` (``{}`` when nothing was parked)."""
+    """What :func:`write_parked` wrote for ``rank`` in ``folder`` (``{}`` when nothing was parked).
+
+    Loaded with ``weights_only=True``: tensors, numbers, strings and containers, plus the
+    tensor types of the low-bit optimizers' states (torchao's ``OptimState8bit``,
+    ``OptimState4bit``, ``OptimStateFp8``), allowed by name.  A file holding anything else,
+    which a plain unpickling could run as code, is refused and never executed."""
     path = os.path.join(folder, PARKED_FILE.format(rank=rank))
     if not os.path.isfile(path):
         return {}
+    import pickle
+
     import torch
 
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        with torch.serialization.safe_globals(_low_bit_state_types()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ValueError(
+            f"{path} holds objects other than optimizer-state tensors, which loading could run as code: refused, "
+            f"nothing in it was executed ({str(exc).splitlines()[0]}). Restore the file the run wrote, or delete it "
+            "to resume with fresh optimizer state for the parked matrices") from None
+
+
+def _low_bit_state_types() -> list:
+    """The tensor subclasses low-bit optimizers keep their state in (those installed)."""
+    try:
+        from torchao.optim.subclass_4bit import OptimState4bit
+        from torchao.optim.subclass_8bit import OptimState8bit
+        from torchao.optim.subclass_fp8 import OptimStateFp8
+    except Exception:  # torchao not installed, or laid out otherwise
+        return []
+    return [OptimState8bit, OptimState4bit, OptimStateFp8]

@@ -230,18 +230,34 @@ def link_optimizer_state(zero) -> None:
         zero._lazy_init_hp_params_optimizer_state()
 
 
-def config_optimizer(engine) -> Optional[str]:
-    """Type named by the config's own ``optimizer`` block (``None`` without one)."""
-    cfg = getattr(engine, "config", None)
-    if isinstance(cfg, dict) and isinstance(cfg.get("optimizer"), dict):
-        return str(cfg["optimizer"].get("type", "?"))
-    return engine._config.optimizer_name
+def is_deepspeed_adam(opt) -> bool:
+    """DeepSpeed's own Adam optimizers (``FusedAdam``; ``DeepSpeedCPUAdam`` under
+    ``offload_optimizer``), which its ``optimizer`` block builds."""
+    mod = type(opt).__module__ or ""
+    return mod.startswith("deepspeed.ops.adam") and type(opt).__name__ in ("FusedAdam", "DeepSpeedCPUAdam")
 
 
-def offload_enabled(engine) -> bool:
-    cfg = engine.zero_offload_optimizer()
-    dev = getattr(cfg, "device", None)
-    return dev is not None and str(getattr(dev, "value", dev)) not in ("none", "None")
+def rebuild_kwargs(opt) -> dict:
+    """What the constructor of ``opt``'s class takes beside the param groups to build the same
+    optimizer again: settings DeepSpeed's Adams keep as attributes, not in ``defaults``."""
+    name = type(opt).__name__ if is_deepspeed_adam(opt) else ""
+    if name == "DeepSpeedCPUAdam":
+        return {"adamw_mode": bool(opt.adam_w_mode), "fp32_optimizer_states": bool(opt.fp32_optimizer_states)}
+    if name == "FusedAdam":
+        return {"adam_w_mode": bool(opt.adam_w_mode), "set_grad_none": bool(opt.set_grad_none)}
+    return {}
+
+
+def adam_step_value(opt, step: int, torch_step: torch.Tensor):
+    """Adam's ``state["step"]`` as ``opt`` keeps it: a Python int for DeepSpeed's Adams (their
+    kernels take an int), torch's scalar tensor (``torch_step``) otherwise."""
+    return int(step) if is_deepspeed_adam(opt) else torch_step
+
+
+def is_deepspeed_scheduler(sched) -> bool:
+    """An lr scheduler of DeepSpeed's own (the config's ``scheduler`` block: ``WarmupLR``,
+    ``WarmupDecayLR``, ...), which keeps a reference to the torch optimizer it was built for."""
+    return sched is not None and (type(sched).__module__ or "").startswith("deepspeed.runtime.lr_schedules")
 
 
 def torch_optimizer(zero):

@@ -40,6 +40,7 @@ from torch import nn
 
 from .._fence.torch_internals import refresh_fsdp2_dtypes
 from .base import SwitchResult
+from .optimizers import engine_refusal
 from .torch_backend import TorchBackend
 
 
@@ -59,6 +60,9 @@ class FSDP2Backend(TorchBackend):
 
     def __init__(self, optimizer, model: nn.Module, trainer=None, lr_scheduler=None):
         super().__init__(optimizer, model, trainer, lr_scheduler)
+        why = engine_refusal(self.opt, "fsdp2")
+        if why:
+            raise ValueError(why)
         self.fsdp_modules = fsdp2_modules(model)
 
     def _reshard(self) -> None:

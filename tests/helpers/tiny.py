@@ -158,23 +158,41 @@ def reset_accelerate():
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def ds_config(stage, out, optimizer_block=False):
+def ds_config(stage, out, optimizer_block=False, scheduler_block=False, offload=False, offload_param=False):
     """Write a copy of ``configs/ds_zero<stage>.json`` for the tests (rank 0 writes, all
-    ranks wait): ZeRO-3 really partitions even the tiny weights; ``optimizer_block``
-    adds an ``optimizer`` section (which the backend must refuse). The section asks for
-    torch's AdamW (``torch_adam``), so that DeepSpeed compiles no fused Adam for it on CPU
-    (2.5 min on 2 cores, per environment, for a run that is refused)."""
+    ranks wait): ZeRO-3 really partitions even the tiny weights.
+
+    ``optimizer_block``: DeepSpeed's own ``optimizer`` section, Adam(W) built by DeepSpeed; it
+    asks for torch's AdamW (``torch_adam``), so that DeepSpeed compiles no fused Adam for it on
+    CPU (2.5 min on 2 cores, per environment).  ``scheduler_block``: a ``WarmupDecayLR``
+    section.  ``offload``: ``offload_optimizer`` to the CPU (with the Trainer's optimizer, which
+    DeepSpeed takes with ``zero_force_ds_cpu_optimizer: false``); ``offload_param``: ZeRO-3's
+    parameters offloaded too."""
     import torch.distributed as dist
 
     # ZeRO-1 has no config of its own in configs/: the ZeRO-2 one with stage 1.
     with open(os.path.join(REPO_ROOT, "configs", f"ds_zero{max(stage, 2)}.json")) as fh:
         cfg = json.load(fh)
-    cfg["zero_optimization"]["stage"] = stage
+    zero = cfg["zero_optimization"]
+    zero["stage"] = stage
     if stage == 3:
-        cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+        zero["stage3_param_persistence_threshold"] = 0
+    tag = ""
     if optimizer_block:
         cfg["optimizer"] = {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto", "torch_adam": True}}
-    path = os.path.join(out, f"ds_zero{stage}{'_opt' if optimizer_block else ''}.json")
+        tag += "_opt"
+    if scheduler_block:
+        cfg["scheduler"] = {"type": "WarmupDecayLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": "auto",
+                                                               "warmup_num_steps": 1, "total_num_steps": "auto"}}
+        tag += "_sched"
+    if offload:
+        zero["offload_optimizer"] = {"device": "cpu"}
+        cfg["zero_force_ds_cpu_optimizer"] = False
+        tag += "_off"
+    if offload_param:
+        zero["offload_param"] = {"device": "cpu"}
+        tag += "_offp"
+    path = os.path.join(out, f"ds_zero{stage}{tag}.json")
     if not dist.is_initialized() or dist.get_rank() == 0:
         with open(path, "w") as fh:
             json.dump(cfg, fh)

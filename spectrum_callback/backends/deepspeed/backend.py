@@ -66,7 +66,7 @@ from .scheduler import ClassSchedule
 from .stage import Reused, ZeroStage
 from .stage3 import Stage3
 from .stage12 import Stage12, one_group_per_parameter
-from .support import refuse_unsupported
+from .support import dynamic_refusal, late_build_refusal, rebuild_blockers, refuse_unsupported
 
 __all__ = ["DeepSpeedBackend", "LAYOUT_KEY", "one_group_per_parameter"]
 
@@ -122,10 +122,13 @@ class DeepSpeedBackend(OptimizerBackend):
         self.stage = ds.stage(self.zero) if optimizer is not None else 0
         self.engine = ds.find_engine_of(trainer, self.zero) if self.stage else None
         refuse_unsupported(self.wrapper, self.zero, self.stage, self.engine)
+        # why this optimizer cannot be rebuilt over another selection (empty: it can)
+        self.blockers = rebuild_blockers(self.zero, self.engine)
         self.per_stage: ZeroStage = Stage3() if self.stage == 3 else Stage12()
         base = ds.torch_optimizer(self.zero)
         self.base_cls = type(base)
         self.base_defaults = dict(base.defaults)
+        self.base_kwargs = ds.rebuild_kwargs(base)  # what its constructor takes beside the groups
         self.schedule = ClassSchedule()
         self.rebuilds = 0
         self.last_switch: dict = {}
@@ -155,7 +158,11 @@ class DeepSpeedBackend(OptimizerBackend):
 
     # ------------------------------------------------------------------ setup
     def prepare(self, candidates: Dict[str, List[nn.Parameter]], dynamic: bool, park_state: bool = False) -> None:
+        if dynamic and self.blockers:
+            raise ValueError(dynamic_refusal(self.blockers, self.zero))
         self.park_state = park_state
+        if self.blockers:
+            return  # static: the optimizer is never rebuilt (switch() checks that it holds the selection)
         decay, no_decay = self._decay_classes()
         for _, ps in candidates.items():
             for p in ps:
@@ -188,9 +195,11 @@ class DeepSpeedBackend(OptimizerBackend):
         if {id(p) for p in new_params} == old_ids and not joining:
             # The optimizer already holds exactly the selection (built after the start-up selection,
             # or laid out for a resume).  Create Adam's state now if it has none yet, as a rebuild does.
-            if self.rebuilds == 0 and not ds.moment_keys(ds.torch_optimizer(self.zero)):
+            if not self.blockers and self.rebuilds == 0 and not ds.moment_keys(ds.torch_optimizer(self.zero)):
                 self._init_state(self.zero, [(c, 0) for c in self._group_class], [])
             return SwitchResult()
+        if self.blockers:
+            raise ValueError(late_build_refusal(self.blockers, self.zero, len(old_ids), len(new_params)))
         if self.rebuilds == 0:
             _say_full_build_once(len(old_ids), len(new_params))
         return self.rebuild(new_params, force_fresh={id(p) for p in joining if id(p) not in self.parked})
@@ -333,7 +342,7 @@ class DeepSpeedBackend(OptimizerBackend):
             torch_groups.append(g)
         if not torch_groups:
             raise ValueError("Spectrum selected no trainable parameter; nothing for the DeepSpeed optimizer to train")
-        base = self.base_cls(torch_groups)
+        base = self.base_cls(torch_groups, **self.base_kwargs)
         base.defaults.update(self.base_defaults)
         return base
 
@@ -361,7 +370,7 @@ class DeepSpeedBackend(OptimizerBackend):
                                            f"{tuple(v.shape)}, its new partition {tuple(flat.shape)}")
             else:
                 _, step = order[gi]
-                state = {"step": adam_step_tensor(step, base.param_groups[gi], flat)}
+                state = {"step": ds.adam_step_value(base, step, adam_step_tensor(step, base.param_groups[gi], flat))}
                 for k in keys or self._default_keys(base.param_groups[gi]):
                     state[k] = torch.zeros_like(flat, memory_format=torch.preserve_format)
             ds.set_flat_state(base, flat, state)
@@ -386,7 +395,8 @@ class DeepSpeedBackend(OptimizerBackend):
         elif self.trainer is not None and getattr(self.trainer, "optimizer", None) is old_zero:
             self.trainer.optimizer = new_zero
         self._group_class = list(group_class)
-        self.schedule.follow(ds.torch_optimizer(self.zero).param_groups, group_class, class_lr)
+        self.schedule.follow(ds.torch_optimizer(self.zero).param_groups, group_class, class_lr,
+                             old_base=ds.torch_optimizer(old_zero), new_base=ds.torch_optimizer(new_zero))
 
     @staticmethod
     def _default_keys(group) -> List[str]:

@@ -80,11 +80,15 @@ class ClassSchedule:
                     lrs[i] = float(classes[i]["lr"])
         return [float(x) for x in lrs]
 
-    def follow(self, groups: Sequence[dict], group_class: List[int], class_lr: List[float]) -> None:
+    def follow(self, groups: Sequence[dict], group_class: List[int], class_lr: List[float], old_base=None,
+               new_base=None) -> None:
         """After a rebuild: the scheduler's lists and the new torch param ``groups``' lrs, per
-        group from its class."""
+        group from its class.  A scheduler built over the old torch optimizer itself (the
+        Trainer's schedule beside DeepSpeed's ``optimizer`` block) moves to the new one."""
         if self.sched is None or self.sched_base is None:
             return
+        if old_base is not None and getattr(self.sched, "optimizer", None) is old_base:
+            self.sched.optimizer = new_base
         base, lambdas = self.sched_base
         self.sched.base_lrs = [base[c] for c in group_class]
         if lambdas:

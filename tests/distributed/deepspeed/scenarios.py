@@ -65,7 +65,17 @@ SCENARIOS = {
                                top_pct=0.5),
     "z2_late_bf16": dict(stage=2, update_every=2, max_steps=4, bf16=True, gradient_checkpointing=True, late=True),
     "z1_dynamic": dict(stage=1, update_every=2, max_steps=6),
-    "z3_optimizer_block": dict(stage=3, update_every=None, max_steps=1, optimizer_block=True, expect_error=True),
+    # the configurations users run (static: any optimizer, DeepSpeed's blocks, offload)
+    "z2_bnb8_static": dict(stage=2, update_every=None, max_steps=4, optim="adamw_bnb_8bit"),
+    "z3_torchao8_static": dict(stage=3, update_every=None, max_steps=4, optim="adamw_torch_8bit"),
+    "z2_block_static": dict(stage=2, update_every=None, max_steps=4, optimizer_block=True, scheduler_block=True),
+    "z3_offload_static": dict(stage=3, update_every=None, max_steps=4, offload=True, offload_param=True,
+                              optim="paged_adamw_8bit"),
+    "z2_block_dynamic": dict(stage=2, update_every=2, max_steps=6, optimizer_block=True),
+    "z2_offload_dynamic": dict(stage=2, update_every=2, max_steps=6, offload=True),
+    "z3_offload_dynamic": dict(stage=3, update_every=2, max_steps=6, offload=True, offload_param=True),
+    "z3_block_dynamic": dict(stage=3, update_every=2, max_steps=6, optimizer_block=True),
+    "z2_bnb8_dynamic": dict(stage=2, update_every=2, max_steps=1, optim="adamw_bnb_8bit", expect_error=True),
     # fused 3-D MoE expert banks (transformers 5 Mixtral): one unit each, partitioned by ZeRO-3 too
     "z2_moe_dynamic": dict(stage=2, update_every=2, max_steps=6, arch="mixtral", top_pct=0.5),
     "z3_moe_dynamic": dict(stage=3, update_every=2, max_steps=6, arch="mixtral", top_pct=0.5),
@@ -213,7 +223,7 @@ class Recorder(TrainerCallback):
 
             self.refs.append(weakref.ref(zero))
             base = zero.optimizer
-            self.lrs.append([g["lr"] for g in base.param_groups])
+            self.lrs.append([float(g["lr"]) for g in base.param_groups])
         self.frozen_snap = snapshot_frozen(model)
 
     def on_step_end(self, args, state, control, model=None, **kw):
@@ -238,13 +248,15 @@ def make_trainer(name, s, out, reference, max_steps=None, save=False):
         per_device_train_batch_size=(s.get("per_device", 4) * (2 if reference else 1)),
         bf16=s.get("bf16", False),
         gradient_checkpointing=s.get("gradient_checkpointing", False),
+        optim=s.get("optim", "adamw_torch"),
     )
     if s.get("gradient_checkpointing"):
         kw["gradient_checkpointing_kwargs"] = {"use_reentrant": bool(s.get("reentrant", False))}
     if save:
         kw.update(save_strategy="steps", save_steps=s["resume_at"], save_only_model=False)
     if not reference:
-        kw["deepspeed"] = ds_config(s["stage"], out, s.get("optimizer_block", False))
+        kw["deepspeed"] = ds_config(s["stage"], out, s.get("optimizer_block", False), s.get("scheduler_block", False),
+                                    s.get("offload", False), s.get("offload_param", False))
     args = training_args(os.path.join(out, name), **kw)
     spectrum = SpectrumCallback(top_pct=s.get("top_pct", 0.25), update_every=s["update_every"], verbose=False,
                                 policy=s.get("policy", "scan"), park_state=s.get("park_state", False))

@@ -61,6 +61,15 @@ SCENARIOS = {
     "accel_rotate_park": dict(update_every=2, max_steps=7, policy="rotate", park_state=True),
     "accel_random": dict(update_every=2, max_steps=6, policy="random"),
     "accel_cyclic_park": dict(update_every=2, max_steps=7, policy="cyclic", park_state=True),
+    # low-bit optimizers over DTensor shards
+    "accel_torchao8_static": dict(update_every=None, max_steps=4, optim="adamw_torch_8bit"),
+    "accel_torchao8_rotate_park": dict(update_every=2, max_steps=7, policy="rotate", park_state=True,
+                                       optim="adamw_torch_8bit"),
+    "accel_torchao4_static": dict(update_every=None, max_steps=4, optim="adamw_torch_4bit"),
+    "accel_torchao4_full": dict(update_every=None, max_steps=2, optim="adamw_torch_4bit", no_spectrum=True),
+    "accel_bnb8_static": dict(update_every=None, max_steps=4, optim="adamw_bnb_8bit"),
+    "accel_bnb8_rotate_park": dict(update_every=2, max_steps=7, policy="rotate", park_state=True,
+                                   optim="adamw_bnb_8bit"),
 }
 
 
@@ -219,6 +228,7 @@ def make_trainer(name, s, out, reference, save=False):
         per_device_train_batch_size=s.get("per_device", 4) * (2 if reference else 1),
         bf16=s.get("bf16", False),
         gradient_checkpointing=s.get("gradient_checkpointing", False),
+        optim=s.get("optim", "adamw_torch"),
     )
     if s.get("gradient_checkpointing"):
         kw["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
@@ -230,7 +240,8 @@ def make_trainer(name, s, out, reference, save=False):
     trainer = Trainer(model=model, args=args, train_dataset=RandomTokens(n=256, length=16, seed=1))
     if not reference and s.get("route", "accel") == "accel":
         force_accelerate_fsdp2(trainer, model, s.get("bf16", False))
-    trainer.add_callback(spectrum)
+    if not s.get("no_spectrum"):
+        trainer.add_callback(spectrum)
     rec, losses = Recorder(spectrum), LossLog()
     trainer.add_callback(rec)
     trainer.add_callback(losses)

@@ -10,7 +10,7 @@ import transformers
 
 from spectrum_callback import SpectrumCallback
 from dsrun import ds_env
-from tiny import RandomTokens, snapshot, tiny_model, training_args
+from tiny import RandomTokens, tiny_model, training_args
 
 HERE = os.path.dirname(__file__)
 
@@ -78,31 +78,3 @@ def test_all_nan_model_gives_empty_selection_error(tmp_path):
         tr.train()
 
 
-def _tiny_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = "in the beginning god created heaven and earth was without form void darkness upon face of deep".split()
-    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
-
-
-def test_trl_sft_trainer(tmp_path):
-    trl = pytest.importorskip("trl", reason="trl is part of the test extra; install with pip install -e .[test]")
-    from datasets import Dataset
-
-    tok = _tiny_tokenizer()
-    model = tiny_model("llama", layers=4)
-    before = snapshot(model)
-    text = "in the beginning god created the heaven and the earth and the earth was without form and void"
-    ds = Dataset.from_dict({"text": [text] * 32})
-    cfg = trl.SFTConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
-                        weight_decay=0.1, report_to=[], use_cpu=True, save_strategy="no", logging_steps=1,
-                        max_length=32, disable_tqdm=True)
-    cb = SpectrumCallback(top_pct=0.25)
-    trainer = trl.SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[cb])
-    trainer.train()
-    changed = {n.rsplit(".", 1)[0] for n, p in model.named_parameters() if not torch.equal(before[n], p)}
-    assert len(cb.selected) == 7 and changed == set(cb.selected)
