@@ -161,8 +161,7 @@ def read_parked(folder: str, rank: int) -> dict:
     """What :func:`write_parked` wrote for ``rank`` in ``folder`` (``{}`` when nothing was parked).
 
     Loaded with ``weights_only=True``: tensors, numbers, strings and containers, plus the
-    tensor types of the low-bit optimizers' states (torchao's ``OptimState8bit``,
-    ``OptimState4bit``, ``OptimStateFp8``), allowed by name.  A file holding anything else,
+    classes of :func:`optimizer_state_types`, allowed by name.  A file holding anything else,
     which a plain unpickling could run as code, is refused and never executed."""
     path = os.path.join(folder, PARKED_FILE.format(rank=rank))
     if not os.path.isfile(path):
@@ -171,8 +170,12 @@ def read_parked(folder: str, rank: int) -> dict:
 
     import torch
 
+    # only those not allowed yet: leaving the context removes what it added (torchao adds its
+    # own at import, for every load in the process)
+    allowed = set(map(id, torch.serialization.get_safe_globals()))
+    extra = [t for t in optimizer_state_types() if id(t) not in allowed]
     try:
-        with torch.serialization.safe_globals(_low_bit_state_types()):
+        with torch.serialization.safe_globals(extra):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise ValueError(
@@ -181,12 +184,24 @@ def read_parked(folder: str, rank: int) -> dict:
             "to resume with fresh optimizer state for the parked matrices") from None
 
 
-def _low_bit_state_types() -> list:
-    """The tensor subclasses low-bit optimizers keep their state in (those installed)."""
-    try:
-        from torchao.optim.subclass_4bit import OptimState4bit
-        from torchao.optim.subclass_8bit import OptimState8bit
-        from torchao.optim.subclass_fp8 import OptimStateFp8
-    except Exception:  # torchao not installed, or laid out otherwise
-        return []
-    return [OptimState8bit, OptimState4bit, OptimStateFp8]
+def optimizer_state_types() -> list:
+    """The classes besides tensors that optimizers keep in their state, for ``weights_only``
+    loading (those installed): torchao's low-bit tensor subclasses, GaLore's and APOLLO's
+    gradient projectors (tensors and numbers)."""
+    import importlib
+
+    out = []
+    for module, names in (("torchao.optim.subclass_8bit", ["OptimState8bit"]),
+                          ("torchao.optim.subclass_4bit", ["OptimState4bit"]),
+                          ("torchao.optim.subclass_fp8", ["OptimStateFp8"]),
+                          ("galore_torch.galore_projector", ["GaLoreProjector"]),
+                          ("apollo_torch.svd_projector", ["GaLoreProjector"]),
+                          ("apollo_torch.random_projector", ["GradientProjector"])):
+        if importlib.util.find_spec(module.split(".")[0]) is None:
+            continue
+        try:
+            mod = importlib.import_module(module)
+        except Exception:  # installed but laid out otherwise
+            continue
+        out += [getattr(mod, n) for n in names if hasattr(mod, n)]
+    return out

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-__all__ = ["optimizer_name", "engine_refusal"]
+__all__ = ["optimizer_name", "engine_refusal", "projected_optim_refusal"]
 
 _PROJECTED = ("galore_torch", "apollo_torch")
 
@@ -38,10 +38,22 @@ def engine_refusal(opt, engine: str) -> Optional[str]:
     if pkg in _PROJECTED:
         where = "FSDP2's DTensor shards" if engine == "fsdp2" else "DeepSpeed ZeRO's flat 1-D partitions"
         return (f"{name} projects the gradient of each whole weight matrix (GaLore / APOLLO); under {engine} it "
-                f"gets {where}, which it cannot project. Spectrum with {name} works on plain PyTorch and DDP; "
+                f"would get {where}, which it cannot project. Spectrum with {name} works on plain PyTorch and DDP; "
                 "under DeepSpeed or FSDP2 use optim='adamw_torch' or an 8-bit AdamW")
     if engine == "fsdp2" and pkg == "bitsandbytes":
         return (f"{name} cannot step FSDP2's DTensor parameters: bitsandbytes registers no DTensor sharding for its "
                 "kernels, so it fails without Spectrum too. Under FSDP2 use torchao's optim='adamw_torch_8bit'; "
                 "bitsandbytes' optimizers work with Spectrum on plain PyTorch, DDP and DeepSpeed")
     return None
+
+
+def projected_optim_refusal(optim, engine: str) -> Optional[str]:
+    """:func:`engine_refusal` for a GaLore / APOLLO ``TrainingArguments.optim`` value, before the
+    optimizer exists (DeepSpeed would fail building its partitions around it first)."""
+    name = str(getattr(optim, "value", optim))
+    if not name.startswith(("galore", "apollo")):
+        return None
+    where = "FSDP2's DTensor shards" if engine == "fsdp2" else "DeepSpeed ZeRO's flat 1-D partitions"
+    return (f"optim={name!r} projects the gradient of each whole weight matrix (GaLore / APOLLO); under {engine} it "
+            f"would get {where}, which it cannot project. Spectrum with {name!r} works on plain PyTorch and DDP; "
+            "under DeepSpeed or FSDP2 use optim='adamw_torch' or an 8-bit AdamW")

@@ -25,6 +25,7 @@ from typing import Optional
 from .. import _dist, _frozen
 from .._fence import transformers_internals as hf
 from .._logging import get_logger
+from ..backends.optimizers import projected_optim_refusal
 from ..state import STATE_FILE, SpectrumState
 
 logger = get_logger(__name__)
@@ -61,6 +62,9 @@ def _before_deepspeed_init(trainer) -> None:
     cb = callback_of(trainer)
     if cb is None:
         return
+    why = projected_optim_refusal(getattr(trainer.args, "optim", ""), "deepspeed")
+    if why:
+        raise ValueError(why)
     _, resume_dir = hf.find_trainer(lambda t: t is trainer)
     state: Optional[SpectrumState] = None
     if resume_dir:

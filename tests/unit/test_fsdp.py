@@ -171,3 +171,29 @@ def test_state_file_names_every_alias_of_a_trainable_tied_weight(tmp_path):
         p.requires_grad_("embed_tokens" in n)
     names = session.state_dict()["trainable"]
     assert {"model.embed_tokens.weight", "lm_head.weight"} <= set(names)
+
+
+def _sharded_session(optimizer_factory):
+    from spectrum_callback import SpectrumConfig, SpectrumSession
+
+    model = tiny_model("llama")
+    for layer in model.model.layers:
+        fsdp.fully_shard(layer)
+    fsdp.fully_shard(model)
+    return SpectrumSession(model, optimizer_factory(model.parameters()), SpectrumConfig(top_pct=0.25))
+
+
+def test_fsdp2_refuses_bitsandbytes_naming_what_works(process_group):
+    bnb = pytest.importorskip("bitsandbytes")
+    session = _sharded_session(lambda ps: bnb.optim.AdamW8bit(ps, lr=1e-3))
+    with pytest.raises(ValueError, match=r"bitsandbytes\.optim\.adamw\.AdamW8bit cannot step FSDP2's DTensor.*"
+                                         r"adamw_torch_8bit"):
+        session.start()
+
+
+@pytest.mark.parametrize("package,cls", [("galore_torch", "GaLoreAdamW"), ("apollo_torch", "APOLLOAdamW")])
+def test_fsdp2_refuses_projected_optimizers(process_group, package, cls):
+    mod = pytest.importorskip(package)
+    session = _sharded_session(lambda ps: getattr(mod, cls)(ps, lr=1e-3))
+    with pytest.raises(ValueError, match="projects the gradient of each whole weight matrix"):
+        session.start()

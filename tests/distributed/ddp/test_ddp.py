@@ -53,3 +53,19 @@ def test_ddp_resume_continues_the_same_run(ddp_run):
             assert r["c_resume_losses"][step] == pytest.approx(r["c_full_losses"][step], rel=1e-5), step
         assert r["c_resume_weights"] == pytest.approx(r["c_full_weights"], rel=1e-6, abs=1e-6)
     assert ddp_run[0]["c_resume_weights"] == ddp_run[1]["c_resume_weights"]
+
+
+@pytest.mark.parametrize("optim,module", [("adamw_bnb_8bit", "bitsandbytes."), ("adamw_torch_8bit", "torchao.")])
+def test_ddp_low_bit_optimizers_static_rotate_parked_and_resumed(ddp_run, optim, module):
+    for r in ddp_run:
+        key = f"d_{optim}"
+        for mode in ("static", "full", "resume"):
+            assert r[f"{key}_{mode}_optimizer"].startswith(module)
+            assert r[f"{key}_{mode}_violations"] == [] and r[f"{key}_{mode}_frozen_state"] == 0, mode
+        picks = [h[1] for h in r[f"{key}_full_history"]]
+        assert len(picks) == 3 and picks[0] != picks[1] != picks[2]
+        assert r[f"{key}_resume_history"] == r[f"{key}_full_history"]
+        for step in (4, 5, 6):  # the resumed steps: exactly the uninterrupted run's
+            assert r[f"{key}_resume_losses"][str(step)] == r[f"{key}_full_losses"][str(step)], step
+        assert r[f"{key}_resume_weights"] == r[f"{key}_full_weights"]
+    assert ddp_run[0][f"d_{optim}_resume_weights"] == ddp_run[1][f"d_{optim}_resume_weights"]

@@ -102,6 +102,30 @@ def main(out):
         result[f"c_{mode}_losses"] = {h["step"]: h["loss"] for h in tr.state.log_history if "loss" in h}
         result[f"c_{mode}_weights"] = [float(p.double().sum()) for p in model.parameters()]
         result[f"c_{mode}_trainable"] = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    # D: low-bit optimizers (the DDP cells of the optimizer matrix): static, then rotate with
+    # parked state, saved at step 3 and resumed from there
+    for optim in ("adamw_bnb_8bit", "adamw_torch_8bit"):
+        for mode, kw in (("static", dict(max_steps=3)),
+                         ("full", dict(max_steps=6, save_strategy="steps", save_steps=3)),
+                         ("resume", dict(max_steps=6))):
+            model = tiny_model("llama", layers=4, seed=0)
+            moving = {} if mode == "static" else dict(update_every=2, policy="rotate", park_state=True)
+            cb = SpectrumCallback(top_pct=0.25, verbose=False, **moving)
+            watch = FrozenWatch()
+            args = training_args(os.path.join(out, f"d_{optim}"), per_device_train_batch_size=2, ddp_backend="gloo",
+                                 optim=optim, **kw)
+            tr = transformers.Trainer(model=model, args=args, train_dataset=RandomTokens(n=64, seed=rank),
+                                      callbacks=[cb, watch])
+            ckpt = os.path.join(out, f"d_{optim}", "checkpoint-3")
+            tr.train(resume_from_checkpoint=ckpt if mode == "resume" else None)
+            key = f"d_{optim}_{mode}"
+            result[f"{key}_violations"] = watch.violations
+            result[f"{key}_losses"] = {h["step"]: h["loss"] for h in tr.state.log_history if "loss" in h}
+            result[f"{key}_history"] = [[h["step"], h["selected"]] for h in cb.history]
+            result[f"{key}_weights"] = [float(p.double().sum()) for p in model.parameters()]
+            opt = tr.optimizer.optimizer if hasattr(tr.optimizer, "optimizer") else tr.optimizer
+            result[f"{key}_optimizer"] = f"{type(opt).__module__}.{type(opt).__name__}"
+            result[f"{key}_frozen_state"] = sum(1 for p, st in opt.state.items() if not p.requires_grad and st)
     with open(os.path.join(out, f"rank{rank}.json"), "w") as fh:
         json.dump(result, fh)
     # Tear gloo down before the interpreter exits: left to exit, a gloo thread was once still

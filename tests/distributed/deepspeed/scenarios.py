@@ -76,6 +76,10 @@ SCENARIOS = {
     "z3_offload_dynamic": dict(stage=3, update_every=2, max_steps=6, offload=True, offload_param=True),
     "z3_block_dynamic": dict(stage=3, update_every=2, max_steps=6, optimizer_block=True),
     "z2_bnb8_dynamic": dict(stage=2, update_every=2, max_steps=1, optim="adamw_bnb_8bit", expect_error=True),
+    "z2_sched_dynamic": dict(stage=2, update_every=2, max_steps=1, optimizer_block=True, scheduler_block=True,
+                             expect_error=True),
+    "z2_galore_static": dict(stage=2, update_every=None, max_steps=1, optim="galore_adamw", expect_error=True),
+    "z2_bnb8_resume": dict(stage=2, update_every=None, max_steps=6, resume_at=3, optim="adamw_bnb_8bit"),
     # fused 3-D MoE expert banks (transformers 5 Mixtral): one unit each, partitioned by ZeRO-3 too
     "z2_moe_dynamic": dict(stage=2, update_every=2, max_steps=6, arch="mixtral", top_pct=0.5),
     "z3_moe_dynamic": dict(stage=3, update_every=2, max_steps=6, arch="mixtral", top_pct=0.5),
@@ -167,6 +171,15 @@ class SwitchComm:
 SWITCH_COMM = SwitchComm()
 
 
+def all_flat(values):
+    """Every rank's list (collective)."""
+    if not torch.distributed.is_initialized():
+        return [values]
+    out = [None] * world()
+    torch.distributed.all_gather_object(out, values)
+    return out
+
+
 def full_state(model):
     params = list(model.named_parameters())
     with whole([p for _, p in params]):
@@ -189,6 +202,9 @@ class Recorder(TrainerCallback):
         self.trainer_optimizer = None
         self.scan_stats = []
         self.parked = []
+        self.optimizer_class = None
+        self.flat_numel = []
+        self.stray_state = []
 
     def on_step_begin(self, args, state, control, model=None, optimizer=None, **kw):
         self.trainer_optimizer = optimizer
@@ -221,9 +237,16 @@ class Recorder(TrainerCallback):
         if zero is not None:
             import weakref
 
+            from spectrum_callback._fence.deepspeed_internals import param_groups as _ds_param_groups
+
             self.refs.append(weakref.ref(zero))
             base = zero.optimizer
             self.lrs.append([float(g["lr"]) for g in base.param_groups])
+            self.optimizer_class = f"{type(base).__module__}.{type(base).__name__}"
+            flats = [f for _, _, f in _ds_param_groups(zero)]
+            # the optimizer's state is keyed by the flat partitions of the selection only
+            self.flat_numel.append(sum(f.numel() for f in flats))
+            self.stray_state.append(sum(1 for k in base.state if not any(k is f for f in flats)))
         self.frozen_snap = snapshot_frozen(model)
 
     def on_step_end(self, args, state, control, model=None, **kw):
@@ -250,6 +273,8 @@ def make_trainer(name, s, out, reference, max_steps=None, save=False):
         gradient_checkpointing=s.get("gradient_checkpointing", False),
         optim=s.get("optim", "adamw_torch"),
     )
+    if s.get("optim") in ("galore_adamw", "apollo_adamw"):
+        kw["optim_target_modules"] = [r".*attn.*", r".*mlp.*"]
     if s.get("gradient_checkpointing"):
         kw["gradient_checkpointing_kwargs"] = {"use_reentrant": bool(s.get("reentrant", False))}
     if save:
@@ -363,6 +388,9 @@ def run(name, out, reference=False):
         backend_stage=_current_zero_stage(spectrum),
         zero_groups=_zero_groups(spectrum),
         trainable_tensors=sum(1 for p in model.parameters() if p.requires_grad),
+        optimizer_class=rec.optimizer_class,
+        flat_numel=all_flat(rec.flat_numel),
+        stray_state=rec.stray_state,
     )
     gc.collect()
     current = getattr(spectrum.backend, "zero", None)  # None for the plain-PyTorch reference

@@ -21,12 +21,19 @@ SCRIPT = os.path.join(HERE, "scenarios.py")
 
 pytest.importorskip("deepspeed", reason="deepspeed is a test dependency of the DeepSpeed backend")
 
+# The DeepSpeed cells of the optimizer matrix: static Spectrum with any optimizer, DeepSpeed's
+# own blocks and offload (nothing is ever rebuilt); dynamic with DeepSpeed's Adam block and
+# with offload (rebuilt like the Trainer's AdamW); what dynamic runs refuse.
+OPTIM_STATIC = ["z2_bnb8_static", "z3_torchao8_static", "z2_block_static", "z3_offload_static"]
+OPTIM_DYNAMIC = ["z2_block_dynamic", "z3_block_dynamic", "z2_offload_dynamic", "z3_offload_dynamic"]
+OPTIM_REFUSED = ["z2_bnb8_dynamic", "z2_sched_dynamic", "z2_galore_static"]
 DS_SCENARIOS = [
     "z2_dynamic", "z3_dynamic", "z2_static", "z3_static", "z3_dynamic_ga", "z2_dynamic_gc_bf16",
     "z3_dynamic_gc_reentrant", "z3_dynamic_gc_nonreentrant", "z3_switch20", "z2_resume", "z3_resume",
-    "z3_optimizer_block", "z1_dynamic", "z2_resume_bf16", "z2_moe_dynamic", "z3_moe_dynamic", "z2_late_bf16",
+    "z1_dynamic", "z2_resume_bf16", "z2_moe_dynamic", "z3_moe_dynamic", "z2_late_bf16",
     "z2_resume_untagged",
-] + ["z2_rotate_park", "z3_rotate_park", "z2_random", "z3_random", "z2_cyclic_park", "z3_cyclic"]
+] + ["z2_rotate_park", "z3_rotate_park", "z2_random", "z3_random", "z2_cyclic_park", "z3_cyclic"] + \
+    OPTIM_STATIC + OPTIM_DYNAMIC + OPTIM_REFUSED + ["z2_bnb8_resume"]
 REF_SCENARIOS = ["z2_dynamic", "z2_static", "z3_dynamic_ga", "z3_dynamic_gc_nonreentrant", "z2_moe_dynamic",
                  "z2_rotate_park", "z2_random", "z2_cyclic_park", "z3_cyclic"]
 POLICY_RUNS = [("z2_rotate_park", "z2_rotate_park"), ("z3_rotate_park", "z2_rotate_park"),
@@ -64,7 +71,7 @@ def _weights(results, name, ref=False):
 @pytest.mark.parametrize("name", ["z2_dynamic", "z3_dynamic", "z2_static", "z3_static", "z3_dynamic_ga",
                                   "z2_dynamic_gc_bf16", "z3_dynamic_gc_reentrant", "z3_dynamic_gc_nonreentrant",
                                   "z3_switch20", "z1_dynamic", "z2_moe_dynamic", "z3_moe_dynamic",
-                                  *[n for n, _ in POLICY_RUNS]])
+                                  *[n for n, _ in POLICY_RUNS], *OPTIM_STATIC, *OPTIM_DYNAMIC])
 def test_frozen_parameters_do_not_change_a_bit(ds_results, name):
     r = _get(ds_results, name)
     assert r["violations"] == [], r["violations"][:5]
@@ -79,7 +86,7 @@ def test_frozen_parameters_do_not_change_a_bit(ds_results, name):
                                       ("z3_dynamic_ga", "z3_dynamic_ga"),
                                       ("z3_dynamic_gc_nonreentrant", "z3_dynamic_gc_nonreentrant"),
                                       ("z2_moe_dynamic", "z2_moe_dynamic"), ("z3_moe_dynamic", "z2_moe_dynamic"),
-                                      *POLICY_RUNS])
+                                      *POLICY_RUNS, *[(n, "z2_dynamic") for n in OPTIM_DYNAMIC]])
 def test_same_losses_and_weights_as_plain_pytorch(ds_results, name, ref):
     r = _get(ds_results, name)
     want = _get(ds_results, "ref:" + ref)
@@ -112,7 +119,7 @@ def test_lr_schedule_reaches_every_group_after_rebuilds(ds_results):
 
 # ---------------------------------------------------------------- 3. memory follows the selection
 @pytest.mark.parametrize("name", ["z2_dynamic", "z3_dynamic", "z2_static", "z3_static", "z3_switch20", "z1_dynamic",
-                                  "z2_moe_dynamic", "z3_moe_dynamic", *[n for n, _ in POLICY_RUNS]])
+                                  "z2_moe_dynamic", "z3_moe_dynamic", *[n for n, _ in POLICY_RUNS], *OPTIM_DYNAMIC])
 def test_optimizer_state_only_for_selected(ds_results, name):
     r = _get(ds_results, name)
     world = r["world"]
@@ -187,10 +194,47 @@ def test_resume_continues_with_same_losses(ds_results, name):
     assert r["violations"] == []
 
 
-# ---------------------------------------------------------------- 7. optimizer block
-def test_config_with_optimizer_block_is_refused(ds_results):
-    r = _get(ds_results, "z3_optimizer_block")
-    assert r["error"] and "'optimizer' block" in r["error"] and "Remove" in r["error"]
+# ---------------------------------------------------------------- 7. the configurations users run
+@pytest.mark.parametrize("name,optimizer", [
+    ("z2_bnb8_static", "bitsandbytes.optim.adamw.AdamW"), ("z3_torchao8_static", "torchao.optim.adam.AdamW8bit"),
+    ("z2_block_static", "torch.optim.adamw.AdamW"), ("z3_offload_static", "bitsandbytes.optim.adamw.AdamW"),
+    ("z2_block_dynamic", "torch.optim.adamw.AdamW"), ("z2_offload_dynamic", "torch.optim.adamw.AdamW")])
+def test_any_optimizer_trains_the_selection_only(ds_results, name, optimizer):
+    """Static: the ZeRO optimizer is built over the selection before the engine exists, whatever
+    the optimizer, DeepSpeed's blocks or offload; its state lives on the selection's flat
+    partitions only (this rank's share of the trainable elements, plus alignment)."""
+    r = _get(ds_results, name)
+    assert r["optimizer_class"] == optimizer
+    assert r["violations"] == [] and len(r["losses"]) >= 4
+    for step_flats, trainable in zip(zip(*r["flat_numel"]), r["trainable_numel"]):
+        assert all(trainable / r["world"] <= n <= trainable / r["world"] + 64 for n in step_flats)
+    assert set(r["stray_state"]) == {0}
+    if "static" in name:
+        assert r["rebuilds"] == 0  # nothing was rebuilt: the optimizer and its blocks are DeepSpeed's own
+    losses = [r["losses"][k] for k in sorted(r["losses"], key=int)]
+    assert losses[-1] < losses[0]
+
+
+def test_static_low_bit_resume_is_exact(ds_results):
+    r = _get(ds_results, "z2_bnb8_resume")
+    assert "spectrum_state.json" in r["ckpt_files"]
+    assert sorted(r["resumed_losses"], key=int) == ["4", "5", "6"]
+    for step, loss in r["resumed_losses"].items():
+        assert loss == r["full_losses"][step], (step, loss, r["full_losses"][step])
+    assert r["resume_max_weight_diff"] == 0.0 and r["violations"] == []
+
+
+@pytest.mark.parametrize("name,words", [
+    ("z2_bnb8_dynamic", ["dynamic Spectrum", "bitsandbytes.optim.adamw.AdamW", "static Spectrum (update_every=None)",
+                         "on plain PyTorch or DDP;", "optim='adamw_torch'"]),
+    ("z2_sched_dynamic", ["dynamic Spectrum", "'scheduler' block (WarmupDecayLR)", "lr_scheduler_type"]),
+    ("z2_galore_static", ["optim='galore_adamw'", "flat 1-D partitions", "plain PyTorch and DDP"]),
+])
+def test_what_cannot_follow_is_refused_at_train_begin_with_what_works(ds_results, name, words):
+    r = _get(ds_results, name)
+    assert r["error"], "the run was not refused"
+    for w in words:
+        assert w in r["error"], (w, r["error"])
 
 
 # ---------------------------------------------------------------- 8. what a switch moves between ranks

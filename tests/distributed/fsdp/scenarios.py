@@ -65,11 +65,8 @@ SCENARIOS = {
     "accel_torchao8_static": dict(update_every=None, max_steps=4, optim="adamw_torch_8bit"),
     "accel_torchao8_rotate_park": dict(update_every=2, max_steps=7, policy="rotate", park_state=True,
                                        optim="adamw_torch_8bit"),
-    "accel_torchao4_static": dict(update_every=None, max_steps=4, optim="adamw_torch_4bit"),
-    "accel_torchao4_full": dict(update_every=None, max_steps=2, optim="adamw_torch_4bit", no_spectrum=True),
-    "accel_bnb8_static": dict(update_every=None, max_steps=4, optim="adamw_bnb_8bit"),
-    "accel_bnb8_rotate_park": dict(update_every=2, max_steps=7, policy="rotate", park_state=True,
-                                   optim="adamw_bnb_8bit"),
+    "accel_torchao8_resume": dict(update_every=2, max_steps=6, resume_at=3, policy="rotate", park_state=True,
+                                  optim="adamw_torch_8bit"),
 }
 
 

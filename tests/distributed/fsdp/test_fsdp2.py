@@ -27,8 +27,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "scenarios.py")
 
 POLICIES = ["accel_rotate_park", "accel_random", "accel_cyclic_park"]
+# torchao's 8-bit AdamW over DTensor shards (the FSDP2 cells of the optimizer matrix)
+LOW_BIT = ["accel_torchao8_static", "accel_torchao8_rotate_park"]
 SCENARIOS = ["accel_dynamic", "accel_static", "accel_dynamic_ga", "accel_dynamic_bf16_gc", "accel_switch20",
-             "accel_resume", "accel_moe_dynamic", "tload_dynamic", "accel_prefrozen_dynamic", *POLICIES]
+             "accel_resume", "accel_moe_dynamic", "tload_dynamic", "accel_prefrozen_dynamic", *POLICIES, *LOW_BIT,
+             "accel_torchao8_resume"]
 REFS = ["accel_dynamic", "accel_static", "accel_dynamic_ga", "accel_moe_dynamic", "tload_dynamic", *POLICIES]
 
 # The Trainer leaves a model sharded at load by transformers alone only where transformers has
@@ -78,7 +81,7 @@ def _params_of(module, names):
 
 
 RUNS = ["accel_dynamic", "accel_static", "accel_dynamic_ga", "accel_dynamic_bf16_gc", "accel_switch20",
-        "accel_moe_dynamic", "tload_dynamic", "accel_prefrozen_dynamic", *POLICIES]
+        "accel_moe_dynamic", "tload_dynamic", "accel_prefrozen_dynamic", *POLICIES, *LOW_BIT]
 
 
 @pytest.mark.parametrize("name", _cases(RUNS))
@@ -187,6 +190,21 @@ def test_mixed_precision_and_activation_checkpointing_train(fsdp_results):
     assert any(h["joined"] for h in r["history"][1:])
     losses = [r["losses"][k] for k in sorted(r["losses"], key=int)]
     assert all(x == x for x in losses) and losses[-1] < losses[0]
+
+
+def test_low_bit_rotation_moves_the_selection(fsdp_results):
+    r = _get(fsdp_results, "accel_torchao8_rotate_park")
+    picks = [h["selected"] for h in r["history"]]
+    assert len(picks) >= 3 and all(a != b for a, b in zip(picks, picks[1:]))
+
+
+def test_low_bit_resume_with_parked_state_is_exact(fsdp_results):
+    r = _get(fsdp_results, "accel_torchao8_resume")
+    assert {"spectrum_parked.rank0.pt", "spectrum_parked.rank1.pt"} <= set(r["ckpt_files"])
+    assert sorted(r["resumed_losses"], key=int) == ["4", "5", "6"]
+    for step, loss in r["resumed_losses"].items():
+        assert loss == r["full_losses"][step], (step, loss, r["full_losses"][step])
+    assert r["resume_max_weight_diff"] == 0.0 and r["violations"] == [[], []]
 
 
 def test_resume_through_the_trainers_fsdp2_checkpoint(fsdp_results):
