@@ -4,8 +4,8 @@
 # (also appended to $CI_SUMMARY when set, as .ci/run does).
 #   bash scripts/ci_stack.sh axolotl [--install-only]   axolotl 0.19's pins (scripts/constraints-axolotl.txt)
 #   bash scripts/ci_stack.sh newest  [--install-only]   the registry's newest releases at install time,
-#                                                      unpinned (torch: 2.14.1, the newest build on
-#                                                      these machines' disk; newer is a multi-GB download)
+#                                                      unpinned, torch aside (held at 2.14.1: a newer
+#                                                      build is a multi-GB download)
 # The tested stack (scripts/constraints-tested.txt) is the main suite's (scripts/run_tests.sh).
 # An environment is installed once (a stamp in it); delete ./.venv-<stack> to reinstall.
 set -euo pipefail

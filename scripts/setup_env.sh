@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the package with its test and demo dependencies into the active Python.
-# torch is pinned to the CPU build that lies on these machines (2.13.0); elsewhere pip
-# takes whatever torch>=2.4 you already have.
+# Without a torch installed it installs the tested stack's build (2.13.0); a torch>=2.4
+# already installed is kept.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q --upgrade pip

@@ -1,4 +1,4 @@
-"""scripts/bench_park.py on a tiny model: it runs both variants and its record holds what the
+"""benchmarks/park.py on a tiny model: it runs both variants and its record holds what the
 docs quote (parked host bytes equal one active set's state; the device state does not grow)."""
 import json
 import os
@@ -10,7 +10,7 @@ from dsrun import ROOT, ds_env
 
 def test_bench_park_writes_its_record(tmp_path):
     out = tmp_path / "park.json"
-    cmd = [sys.executable, os.path.join(ROOT, "scripts", "bench_park.py"), "--hidden", "64", "--layers", "4",
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "park.py"), "--hidden", "64", "--layers", "4",
            "--switches", "2", "--threads", "1", "--device", "cpu", "--json", str(out)]
     proc = subprocess.run(cmd, env=ds_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -229,9 +229,9 @@ PRIVATE = ("ds_tensor", "ds_shape", "ds_numel", "ds_id", "_fsdp_flattened", "_ge
            "initialize_optimizer_states")
 
 
-@pytest.mark.parametrize("room", ["spectrum_callback", "spectrum_study", "scripts"])
+@pytest.mark.parametrize("room", ["spectrum_callback", "spectrum_study", "scripts", "benchmarks"])
 def test_private_names_appear_only_inside_the_fence(room):
-    # The library, the study and the scripts reach upstream internals only through the fence
+    # The library, the study, the scripts and the benchmarks reach upstream internals only through the fence
     # (tests may look inside to check them).
     pkg = os.path.join(ROOT, room)
     fence = os.path.join(ROOT, "spectrum_callback", "_fence")

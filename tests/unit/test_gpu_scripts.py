@@ -1,9 +1,12 @@
-"""The GPU scripts, run on the CPU with tiny settings: the next session with a GPU relies
-on them working first time (scripts/gpu_checks.sh, docs/gpu.md)."""
+"""The GPU runner's pieces, run on the CPU with tiny settings, so that a run on a GPU
+(benchmarks/gpu/run.sh, docs/results/gpu.md) works the first time: the Trainer check, the
+analyzer benchmark, the summary of the committed results, and the runner's commands."""
 from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 
@@ -11,7 +14,8 @@ import pytest
 
 from dsrun import ROOT, ds_env
 
-SCRIPTS = os.path.join(ROOT, "scripts")
+BENCH = os.path.join(ROOT, "benchmarks")
+GPU = os.path.join(BENCH, "gpu")
 
 
 def _run(args, timeout=240):
@@ -25,7 +29,7 @@ def _run(args, timeout=240):
 def test_trainer_check_script_on_cpu(tmp_path, engine):
     out = tmp_path / f"{engine}.json"
     extra = ["--force-fsdp2-on-cpu", "--gradient-checkpointing"] if engine == "fsdp2" else []
-    proc = _run([os.path.join(SCRIPTS, "gpu_trainer_check.py"), "--device", "cpu", "--model", "tiny",
+    proc = _run([os.path.join(GPU, "trainer_check.py"), "--device", "cpu", "--model", "tiny",
                  "--engine", engine, "--modes", "full,static,dynamic", "--steps", "8", "--full-steps", "4",
                  "--update-every", "2", "--batch", "4", "--seq", "32", "--lr", "3e-3", "--json", str(out), *extra])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -44,7 +48,7 @@ def test_trainer_check_script_on_cpu(tmp_path, engine):
 
 def test_bench_analyzer_extrapolates_the_baseline_per_type(tmp_path):
     out = tmp_path / "a.json"
-    proc = _run([os.path.join(SCRIPTS, "bench_analyzer.py"), "--device", "cpu", "--shapes", "toy", "--repeat", "1",
+    proc = _run([os.path.join(BENCH, "analyzer.py"), "--device", "cpu", "--shapes", "toy", "--repeat", "1",
                  "--reference", "gram64", "--baseline-layers", "2", "--json", str(out)], timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(out.read_text())
@@ -58,7 +62,7 @@ def test_bench_analyzer_extrapolates_the_baseline_per_type(tmp_path):
 
 def test_gpu_summary_reads_the_committed_results(tmp_path):
     out = tmp_path / "s.json"
-    proc = _run([os.path.join(SCRIPTS, "gpu_summary.py"), "--card", "h200", "--out", str(out)], timeout=60)
+    proc = _run([os.path.join(GPU, "summary.py"), "--card", "h200", "--out", str(out)], timeout=60)  # docs/results/gpu
     assert proc.returncode == 0, proc.stderr[-3000:]
     s = json.loads(out.read_text())
     assert s["device"] == "NVIDIA H200"
@@ -67,3 +71,38 @@ def test_gpu_summary_reads_the_committed_results(tmp_path):
     assert steps["full"]["step_ratio_to_full"] == 1.0
     assert 0 < steps["spectrum_static"]["step_ratio_to_full"] < 1
     assert all(r["ok"] for e in s["trainer_smollm2"].values() for r in e["runs"].values())
+
+
+def _dry_run(*parts):
+    proc = subprocess.run(["bash", os.path.join(GPU, "run.sh"), "--dry-run", *parts], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return [shlex.split(line) for line in proc.stdout.splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+def test_the_gpu_runner_passes_only_options_its_scripts_take():
+    """Every command of benchmarks/gpu/run.sh names a script that exists and options that
+    script's parser knows (its --help lists them), so a run on a GPU does not die on a typo."""
+    commands = _dry_run()
+    scripts = {}
+    for cmd in commands:
+        script = next(a for a in cmd if a.endswith(".py"))
+        assert os.path.isfile(os.path.join(ROOT, script)), script
+        scripts.setdefault(script, set()).update(a for a in cmd if a.startswith("--"))
+    assert {os.path.basename(s) for s in scripts} == {"eigensolvers.py", "analyzer.py", "train.py",
+                                                      "trainer_check.py", "switch.py", "summary.py"}
+    for script, options in scripts.items():
+        proc = _run([os.path.join(ROOT, script), "--help"], timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        known = set(re.findall(r"--[a-z0-9][a-z0-9-]*", proc.stdout))
+        assert options <= known, (script, sorted(options - known))
+
+
+def test_the_gpu_runner_runs_the_parts_asked_for():
+    engines = [cmd[cmd.index("--engine") + 1] for cmd in _dry_run("trainer") if "--engine" in cmd]
+    assert engines == ["torch", "zero2", "zero3"] * 2  # the tiny rehearsal, then SmolLM2
+    assert [os.path.basename(c[1]) for c in _dry_run("fsdp2")] == ["trainer_check.py", "summary.py"]
+    proc = subprocess.run(["bash", os.path.join(GPU, "run.sh"), "--dry-run", "nonsense"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "unknown part" in proc.stderr

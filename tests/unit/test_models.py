@@ -1,5 +1,5 @@
 """The models users bring beyond a dense causal LM: fused MoE experts, task heads, several
-stacks of layers, parametrized layers (issue 12).  Tiny random configs."""
+stacks of layers, parametrized layers.  Tiny random configs."""
 from __future__ import annotations
 
 

@@ -179,7 +179,7 @@ def test_the_cli_error_is_one_line_in_a_real_process(tmp_path):
 
 def test_the_benchmark_smoke_runs(tmp_path):
     out = tmp_path / "bench.json"
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench_stream_scan.py"), "--small",
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "stream_scan.py"), "--small",
                         "--nproc", "0", "--json", str(out), "--workdir", str(tmp_path / "w")],
                        capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

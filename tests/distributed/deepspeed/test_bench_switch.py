@@ -1,5 +1,5 @@
-"""scripts/bench_switch.py runs end to end on CPU (2 processes, a tiny width) and writes the
-record the README's switch table is built from.  Memory and seconds are not asserted here
+"""benchmarks/switch.py runs end to end on CPU (2 processes, a tiny width) and writes the
+record the switch tables of docs/results/deepspeed.md are built from.  Memory and seconds are not asserted here
 (they are measured, not tested); what is asserted is what the numbers mean: the fields exist
 per rank, and a ZeRO-2 switch keeps the stayers' state in place (nothing staged)."""
 from __future__ import annotations
@@ -23,7 +23,7 @@ REQUIRED = ("engine", "world_size", "hidden", "switch_seconds", "peak_extra_byte
 def test_bench_switch_writes_its_record(tmp_path):
     out = tmp_path / "bench.json"
     env = ds_env()
-    cmd = [sys.executable, os.path.join(ROOT, "scripts", "bench_switch.py"), "--engine", "zero2", "--hidden", "64",
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "switch.py"), "--engine", "zero2", "--hidden", "64",
            "--modes", "callback,static", "--json", str(out), "--timeout", "400"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=500, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]

@@ -15,9 +15,10 @@ switches; reported per variant:
   follows a switch, which parking must not grow;
 * ``step_seconds``: median time of an optimizer step without a switch.
 
-The ratios (parked / dropped) are the figures to read: these machines are noisy.
+The ratios (parked / dropped) are the figures to read: both variants run in the same
+process, so the ratios hold under a load that makes absolute times vary.
 
-    python scripts/bench_park.py --hidden 1024 --json docs/bench_park_cpu.json
+    python benchmarks/park.py --hidden 1024 --json docs/results/bench_park_cpu.json
 """
 from __future__ import annotations
 

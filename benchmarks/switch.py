@@ -39,8 +39,8 @@ Reported per rank (rank order), and the worst rank at the top level:
 
 ``--bf16`` trains with ``TrainingArguments(bf16=True)`` (bf16 weights, fp32 master).
 
-    python scripts/bench_switch.py --engine zero3 --hidden 1024 --json docs/bench_switch_cpu.json
-    python scripts/bench_switch.py --engine zero2 --hidden 512 --json docs/bench_switch_cpu.json
+    python benchmarks/switch.py --engine zero3 --hidden 1024 --json docs/results/bench_switch_cpu.json
+    python benchmarks/switch.py --engine zero2 --hidden 512 --json docs/results/bench_switch_cpu.json
 
 ``--json`` accumulates: an existing file's list keeps its other configurations.
 """
@@ -299,7 +299,7 @@ def main() -> None:
     runs = {m: launch(args, m) for m in modes}
     rec = {"engine": args.engine, "world_size": args.nproc, "hidden": args.hidden, "layers": LAYERS,
            "device": args.device, "dtype": "bf16" if args.bf16 else "fp32", "top_pct": TOP_PCT,
-           "command": "python scripts/bench_switch.py " + " ".join(a for a in sys.argv[1:])}
+           "command": "python benchmarks/switch.py " + " ".join(a for a in sys.argv[1:])}
     cb = runs.get("callback")
     if cb:
         rec["params"] = cb[0]["params"]

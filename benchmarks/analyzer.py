@@ -16,11 +16,11 @@ switched off for a like-for-like comparison).  Writes JSON with baseline_s, proj
 speedup, max_rel_err (both vs the reference), same_selection (top 25 % per type,
 project and baseline vs reference), per-type timings and the fast path's route
 counts; the file is first written after the analyzer's scan and completed at the end,
-so a run stopped by a time limit keeps what it measured.  (``reference_s`` was called
-``reference_float64_svdvals_s`` in the JSON files written before 2026-11-25.)
+so a run stopped by a time limit keeps what it measured.  (``reference_s`` is called
+``reference_float64_svdvals_s`` in some older result files.)
 
-    nice -n 5 python scripts/bench_analyzer.py --device cpu --shapes tiny --json docs/bench_analyzer_cpu_tiny.json
-    python scripts/bench_analyzer.py --device cuda --shapes 8b --json docs/bench_analyzer_cuda_8b.json
+    nice -n 5 python benchmarks/analyzer.py --device cpu --shapes tiny --json docs/results/bench_analyzer_cpu_tiny.json
+    python benchmarks/analyzer.py --device cuda --shapes 8b --json runs/bench_analyzer_cuda_8b.json
 """
 from __future__ import annotations
 

@@ -15,9 +15,9 @@ Reported per method: median step time, tokens/s, peak memory (CPU: peak RSS of t
 process and an estimate of parameter + gradient + optimizer-state bytes; CUDA:
 ``torch.cuda.max_memory_allocated``), trainable parameters, ratios to full fine-tuning.
 
-    nice -n 5 python scripts/bench_train.py --device cpu \
-        --json docs/bench_train_cpu.json --plot docs/bench_train_cpu.png
-    python scripts/bench_train.py --device cuda --json docs/bench_train_cuda.json --plot docs/bench_train_cuda.png
+    nice -n 5 python benchmarks/train.py --device cpu \
+        --json docs/results/bench_train_cpu.json --plot docs/results/bench_train_cpu.png
+    python benchmarks/train.py --device cuda --json runs/bench_train_cuda.json --plot runs/bench_train_cuda.png
 """
 from __future__ import annotations
 

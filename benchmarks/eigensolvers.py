@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Micro-benchmark of the eigen-solve behind the fast scan, for a GPU session.
+"""Micro-benchmark of the eigen-solve behind the fast scan (meant for a GPU).
 
 The fast route's time is almost all ``eigvalsh`` of a ``k x k`` Gram matrix, so this
 measures what torch (and cupy, where installed) offers for that solve on the machine at
@@ -19,7 +19,7 @@ hand, per matrix, in one run:
 Writes JSON (``--json``) with ms per matrix for every combination and the largest
 relative eigenvalue difference from the fp64 cusolver (or CPU) result, so that a faster
 variant can be judged on accuracy too.  Smoke test on CPU:
-``python scripts/bench_eig_gpu.py --device cpu --k 256 --batch 4``.
+``python benchmarks/eigensolvers.py --device cpu --k 256 --batch 4``.
 """
 from __future__ import annotations
 

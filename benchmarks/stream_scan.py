@@ -13,8 +13,8 @@ Each worker reports its baseline RSS (after the imports, before the scan), its p
 (``VmHWM``), the scan's wall time and the SNRs; the parent compares the SNRs (relative
 difference, top 25 % per type) and writes everything, with the machine's load, to ``--json``.
 
-    python scripts/bench_stream_scan.py --json docs/bench_stream_scan_cpu.json
-    python scripts/bench_stream_scan.py --small --nproc 0 --json /tmp/b.json   # seconds (the test)
+    python benchmarks/stream_scan.py --json docs/results/bench_stream_scan_cpu.json
+    python benchmarks/stream_scan.py --small --nproc 0 --json /tmp/b.json   # seconds (the test)
 """
 from __future__ import annotations
 
@@ -193,7 +193,7 @@ def main():
     ck = dict(describe_checkpoint(ckpt), **made)
     s, m = routes["stream"], routes["memory"]
     res = {
-        "command": "python scripts/bench_stream_scan.py" + (" --small" if args.small else "")
+        "command": "python benchmarks/stream_scan.py" + (" --small" if args.small else "")
                    + f" --nproc {args.nproc} --threads {args.threads}",
         "size": size, "machine": _machine(), "checkpoint": ck, "threads": args.threads,
         **_compare(s, m),

@@ -1,8 +1,11 @@
 #!/usr/bin/env python
-"""Summarize the raw GPU results (docs/gpu/*.json, written by scripts/gpu_checks.sh) into
-docs/gpu_results.json and print the README's GPU tables (Markdown).
+"""Summarize one card's raw GPU results (``<what>_<card>.json``, written by
+benchmarks/gpu/run.sh) into one JSON and print the training-step table (Markdown).
 
-    python scripts/gpu_summary.py --card h200            # reads docs/gpu/*_h200.json
+    python benchmarks/gpu/summary.py --card h200     # docs/results/gpu/*_h200.json -> docs/results/gpu_results.json
+    python benchmarks/gpu/summary.py --card h100 --folder runs/gpu --out runs/gpu/gpu_results.json
+
+A part that did not run (no file) is ``null`` in the summary.
 """
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import argparse
 import json
 import os
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks/gpu/ -> root
 GIB = 2**30
 ENGINES = ("torch", "zero2", "zero3")
 
@@ -91,11 +94,20 @@ def trainer_summary(runs_by_engine):
     return out
 
 
+def switch_summary(records):
+    if not records:
+        return None
+    keep = ("engine", "hidden", "params", "world_size", "switch_seconds", "peak_extra_bytes", "peak_extra_device_bytes",
+            "stayers_state_bytes_per_rank", "startup_peak_bytes", "static_startup_peak_bytes",
+            "full_startup_peak_bytes", "command")
+    return [{k: r.get(k) for k in keep} for r in records]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--card", default="h200")
-    ap.add_argument("--folder", default=os.path.join(ROOT, "docs", "gpu"))
-    ap.add_argument("--out", default=os.path.join(ROOT, "docs", "gpu_results.json"))
+    ap.add_argument("--folder", default=os.path.join(ROOT, "docs", "results", "gpu"))
+    ap.add_argument("--out", default=os.path.join(ROOT, "docs", "results", "gpu_results.json"))
     args = ap.parse_args(argv)
     f, c = args.folder, args.card
     versions = {}
@@ -119,6 +131,8 @@ def main(argv=None):
         "training_step_2b": train_summary(load(f, f"bench_train_{c}.json")),
         "trainer_smollm2": trainer_summary({e: load(f, f"trainer_smollm2_{e}_{c}.json") for e in ENGINES}),
         "trainer_tiny_rehearsal": trainer_summary({e: load(f, f"trainer_tiny_{e}_{c}.json") for e in ENGINES}),
+        "trainer_fsdp2_wide": trainer_summary({"fsdp2": load(f, f"trainer_wide_fsdp2_{c}.json")}) or None,
+        "switch": switch_summary(load(f, f"bench_switch_{c}.json")),
         "notes": load(f, f"notes_{c}.json"),
         "raw_files": sorted(x for x in os.listdir(f) if x.endswith(f"_{c}.json") or x.endswith(f"_{c}.txt")),
     }

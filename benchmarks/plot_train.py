@@ -1,14 +1,14 @@
 #!/usr/bin/env python
 """Re-draw the training benchmark plot from its JSON (step time and memory per method).
 
-    python scripts/plot_bench.py docs/bench_train_cpu.json docs/bench_train_cpu.png
+    python benchmarks/plot_train.py docs/results/bench_train_cpu.json docs/results/bench_train_cpu.png
 """
 import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_train import plot  # noqa: E402
+from train import plot  # noqa: E402
 
 
 def main(argv=None):

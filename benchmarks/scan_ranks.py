@@ -6,7 +6,7 @@ The analyzer splits the SVD work of a scan across the ranks of an initialised
 all-gathers the results. This measures the wall time of one full scan of the same
 model in one process and in N processes, and checks both give the same SNRs.
 
-    python scripts/bench_scan_ranks.py --shapes tiny --nproc 2 --json docs/bench_scan_ranks_cpu.json
+    python benchmarks/scan_ranks.py --shapes tiny --nproc 2 --json docs/results/bench_scan_ranks_cpu.json
 """
 from __future__ import annotations
 
@@ -19,13 +19,13 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
+sys.path.insert(0, HERE)  # analyzer.py beside this file, also in the torchrun workers
 
 
 def scan_once(shapes, layers, repeat):
     import torch
 
-    from bench_analyzer import FakeModel
+    from analyzer import FakeModel
     from spectrum_callback.analyzer import SpectrumAnalyzer
 
     torch.set_num_threads(1)

