@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional
 
-import torch
 from transformers import TrainerCallback
 
 from . import _dist
@@ -13,14 +12,14 @@ from ._fence.transformers_internals import find_trainer
 from ._logging import follow_trainer, get_logger
 from .candidates import SHARDED_HELP
 from .config import SpectrumConfig
-from .freeze import apply_selection, spectrum_freeze
 from .integrations.transformers_hooks import install_hooks
+from .plotting import write_plots
 from .session import SpectrumSession
 from .state import STATE_FILE, SpectrumState, read_parked, write_parked
 
 logger = get_logger(__name__)
 
-__all__ = ["SpectrumCallback", "spectrum_freeze", "apply_selection", "STATE_FILE"]
+__all__ = ["SpectrumCallback", "session_of_trainer", "STATE_FILE"]
 
 
 class SpectrumCallback(TrainerCallback):
@@ -39,51 +38,30 @@ class SpectrumCallback(TrainerCallback):
     The run is a :class:`~spectrum_callback.SpectrumSession` (:attr:`session`); this class maps
     the Trainer's events to it, its metrics to ``trainer.log`` and its state to checkpoints.
 
-    Args (validated by :class:`~spectrum_callback.SpectrumConfig`, which documents each):
+    Args:
         top_pct: fraction of each matrix type kept trainable, in (0, 1].
-        update_every: ``None`` for static Spectrum, or re-scan every N optimizer steps.
-        include / exclude: regexes on module names defining the candidate matrices.
-        always_train: regexes on parameter names kept trainable and never scanned.
-        never_train: regexes on candidate module names that are scanned but never selected.
-        min_per_type: at least this many matrices per type.
-        snr_json: an SNR file or mapping for the first selection instead of a scan.
-        method: SNR route, ``"auto"``, ``"fast"``, ``"gram"`` or ``"svd"`` (the original's).
-        dtype: precision of the SNR work (``None``: per method and device).
-        chunk_mb: most MiB of matrix copies one solver call holds.
-        plot_dir: write ``spectrum_snr.png`` (and ``spectrum_selection.png``) there at train end.
-        verbose: log a one-line summary at every scan (INFO; level from ``TrainingArguments.log_level``).
-        train_heads: train the task heads a ``*For...`` model adds to its base model.
-        policy: how each selection chooses: ``"scan"`` (re-scan, top by SNR), ``"rotate"``,
-            ``"random"``, ``"cyclic"`` (:mod:`spectrum_callback.policies`) or your own object.
-        pool_pct: the pool ``"rotate"`` moves through, per type (default ``min(1, 2 * top_pct)``).
-        park_state: moving policies keep a leaver's optimizer state in host memory for its return.
-        seed: seed of ``"random"`` (``None``: ``TrainingArguments.seed``).
+        update_every: ``None`` for static Spectrum, or a new selection every N optimizer steps.
+        **settings: any other setting of :class:`~spectrum_callback.SpectrumConfig` (``policy``,
+            ``park_state``, ``always_train``, ...), which declares, documents and validates
+            every setting (``docs/guide/configuration.md``).
 
     Attributes:
+        config: the :class:`~spectrum_callback.SpectrumConfig`.
         selected: sorted names of the modules trainable now.
         history: one dict per selection (``step``, ``selected``, ``snr``, ``types``, ``joined``, ``left``, ``source``).
         session / analyzer / backend: the run, its analyzer and its optimizer backend.
     """
 
-    def __init__(self, top_pct: float = 0.25, update_every: Optional[int] = None,
-                 include: Optional[Sequence[str]] = None, exclude: Optional[Sequence[str]] = None,
-                 always_train: Sequence[str] = (), never_train: Sequence[str] = (), min_per_type: int = 1,
-                 snr_json=None, method: str = "auto", dtype: Optional[torch.dtype] = None, chunk_mb: float = 512,
-                 plot_dir: Optional[str] = None, verbose: bool = True, train_heads: bool = True, policy="scan",
-                 pool_pct: Optional[float] = None, park_state: bool = False, seed: Optional[int] = None):
-        self.config = SpectrumConfig(
-            top_pct=top_pct, update_every=update_every, include=include, exclude=exclude,
-            always_train=list(always_train or []), never_train=list(never_train or []), min_per_type=min_per_type,
-            snr_json=snr_json, method=method, dtype=dtype, chunk_mb=chunk_mb, plot_dir=plot_dir, verbose=verbose,
-            train_heads=train_heads, policy=policy, pool_pct=pool_pct, park_state=park_state, seed=seed)
-        install_hooks()
+    def __init__(self, top_pct: float = 0.25, update_every: Optional[int] = None, **settings):
+        self.config = SpectrumConfig.from_settings(top_pct=top_pct, update_every=update_every, **settings)
+        install_hooks(session_of_trainer)
         self.session: Optional[SpectrumSession] = None
         self.trainer = None
         self._pending_logs: Dict[str, float] = {}
 
     @classmethod
     def from_config(cls, config: SpectrumConfig) -> "SpectrumCallback":
-        return cls(**{k: getattr(config, k) for k in config.__dataclass_fields__})
+        return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
 
     dynamic = property(lambda self: self.config.dynamic)
     selected = property(lambda self: list(self.session.selected) if self.session else [])
@@ -131,7 +109,7 @@ class SpectrumCallback(TrainerCallback):
                     f"the Trainer holds {n} SpectrumCallbacks: they would overwrite each other's selection and "
                     "leave optimizer state on frozen weights. Keep one (trainer.remove_callback(...))")
         session = self.session_for(trainer, model)
-        session._rebind(optimizer, kwargs.get("lr_scheduler"))
+        session.bind(optimizer, kwargs.get("lr_scheduler"))
         saved = None
         if state.global_step > 0:
             wanted = args.resume_from_checkpoint if isinstance(args.resume_from_checkpoint, str) else None
@@ -148,7 +126,7 @@ class SpectrumCallback(TrainerCallback):
         return control
 
     def on_step_begin(self, args, state, control, **kwargs):
-        if self.session is not None and self.session._started:
+        if self.session is not None and self.session.started:
             self.session.maybe_switch(state.global_step)
         return control
 
@@ -174,10 +152,8 @@ class SpectrumCallback(TrainerCallback):
         if args.load_best_model_at_end and best and session.analyzer is not None:
             saved = SpectrumState.find([best])  # the weights are that checkpoint's now: so is the selection
             if saved is not None and saved.selected != session.selected:
-                session._restore_selection(saved)
+                session.restore(saved)
         if self.config.plot_dir and state.is_world_process_zero and session.history:
-            from .plotting import write_plots
-
             write_plots(session.history, session.selected, self.config.plot_dir)
         session.close()
         return control
@@ -197,3 +173,15 @@ class SpectrumCallback(TrainerCallback):
         st.global_step = global_step
         return st.write(path)
 
+
+
+def session_of_trainer(trainer) -> Optional[SpectrumSession]:
+    """The session of ``trainer``'s one :class:`SpectrumCallback` on the Trainer's model (made
+    when the callback has none yet), for the Trainer hooks that run before any callback event;
+    ``None`` when the Trainer has no SpectrumCallback, or several (``on_train_begin`` refuses
+    those)."""
+    cbs = [cb for cb in getattr(getattr(trainer, "callback_handler", None), "callbacks", [])
+           if isinstance(cb, SpectrumCallback)]
+    if len(cbs) != 1:
+        return None
+    return cbs[0].session_for(trainer, trainer.model)

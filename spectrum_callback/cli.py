@@ -28,12 +28,12 @@ from typing import Optional, Sequence
 
 from . import _offline_model
 from .selection import (
+    check_budget,
     load_snr_json,
     model_slug,
     save_snr_json,
     select_top,
     sorted_snr,
-    types_keeping_none,
     write_unfrozen_parameters_yaml,
 )
 
@@ -87,14 +87,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _check_percent(snr, pct: float) -> None:
     """Refuse a percentage that keeps no matrix of some type (before anything is written)."""
-    empty = types_keeping_none(snr, pct / 100.0)
-    if empty:
-        typ, n = empty[0]
-        smallest = min(m for _, m in empty)
-        hint = (f"did you mean --top-percent {pct * 100:g}?" if pct < 1
-                else f"use --top-percent {math.ceil(10000 / smallest) / 100:g} or more")
-        raise CliError(f"--top-percent {pct:g} keeps no matrix of {len(empty)} type(s), e.g. {typ} "
-                       f"({n} matrices; {pct:g} % of {n} rounds down to 0): {hint}")
+    try:
+        check_budget((str(i["type"]) for i in snr.values()), pct / 100.0, 0, percent=True)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
 
 
 def _read_snr_json(path: str):

@@ -1,8 +1,12 @@
-"""``SpectrumConfig``: every setting of a Spectrum run, validated once.
+"""``SpectrumConfig``: every setting of a Spectrum run, declared, documented and validated once.
 
-The session, the callback, :func:`~spectrum_callback.spectrum_freeze`, the ``spectrum-scan``
-CLI and the checkpoint state file all go through it, so a setting means the same thing and is checked
-by the same rule everywhere (the way peft's ``LoraConfig`` serves its tuners).
+The callback, the session, :func:`~spectrum_callback.spectrum_freeze`,
+:func:`~spectrum_callback.spectrum_lora_targets`, the axolotl plugin (``spectrum_<setting>``
+keys), the ``spectrum-scan`` CLI and the checkpoint state file all take their settings from
+this dataclass, so a setting means the same thing and is checked by the same rule everywhere
+(the way peft's ``LoraConfig`` serves its tuners).  Each field carries its documentation
+(``metadata["doc"]``): the class docstring and the configuration reference in the docs
+(:func:`reference_markdown`) are written from it.
 
 Rules: numbers must be numbers (``True``/``False`` are refused where a number is expected,
 numpy integers and floats are accepted); patterns must compile; a ``snr_json`` path must
@@ -11,15 +15,18 @@ JSON (``dtype`` as its name; a ``snr_json`` mapping is not stored, only a path i
 """
 from __future__ import annotations
 
-import math
+import json
 import numbers
 import os
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import List, Mapping, Optional, Sequence, Union
 
+from .policies import BUILTIN_POLICIES, ROTATING_POLICIES, SelectionPolicy
+from .selection import validate_top_pct
+
 __all__ = ["SpectrumConfig", "SNR_METHODS", "validate_top_pct", "compile_patterns", "check_method", "check_dtype",
-           "check_chunk_mb"]
+           "check_chunk_mb", "reference_markdown"]
 
 # The SNR routes the analyzer offers (see spectrum_callback.analyzer).
 SNR_METHODS = ("auto", "fast", "gram", "svd")
@@ -34,19 +41,11 @@ def _is_int(x) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
-def validate_top_pct(top_pct, arg: str = "top_pct") -> float:
-    """``top_pct`` as a float in (0, 1]; a clear error otherwise (with a hint for percentages).
-    Numbers (numpy's too) and numeric strings are accepted, ``True``/``False`` are not."""
-    try:
-        if isinstance(top_pct, bool):
-            raise TypeError
-        value = float(top_pct)
-    except (TypeError, ValueError):
-        raise ValueError(f"{arg}={top_pct!r} must be a number in (0, 1], e.g. 0.25 for the top 25 %") from None
-    if not (0.0 < value <= 1.0) or math.isnan(value):
-        hint = f"; did you mean {value / 100:g}?" if 1.0 < value <= 100.0 else ""
-        raise ValueError(f"{arg}={top_pct!r} must be a fraction in (0, 1], e.g. 0.25 for the top 25 %{hint}")
-    return value
+def _setting(default=MISSING, doc: str = "", factory=MISSING):
+    """A field with its documentation."""
+    if factory is not MISSING:
+        return field(default_factory=factory, metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
 
 
 def compile_patterns(patterns: Optional[Sequence[str]], arg: str) -> List["re.Pattern"]:
@@ -68,54 +67,43 @@ def compile_patterns(patterns: Optional[Sequence[str]], arg: str) -> List["re.Pa
 
 @dataclass
 class SpectrumConfig:
-    """Settings of a Spectrum run (see :class:`~spectrum_callback.SpectrumCallback` for each).
+    """Settings of a Spectrum run (each field's documentation follows, from the field itself)."""
 
-    Args:
-        top_pct: fraction of each matrix type kept trainable, in (0, 1].
-        update_every: ``None`` (static) or re-scan every N optimizer steps (N >= 1).
-        include: regexes on module names that make the candidates (``None``: the default rule).
-        exclude: regexes on module names left out of the candidates.
-        always_train: regexes on parameter names kept trainable and never scanned.
-        never_train: regexes on candidate module names never selected.
-        min_per_type: at least this many matrices per type (>= 0).
-        snr_json: an original SNR file (path) or mapping for the first selection.
-        method: SNR route, one of :data:`SNR_METHODS`.
-        dtype: ``None``, ``"float32"``/``"float64"`` or the torch dtypes.
-        chunk_mb: most MiB of matrix copies one solver call holds (> 0).
-        plot_dir: folder for the PNGs written at train end, or ``None``.
-        verbose: log a summary line at every scan.
-        train_heads: train the task heads the base model does not contain (classifier,
-            score, QA head, ...) and its pooler; ``False`` keeps them frozen (with a warning).
-        policy: how each selection chooses (:mod:`spectrum_callback.policies`): ``"scan"``
-            (re-scan, top by SNR), ``"rotate"`` (move through the top ``pool_pct`` by SNR),
-            ``"random"`` (a fresh random draw per type), ``"cyclic"`` (the next window of
-            layers per type), or a ``SelectionPolicy`` object.  All but ``"scan"`` need
-            ``update_every``.
-        pool_pct: the rotation pool per type for ``"rotate"``, in (top_pct, 1]; default
-            ``min(1, 2 * top_pct)``.
-        park_state: for the moving policies, a leaver's optimizer state waits in host memory
-            and comes back when the matrix rejoins (instead of being dropped).
-        seed: seed of ``"random"`` (``None``: the Trainer's ``seed``, else 0).
-    """
-
-    top_pct: float = 0.25
-    update_every: Optional[int] = None
-    include: Optional[List[str]] = None
-    exclude: Optional[List[str]] = None
-    always_train: List[str] = field(default_factory=list)
-    never_train: List[str] = field(default_factory=list)
-    min_per_type: int = 1
-    snr_json: Union[None, str, os.PathLike, Mapping] = None
-    method: str = "auto"
-    dtype: object = None
-    chunk_mb: float = 512
-    plot_dir: Optional[str] = None
-    verbose: bool = True
-    train_heads: bool = True
-    policy: object = "scan"
-    pool_pct: Optional[float] = None
-    park_state: bool = False
-    seed: Optional[int] = None
+    top_pct: float = _setting(0.25, "Fraction of each matrix type kept trainable, in (0, 1]: the top ``top_pct`` by "
+                              "SNR (``int(len(type) * top_pct)``, the original tool's truncation).")
+    update_every: Optional[int] = _setting(None, "``None``: static Spectrum (one selection before training). N: a new "
+                                           "selection every N optimizer steps (dynamic).")
+    include: Optional[List[str]] = _setting(None, "Regexes on module names that make the candidates (``None``: every "
+                                            "2-D weight and fused expert bank inside the numbered layers).")
+    exclude: Optional[List[str]] = _setting(None, "Regexes on module names left out of the candidates.")
+    always_train: List[str] = _setting(doc="Regexes on parameter names kept trainable and never scanned, e.g. "
+                                       "``[r'^lm_head\\.weight$']``.", factory=list)
+    never_train: List[str] = _setting(doc="Regexes on candidate module names that are scanned but never selected.",
+                                      factory=list)
+    min_per_type: int = _setting(1, "At least this many matrices of each type train (0: the original tool's plain "
+                                 "truncation).")
+    snr_json: Union[None, str, os.PathLike, Mapping] = _setting(
+        None, "An SNR file of the original tool (either of its formats) or a mapping, for the first selection "
+        "instead of a scan.")
+    method: str = _setting("auto", "SNR route: ``'auto'`` (fast and checked, exact fallback), ``'fast'``, "
+                           "``'gram'`` or ``'svd'`` (the original tool's).")
+    dtype: object = _setting(None, "Precision of the SNR work: ``None`` (per method and device), "
+                             "``torch.float32`` or ``torch.float64`` (or their names).")
+    chunk_mb: float = _setting(512, "Most MiB of matrix copies one solver call holds.")
+    plot_dir: Optional[str] = _setting(None, "A folder for ``spectrum_snr.png`` (and ``spectrum_selection.png`` for a "
+                                       "moving selection), written at the end of training.")
+    verbose: bool = _setting(True, "Log a one-line summary at every selection (INFO).")
+    train_heads: bool = _setting(True, "Train the task heads a ``*For...`` model adds to its base model "
+                                 "(classifier, score, QA head, pooler); ``False`` keeps them frozen, with a warning.")
+    policy: object = _setting("scan", "How each selection chooses: ``'scan'`` (top by SNR, re-scanned), "
+                              "``'rotate'`` (moves through the top ``pool_pct``), ``'random'`` (LISA-like), "
+                              "``'cyclic'`` (BAdam-like), or a ``SelectionPolicy`` object. All but ``'scan'`` need "
+                              "``update_every``.")
+    pool_pct: Optional[float] = _setting(None, "The pool ``'rotate'`` moves through, per type, in (top_pct, 1] "
+                                         "(``None``: ``min(1, 2 * top_pct)``).")
+    park_state: bool = _setting(False, "Moving policies: a leaver's optimizer state waits in host memory and comes "
+                                "back when the matrix rejoins, instead of being dropped.")
+    seed: Optional[int] = _setting(None, "Seed of ``'random'`` (``None``: the Trainer's ``seed``, else 0).")
 
     def __post_init__(self):
         self.top_pct = validate_top_pct(self.top_pct)
@@ -157,8 +145,6 @@ class SpectrumConfig:
         self._check_policy()
 
     def _check_policy(self) -> None:
-        from .policies import BUILTIN_POLICIES, ROTATING_POLICIES, SelectionPolicy
-
         if isinstance(self.policy, str):
             if self.policy not in BUILTIN_POLICIES:
                 raise ValueError(f"policy={self.policy!r} is not known; use one of "
@@ -204,11 +190,7 @@ class SpectrumConfig:
     @property
     def torch_dtype(self):
         """The ``dtype`` setting as a torch dtype (or ``None``)."""
-        if self.dtype is None:
-            return None
-        import torch
-
-        return getattr(torch, self.dtype)
+        return check_dtype(self.dtype)
 
     def to_dict(self) -> dict:
         """JSON-able settings (a ``snr_json`` mapping is left out: only a path is kept)."""
@@ -217,6 +199,20 @@ class SpectrumConfig:
             d["snr_json"] = None
         d["policy"] = self.policy_name
         return d
+
+    @classmethod
+    def from_settings(cls, **settings) -> "SpectrumConfig":
+        """``SpectrumConfig(**settings)``, an unknown name refused with the closest known one (the
+        callback, ``spectrum_freeze`` and ``spectrum_lora_targets`` take their settings here)."""
+        import difflib
+
+        known = [f.name for f in fields(cls)]
+        for name in settings:
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else f"; the settings are {', '.join(known)}"
+                raise ValueError(f"unknown Spectrum setting {name!r}{hint}")
+        return cls(**settings)
 
     @classmethod
     def from_dict(cls, data: Mapping) -> "SpectrumConfig":
@@ -229,8 +225,6 @@ class SpectrumConfig:
 
     def to_json_file(self, path: str) -> str:
         """Write :meth:`to_dict` as JSON (like ``TrainerState.save_to_json``)."""
-        import json
-
         with open(path, "w") as fh:
             json.dump(self.to_dict(), fh, indent=2)
         return path
@@ -238,8 +232,6 @@ class SpectrumConfig:
     @classmethod
     def from_json_file(cls, path: str) -> "SpectrumConfig":
         """Read a file written by :meth:`to_json_file`."""
-        import json
-
         with open(path) as fh:
             return cls.from_dict(json.load(fh))
 
@@ -281,3 +273,40 @@ def _dtype_name(dtype) -> Optional[str]:
     if name not in _DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported; use None, torch.float32 or torch.float64")
     return name
+
+
+def _settings_doc() -> str:
+    lines = ["Settings of a Spectrum run, validated once (``SpectrumConfig(top_pct=0.25, update_every=100)``).", "",
+             "Args:"]
+    for f in fields(SpectrumConfig):
+        lines.append(f"    {f.name}: {f.metadata['doc']}")
+    return "\n".join(lines)
+
+
+SpectrumConfig.__doc__ = _settings_doc()
+
+
+def _default_text(f) -> str:
+    value = f.default_factory() if f.default is MISSING else f.default
+    return repr(value)
+
+
+def reference_markdown() -> str:
+    """The configuration reference (``docs/guide/configuration.md``), written from the fields."""
+    lines = ["# Configuration reference", "",
+             "<!-- generated by `python -m spectrum_callback.config` from the fields of SpectrumConfig; "
+             "tests/unit/test_config.py checks it -->", "",
+             "Every setting of a Spectrum run is a field of `SpectrumConfig`. The same names are keyword arguments "
+             "of `SpectrumCallback(top_pct=0.25, update_every=None, **settings)`, `spectrum_freeze(model, "
+             "top_pct=0.25, **settings)` and `SpectrumSession(model, optimizer, SpectrumConfig(...))`, and axolotl "
+             "keys `spectrum_<setting>`. A bad value is refused when the object is built, with a message that names "
+             "the setting.", "",
+             "| setting | default | meaning |", "| --- | --- | --- |"]
+    for f in fields(SpectrumConfig):
+        doc = re.sub(r"``(.+?)``", r"`\1`", f.metadata["doc"]).replace("|", "\\|")
+        lines.append(f"| `{f.name}` | `{_default_text(f)}` | {doc} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # python -m spectrum_callback.config > docs/guide/configuration.md
+    print(reference_markdown(), end="")

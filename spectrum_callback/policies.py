@@ -29,7 +29,7 @@ import re
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence
 
-from .selection import keep_count
+from .selection import top_per_type, type_budget
 
 __all__ = ["SelectionPolicy", "PolicyInput", "ScanPolicy", "RotatePolicy", "RandomPolicy", "CyclicPolicy",
            "BUILTIN_POLICIES", "ROTATING_POLICIES", "make_policy"]
@@ -64,10 +64,6 @@ class PolicyInput:
                 out[self.types[n]].append(n)
         return out
 
-    def top(self, members: Sequence[str], k: int) -> List[str]:
-        """The ``k`` highest-SNR ``members`` (stable: ties keep model order)."""
-        return sorted(members, key=lambda n: -self.snr[n])[:k]
-
 
 class SelectionPolicy:
     """The interface of a selection policy (see the module doc)."""
@@ -97,7 +93,7 @@ class ScanPolicy(SelectionPolicy):
         return True
 
     def select(self, step: int, units: PolicyInput) -> List[str]:
-        return [n for typ, members in units.by_type().items() for n in units.top(members, units.budget[typ])]
+        return top_per_type(units.names, units.types, units.budget, units.snr, units.eligible)
 
 
 class _Windows(SelectionPolicy):
@@ -131,10 +127,10 @@ class RotatePolicy(_Windows):
 
     def select(self, step: int, units: PolicyInput) -> List[str]:
         if not self.pool:
-            sizes = {t: sum(1 for n in units.names if units.types[n] == t) for t in units.budget}
-            for typ, members in units.by_type().items():
-                size = max(keep_count(sizes[typ], self.pool_pct), self.min_per_type, units.budget[typ])
-                self.pool[typ] = units.top(members, size)
+            pool = type_budget((units.types[n] for n in units.names), self.pool_pct, self.min_per_type)
+            size = {t: max(k, units.budget[t]) for t, k in pool.items()}
+            picked = top_per_type(units.names, units.types, size, units.snr, units.eligible)
+            self.pool = {t: [n for n in picked if units.types[n] == t] for t in units.budget}
         out = [n for typ, order in self.pool.items() for n in self._window(order, units.budget[typ])]
         self.phase += 1
         return out
@@ -214,10 +210,7 @@ def policy_input(names: Sequence[str], types: Mapping[str, str], layers: Mapping
     """The :class:`PolicyInput` of a selection: budgets as ``select_top`` counts them (every
     candidate of a type counts, ``never_train`` and NaN ones are not eligible)."""
     never_re = [re.compile(p) for p in never or []]
-    sizes: Dict[str, int] = {}
-    for n in names:
-        sizes[types[n]] = sizes.get(types[n], 0) + 1
-    budget = {t: max(keep_count(s, top_pct), min_per_type) for t, s in sizes.items()}
+    budget = dict(type_budget((types[n] for n in names), top_pct, min_per_type))
     eligible = {n: not any(r.search(n) for r in never_re) and not (snr is not None and math.isnan(snr[n]))
                 for n in names}
     return PolicyInput(names=list(names), types=dict(types), layers=dict(layers), budget=budget, eligible=eligible,

@@ -1,4 +1,10 @@
-"""Per-type top-k selection, and import/export in the original Spectrum formats."""
+"""Per-type top-k selection, and import/export in the original Spectrum formats.
+
+The rules every selection follows, in one place: :func:`validate_top_pct` (the fraction),
+:func:`type_budget` (how many of each type), :func:`check_budget` (refuse a budget that keeps
+no matrix of a type) and :func:`top_per_type` (the highest scores of each type).  The
+session, the policies, :func:`select_top`, the YAML writer and the CLI all use them.
+"""
 from __future__ import annotations
 
 import json
@@ -8,23 +14,40 @@ import re
 from collections import OrderedDict
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
-from .config import validate_top_pct  # the one rule for top_pct, re-exported here
-
 __all__ = [
     "select_top",
     "keep_count",
+    "type_budget",
+    "check_budget",
+    "top_per_type",
     "group_by_type",
     "load_snr_json",
+    "parse_snr_mapping",
+    "snr_from_json",
     "save_snr_json",
     "sorted_snr",
     "unfrozen_parameters_yaml",
     "write_unfrozen_parameters_yaml",
     "model_slug",
     "validate_top_pct",
-    "types_keeping_none",
 ]
 
 SnrMap = Mapping[str, Mapping[str, object]]
+
+
+def validate_top_pct(top_pct, arg: str = "top_pct") -> float:
+    """``top_pct`` as a float in (0, 1]; a clear error otherwise (with a hint for percentages).
+    Numbers (numpy's too) and numeric strings are accepted, ``True``/``False`` are not."""
+    try:
+        if isinstance(top_pct, bool):
+            raise TypeError
+        value = float(top_pct)
+    except (TypeError, ValueError):
+        raise ValueError(f"{arg}={top_pct!r} must be a number in (0, 1], e.g. 0.25 for the top 25 %") from None
+    if not (0.0 < value <= 1.0) or math.isnan(value):
+        hint = f"; did you mean {value / 100:g}?" if 1.0 < value <= 100.0 else ""
+        raise ValueError(f"{arg}={top_pct!r} must be a fraction in (0, 1], e.g. 0.25 for the top 25 %{hint}")
+    return value
 
 
 def group_by_type(snr: SnrMap) -> "OrderedDict[str, List[tuple]]":
@@ -43,15 +66,51 @@ def keep_count(group_len: int, top_pct: float) -> int:
     return int(group_len * percent / 100)
 
 
-def types_keeping_none(snr: SnrMap, top_pct: float, min_per_type: int = 0) -> List[tuple]:
-    """``[(type, size), ...]`` of the types of two or more matrices that would keep none.
+def type_budget(types: Iterable[str], top_pct: float, min_per_type: int = 1) -> "OrderedDict[str, int]":
+    """``{type: how many of it train}`` for candidates of the given ``types`` (one entry per
+    candidate, in model order): ``int(len(type) * top_pct)``, at least ``min_per_type``."""
+    sizes: "OrderedDict[str, int]" = OrderedDict()
+    for t in types:
+        sizes[t] = sizes.get(t, 0) + 1
+    return OrderedDict((t, max(keep_count(n, top_pct), min_per_type)) for t, n in sizes.items())
 
-    A type of one matrix (``model.norm``, ``lm_head`` in some original files) keeps none
-    under the original's truncation at any percentage below 100, as in the original tool;
-    those are not reported.
-    """
-    return [(typ, len(members)) for typ, members in group_by_type(snr).items()
-            if len(members) >= 2 and max(keep_count(len(members), top_pct), min_per_type) == 0]
+
+def check_budget(types: Iterable[str], top_pct: float, min_per_type: int = 1, percent: bool = False) -> None:
+    """Refuse a ``top_pct`` that keeps no matrix of a type of two or more (that run would train
+    less than asked).  A type of one matrix (``model.norm``, ``lm_head`` in some original
+    files) keeps none below 100 % under the original's truncation, as in the original tool,
+    and is not refused.  ``percent``: name the setting as ``--top-percent P`` (the CLI)."""
+    types = list(types)
+    budget = type_budget(types, top_pct, min_per_type)
+    sizes = {t: types.count(t) for t in budget}
+    empty = [(t, sizes[t]) for t, k in budget.items() if k == 0 and sizes[t] >= 2]
+    if not empty:
+        return
+    typ, n = empty[0]
+    least = 1 / min(m for _, m in empty)
+    if percent:
+        pct = top_pct * 100
+        hint = (f"did you mean --top-percent {pct * 100:g}?" if pct < 1
+                else f"use --top-percent {math.ceil(least * 10000) / 100:g} or more")
+        raise ValueError(f"--top-percent {pct:g} keeps no matrix of {len(empty)} type(s), e.g. {typ} ({n} matrices; "
+                         f"{pct:g} % of {n} rounds down to 0): {hint}")
+    raise ValueError(f"top_pct={top_pct:g} keeps no matrix of {len(empty)} type(s), e.g. {typ!r} ({n} matrices: "
+                     f"int({n} x {top_pct:g}) = 0); use top_pct >= {least:.3g} or min_per_type=1")
+
+
+def top_per_type(names: Sequence[str], types: Mapping[str, str], budget: Mapping[str, int],
+                 score: Mapping[str, float], eligible: Optional[Mapping[str, bool]] = None) -> List[str]:
+    """The ``budget[type]`` highest-``score`` eligible candidates of each type, in type order
+    (ties keep model order: a stable sort, as the original)."""
+    by_type: "OrderedDict[str, List[str]]" = OrderedDict()
+    for n in names:
+        by_type.setdefault(types[n], [])
+        if eligible is None or eligible[n]:
+            by_type[types[n]].append(n)
+    out: List[str] = []
+    for t, members in by_type.items():
+        out += sorted(members, key=lambda n: -score[n])[:budget[t]]
+    return out
 
 
 def select_top(
@@ -83,23 +142,13 @@ def select_top(
     top_pct = validate_top_pct(top_pct)
     if min_per_type < 0:
         raise ValueError(f"min_per_type={min_per_type} must be >= 0")
-    empty = types_keeping_none(snr, top_pct, min_per_type)
-    if empty:
-        typ, n = empty[0]
-        raise ValueError(
-            f"top_pct={top_pct:g} keeps no matrix of {len(empty)} type(s), e.g. {typ!r} ({n} matrices: "
-            f"int({n} x {top_pct:g}) = 0); use top_pct >= {1 / min(m for _, m in empty):.3g} or min_per_type=1"
-        )
+    names = list(snr)
+    types = {n: str(snr[n]["type"]) for n in names}
+    check_budget(types.values(), top_pct, min_per_type)
     never_re = [re.compile(p) for p in (never or [])]
-    selected: List[str] = []
-    for _, members in group_by_type(snr).items():
-        k = max(keep_count(len(members), top_pct), min_per_type)
-        eligible = [
-            (n, v) for n, v in members if not math.isnan(v) and not any(p.search(n) for p in never_re)
-        ]
-        eligible.sort(key=lambda x: x[1], reverse=True)
-        selected.extend(n for n, _ in eligible[:k])
-    return sorted(selected)
+    score = {n: float(snr[n]["snr"]) for n in names}
+    eligible = {n: not math.isnan(score[n]) and not any(p.search(n) for p in never_re) for n in names}
+    return sorted(top_per_type(names, types, type_budget(types.values(), top_pct, min_per_type), score, eligible))
 
 
 def load_snr_json(path: str | os.PathLike) -> "OrderedDict[str, dict]":
@@ -151,6 +200,26 @@ def _number(value, source: str, name: str) -> float:
     return float(value)
 
 
+def snr_from_json(snr_json, analyzer):
+    """The SNRs of ``analyzer``'s candidates from an SNR file (path) or mapping, in candidate
+    order; a clear error when the file was made for another model or lacks candidates."""
+    data = load_snr_json(snr_json) if isinstance(snr_json, (str, os.PathLike)) else parse_snr_mapping(snr_json)
+    known = set(analyzer.names)
+    snr = {n: info for n, info in data.items() if n in known}
+    missing = [n for n in analyzer.names if n not in data]
+    if not snr:
+        raise ValueError(
+            f"snr_json: none of its {len(data)} module names (e.g. {next(iter(data))}) is a candidate of this model "
+            f"(e.g. {analyzer.names[0]}); was it made for another model?"
+        )
+    if missing:
+        raise ValueError(
+            f"snr_json lacks {len(missing)} candidate modules of this model (e.g. {missing[0]}); rescan the model or "
+            "pass exclude=[...] for them"
+        )
+    return {n: snr[n] for n in analyzer.names}
+
+
 def save_snr_json(snr: SnrMap, path: str | os.PathLike) -> str:
     """Write ``{name: {"snr", "type"}}`` like the original (indent 4, NaN/Infinity literals)."""
     data = {n: {"snr": float(i["snr"]), "type": str(i["type"])} for n, i in snr.items()}
@@ -183,15 +252,7 @@ def unfrozen_parameters_yaml(
     pct = float(top_percent)
     if not (0 < pct <= 100):
         raise ValueError(f"top_percent={top_percent!r} must be in (0, 100]")
-    empty = types_keeping_none(snr, pct / 100.0)
-    if empty:
-        typ, n = empty[0]
-        smallest = min(m for _, m in empty)
-        hint = f"did you mean {pct * 100:g}?" if pct < 1 else f"use at least {math.ceil(10000 / smallest) / 100:g}"
-        raise ValueError(
-            f"top percent {pct:g} keeps no matrix of {len(empty)} type(s), e.g. {typ!r} ({n} matrices: "
-            f"{pct:g} % of {n} rounds down to 0); {hint}"
-        )
+    check_budget((str(i["type"]) for i in snr.values()), pct / 100.0, 0, percent=True)
     lines = ["unfrozen_parameters:"]
     lines += [f"- {a}" for a in always]
     for typ, members in group_by_type(snr).items():

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import numbers
 import weakref
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 from torch import nn
@@ -34,17 +35,30 @@ from .analyzer import SpectrumAnalyzer
 from .backends import make_backend
 from .candidates import layer_index
 from .config import SpectrumConfig
-from .freeze import apply_selection, snr_from_json
+from .freeze import apply_selection
 from .metrics import selection_margin, selection_metrics
 from .policies import PolicyInput, make_policy, policy_input
+from .selection import check_budget, snr_from_json
 from .session_setup import build_analyzer, gradient_checkpointing_inputs
 from .state import SpectrumState
 
 logger = get_logger(__name__)
 
-__all__ = ["SpectrumSession", "SpectrumUsageError"]
+__all__ = ["SpectrumSession", "SpectrumUsageError", "Preselection"]
 
 _OWNER = "_spectrum_session"  # model.__dict__ entry: a weak reference to the session that drives it
+
+
+@dataclass
+class Preselection:
+    """A selection made before the optimizer existed (:meth:`SpectrumSession.preselect`): the
+    analyzer that made it, and for a first selection its SNRs, source and the names; a
+    resume's saved selection carries none of the three (``snr is None and selected is None``)."""
+
+    analyzer: SpectrumAnalyzer
+    snr: Optional[dict] = None
+    source: Optional[str] = None
+    selected: Optional[List[str]] = None
 
 
 class SpectrumUsageError(RuntimeError, ValueError):
@@ -100,7 +114,7 @@ class SpectrumSession:
         self._heads: List[str] = []
         self._step: Optional[int] = None
         self._started = False
-        self._early: Optional[dict] = None  # a selection made before the optimizer existed
+        self._early: Optional[Preselection] = None
         self._adopted = None  # a backend a resume hook built for the optimizer to come
         self._idle, self._said_idle = 0, False  # re-scans in a row that changed nothing
         _check_free(self.model, self)
@@ -110,6 +124,18 @@ class SpectrumSession:
     def dynamic(self) -> bool:
         return self.config.dynamic
 
+    @property
+    def started(self) -> bool:
+        """Whether :meth:`start` or :meth:`load_state_dict` ran (and :meth:`close` did not since)."""
+        return self._started
+
+    @staticmethod
+    def of(model: nn.Module) -> Optional["SpectrumSession"]:
+        """The session that drives ``model`` (set by :meth:`preselect`, :meth:`start` and
+        :meth:`load_state_dict`, cleared by :meth:`close`), or ``None``."""
+        ref = _unwrap(model).__dict__.get(_OWNER)
+        return ref() if ref is not None else None
+
     def start(self, step: int = 0) -> List[str]:
         """The first selection: scan (or ``snr_json``), freeze everything else, drop the
         frozen parameters' optimizer state.  ``step``: optimizer steps done so far."""
@@ -118,10 +144,10 @@ class SpectrumSession:
         step = _check_step(step)
         self._prepare()
         early, self._early = self._early, None
-        if early is not None and "snr" in early:
+        if early is not None and early.selected is not None:
             # The optimizer was built over this selection: a first selection (nothing to move),
             # also on a second run whose earlier selection differed.
-            self._apply(step, early["snr"], source=early["source"], first=True, selected=early["selected"])
+            self._apply(step, early.snr, source=early.source, first=True, selected=early.selected)
         elif self.config.snr_json is not None and not self.history:
             self._apply(step, snr_from_json(self.config.snr_json, self.analyzer), source="snr_json")
         else:
@@ -212,7 +238,7 @@ class SpectrumSession:
         adopted, self._adopted = self._adopted, None
         self.backend = make_backend(self.optimizer, self.model, self.trainer, self.lr_scheduler, prepared=adopted)
         if self._early is not None:
-            self.analyzer = self._early["analyzer"]  # candidates already settled
+            self.analyzer = self._early.analyzer  # candidates already settled
             self.analyzer.gather = self.backend.gather
             # The engine moved the weights' storage (ZeRO partitions, flat buffers), not their
             # values: the SNRs scanned before it still hold.
@@ -259,7 +285,7 @@ class SpectrumSession:
         self.model.__dict__[_OWNER] = weakref.ref(self)
         self.analyzer, self._heads = build_analyzer(self.model, self.config, gather, device=device,
                                                     progress=self.progress)
-        self._early = {"analyzer": self.analyzer}
+        self._early = Preselection(self.analyzer)
         if state is not None:
             selected = [n for n in state.selected if n in self.analyzer.modules]
             if freeze:
@@ -273,18 +299,20 @@ class SpectrumSession:
         selected, snr = _dist.broadcast_from_main((self._select(0, snr), snr if snr is None else dict(snr)))
         if freeze:
             apply_selection(self.model, self.analyzer, selected, self.config.always_train, train_names=self._heads)
-        self._early.update(snr=snr, source=source, selected=selected)
+        self._early = Preselection(self.analyzer, snr=snr, source=source, selected=list(selected))
         return list(selected)
 
-    def _rebind(self, optimizer, lr_scheduler=None) -> None:
-        """Another run over this session's model (the Trainer's next ``train()``): its
-        optimizer and scheduler; :meth:`start` or :meth:`load_state_dict` follows."""
+    def bind(self, optimizer, lr_scheduler=None) -> None:
+        """The optimizer (and lr scheduler) of the run about to start: a Trainer builds it after
+        the session exists, and its next ``train()`` builds another.  :meth:`start` or
+        :meth:`load_state_dict` follows."""
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self._started, self._step = False, None
 
-    def _adopt(self, backend) -> None:
-        """A backend that a resume hook built for this run's (new) optimizer: used from now on
-        when the session runs, else when it starts."""
+    def adopt_backend(self, backend) -> None:
+        """An optimizer backend that an engine's resume built for this run's optimizer (DeepSpeed
+        lays its optimizer out as saved before the checkpoint loads): used from now on when
+        the session runs, else from :meth:`start` on."""
         if self._started:
             self.backend = backend
         else:
@@ -334,13 +362,7 @@ class SpectrumSession:
 
     def _select(self, step: int, snr) -> List[str]:
         units = self._units(snr)
-        empty = [(t, sum(1 for n in units.names if units.types[n] == t)) for t, k in units.budget.items() if k == 0]
-        empty = [(t, n) for t, n in empty if n >= 2]
-        if empty:
-            typ, n = empty[0]
-            raise ValueError(
-                f"top_pct={self.config.top_pct:g} keeps no matrix of {len(empty)} type(s), e.g. {typ!r} ({n} "
-                f"matrices); use top_pct >= {1 / min(m for _, m in empty):.3g} or min_per_type=1")
+        check_budget(units.types.values(), self.config.top_pct, self.config.min_per_type)
         selected = sorted(set(self.policy.select(step, units)))
         unknown = [n for n in selected if n not in self.analyzer.modules]
         if unknown:
@@ -371,9 +393,9 @@ class SpectrumSession:
         self.analyzer.mark_dirty(self.selected)
         return trainable
 
-    def _restore_selection(self, state: SpectrumState) -> None:
+    def restore(self, state: SpectrumState) -> None:
         """The weights were rolled back to ``state``'s checkpoint (the Trainer's
-        ``load_best_model_at_end``): its selection and history, not the last scan's."""
+        ``load_best_model_at_end``): its selection and history follow them."""
         known = [n for n in state.selected if n in self.analyzer.modules]
         self._switch(known, first=False)
         self.history, self.last_scan_step = list(state.history), state.last_scan_step
@@ -453,7 +475,7 @@ def _check_step(step) -> int:
 def _check_free(model: nn.Module, me: SpectrumSession) -> None:
     ref = model.__dict__.get(_OWNER)
     other = ref() if ref is not None else None
-    if other is not None and other is not me and other._started:
+    if other is not None and other is not me and other.started:
         raise SpectrumUsageError(
             "another SpectrumSession already drives this model: two would overwrite each other's selection and "
             "leave optimizer state on frozen weights. Keep one, or call close() on the other first")

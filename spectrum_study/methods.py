@@ -151,7 +151,7 @@ def _lora(method: str, model, top_pct: float, seed: int, lora_r: int, lora_alpha
     trainable parameters as rank ``lora_r`` on every linear layer, and the same alpha / rank."""
     from peft import LoraConfig, get_peft_model
 
-    from spectrum_callback.lora import lora_params, lora_rank_for_budget
+    from spectrum_callback.preselect import lora_params, lora_rank_for_budget
 
     targets = lora_targets(method, model, top_pct, seed)
     if targets is None:

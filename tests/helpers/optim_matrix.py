@@ -27,3 +27,105 @@ def extra_args(optim: str) -> dict:
     if optim in ("galore_adamw", "apollo_adamw"):
         return {"optim_target_modules": [r".*attn.*", r".*mlp.*"]}
     return {}
+
+
+# ---------------------------------------------------------------------------- the README table
+ENGINES = ("plain PyTorch", "DDP", "FSDP2", "ZeRO-2", "ZeRO-3")
+_T = "tests/unit/test_optimizer_matrix.py"
+_DDP = "tests/distributed/ddp/train_ddp.py"
+_FSDP = "tests/distributed/fsdp/test_fsdp2.py"
+_DS = "tests/distributed/deepspeed/test_deepspeed.py"
+_FSDP_UNIT = "tests/unit/test_fsdp.py"
+
+
+def ci(where: str, what: str):
+    """A cell tested in CI: ``what`` names the test case in the file ``where``."""
+    return ("tested in CI", where, what)
+
+
+NT = ("not tested", None, None)
+NA = ("n/a", None, None)
+
+
+def refused(note: str, where: str, what: str):
+    return (f"refused{note}", where, what)
+
+
+# footnotes of the refused cells: what the message says
+NOTES = {
+    "¹": "bitsandbytes has no DTensor support (it fails without Spectrum too); the message points to "
+         "`adamw_torch_8bit`",
+    "²": "GaLore / APOLLO project whole weight matrices; FSDP2 shards and ZeRO's flat partitions are none",
+    "³": "a switch rebuilds the ZeRO optimizer, which only the Adam family's state survives; the message names "
+         "the optimizer with its module and what works: static Spectrum, or the optimizer on plain PyTorch, DDP "
+         "(FSDP2 where it takes DTensors)",
+    "⁴": "DeepSpeed's scheduler stays bound to the optimizer a switch replaces; the message points to "
+         "`lr_scheduler_type`",
+    "⁵": "fails in torchao 0.18 itself on CPU, with or without Spectrum (its compiled step rejects the shards)",
+}
+_BNB_FSDP = refused("¹", _FSDP_UNIT, "test_fsdp2_refuses_bitsandbytes")
+_PROJ_FSDP = refused("²", _FSDP_UNIT, "test_fsdp2_refuses_projected_optimizers")
+_PROJ_DS = refused("²", _DS, "z2_galore_static")
+_DYN_DS = refused("³", _DS, "z2_bnb8_dynamic")
+
+
+def _torch(optim):
+    return (ci(_T, optim), ci(_T, optim))
+
+
+# row -> one (static, dynamic) pair per engine of ENGINES
+MATRIX = {
+    "`adamw_torch` (torch AdamW, the default)": [
+        _torch("adamw_torch"), (ci(_DDP, "b_history"), ci(_DDP, "a_history_steps")),
+        (ci(_FSDP, "accel_static"), ci(_FSDP, "accel_dynamic")),
+        (ci(_DS, "z2_static"), ci(_DS, "z2_dynamic")), (ci(_DS, "z3_static"), ci(_DS, "z3_dynamic"))],
+    "DeepSpeed `optimizer` block, Adam/AdamW": [
+        (NA, NA), (NA, NA), (NA, NA),
+        (ci(_DS, "z2_block_static"), ci(_DS, "z2_block_dynamic")), (NT, ci(_DS, "z3_block_dynamic"))],
+    "DeepSpeed `scheduler` block": [
+        (NA, NA), (NA, NA), (NA, NA),
+        (ci(_DS, "z2_block_static"), refused("⁴", _DS, "z2_sched_dynamic")),
+        (NT, refused("⁴", _DS, "z2_sched_dynamic"))],
+    "`offload_optimizer` (ZeRO-3: and `offload_param`)": [
+        (NA, NA), (NA, NA), (NA, NA),
+        (NT, ci(_DS, "z2_offload_dynamic")), (ci(_DS, "z3_offload_static"), ci(_DS, "z3_offload_dynamic"))],
+    "`adamw_bnb_8bit` (bitsandbytes)": [
+        _torch("adamw_bnb_8bit"), (ci(_DDP, "adamw_bnb_8bit"), ci(_DDP, "adamw_bnb_8bit")), (_BNB_FSDP, _BNB_FSDP),
+        (ci(_DS, "z2_bnb8_static"), _DYN_DS), (NT, _DYN_DS)],
+    "`paged_adamw_8bit` (bitsandbytes)": [
+        _torch("paged_adamw_8bit"), (NT, NT), (_BNB_FSDP, _BNB_FSDP),
+        (NT, _DYN_DS), (ci(_DS, "z3_offload_static"), _DYN_DS)],
+    "`lion_8bit` (bitsandbytes)": [_torch("lion_8bit"), (NT, NT), (_BNB_FSDP, _BNB_FSDP), (NT, _DYN_DS), (NT, _DYN_DS)],
+    "`adamw_torch_8bit` (torchao)": [
+        _torch("adamw_torch_8bit"), (ci(_DDP, "adamw_torch_8bit"), ci(_DDP, "adamw_torch_8bit")),
+        (ci(_FSDP, "accel_torchao8_static"), ci(_FSDP, "accel_torchao8_rotate_park")),
+        (NT, _DYN_DS), (ci(_DS, "z3_torchao8_static"), _DYN_DS)],
+    "`adamw_torch_4bit` (torchao)": [
+        _torch("adamw_torch_4bit"), (NT, NT), (("fails upstream⁵", None, None), ("fails upstream⁵", None, None)),
+        (NT, _DYN_DS), (NT, _DYN_DS)],
+    "`adafactor`": [_torch("adafactor"), (NT, NT), (NT, NT), (NT, _DYN_DS), (NT, _DYN_DS)],
+    "`schedule_free_adamw`": [_torch("schedule_free_adamw"), (NT, NT), (NT, NT), (NT, _DYN_DS), (NT, _DYN_DS)],
+    "`galore_adamw`, `apollo_adamw`": [
+        (ci(_T, "galore_adamw"), ci(_T, "apollo_adamw")), (NT, NT), (_PROJ_FSDP, _PROJ_FSDP),
+        (_PROJ_DS, _PROJ_DS), (_PROJ_DS, _PROJ_DS)],
+}
+
+
+def _short(cell) -> str:
+    return {"tested in CI": "CI"}.get(cell[0], cell[0])
+
+
+def readme_table() -> str:
+    """The README's optimizer table: static / dynamic per engine."""
+    lines = ["| optimizer (`TrainingArguments.optim`) | " + " | ".join(ENGINES) + " |",
+             "| --- |" + " --- |" * len(ENGINES)]
+    for row, cells in MATRIX.items():
+        lines.append(f"| {row} | " + " | ".join(f"{_short(s)} / {_short(d)}" for s, d in cells) + " |")
+    lines.append("")
+    lines.append("Each cell: static / dynamic (`update_every`, with `policy=\"rotate\"` and `park_state=True` "
+                 "where tested, plus a resume). CI: tested in CI (frozen weights bitwise unchanged, no optimizer "
+                 "state on a frozen weight, a resume equal to the uninterrupted run). Refused: at `on_train_begin`, "
+                 "before any step, with a message that names the optimizer class with its module and what works:")
+    for k, v in NOTES.items():
+        lines.append(f"{k} {v}.")
+    return "\n".join(lines)

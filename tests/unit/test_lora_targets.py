@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from spectrum_callback import SpectrumAnalyzer, select_top, spectrum_lora_targets
-from spectrum_callback.lora import lora_params, lora_rank_for_budget
+from spectrum_callback.preselect import lora_params, lora_rank_for_budget
 from tiny import RandomTokens, tiny_model
 
 peft = pytest.importorskip("peft")

@@ -1,11 +1,18 @@
-"""Spectrum's selection as LoRA placement: the target modules of ``peft.LoraConfig``.
+"""Spectrum before any optimizer exists: the session's first selection (:meth:`SpectrumSession.preselect
+<spectrum_callback.SpectrumSession.preselect>`), on its own.
 
-    from peft import LoraConfig, get_peft_model
+* :func:`spectrum_freeze`: static Spectrum by freezing the model, for an optimizer you build
+  yourself or an engine that should never see the frozen weights;
+* :func:`spectrum_lora_targets`: where LoRA goes, as ``peft.LoraConfig(target_modules=...)``
+  takes it; :func:`lora_rank_for_budget` gives the rank that matches another placement's
+  parameter count.
+
+Both select exactly as :class:`~spectrum_callback.SpectrumCallback` does with the same
+settings: the same candidates, scan, per-type top-k, and (``spectrum_freeze``) task heads,
+``always_train`` and the parameters you froze yourself.
+
     targets = spectrum_lora_targets(model, top_pct=0.25)
-    model = get_peft_model(model, LoraConfig(r=64, target_modules=targets))
-
-The targets are the modules the callback would train: the same scan and the same per-type
-top-k (:meth:`~spectrum_callback.SpectrumSession.preselect`, without freezing anything).
+    model = peft.get_peft_model(model, peft.LoraConfig(r=64, target_modules=targets))
 """
 from __future__ import annotations
 
@@ -16,13 +23,38 @@ from torch import nn
 from .config import SpectrumConfig
 from .session import SpectrumSession
 
-__all__ = ["spectrum_lora_targets", "lora_rank_for_budget", "lora_params"]
+__all__ = ["spectrum_freeze", "spectrum_lora_targets", "lora_rank_for_budget", "lora_params"]
+
+
+def spectrum_freeze(model: nn.Module, top_pct: float = 0.25, **settings) -> List[str]:
+    """Scan (or read ``snr_json``), select and freeze ``model`` before any optimizer or Trainer
+    exists (static Spectrum): the trainable set is the one ``SpectrumCallback`` with the same
+    settings trains, task heads included.
+
+    Args:
+        model: the model (unwrapped).
+        top_pct: fraction of each matrix type kept trainable, in (0, 1].
+        **settings: the other settings of :class:`~spectrum_callback.SpectrumConfig`
+            (``include``, ``exclude``, ``always_train``, ``never_train``, ``min_per_type``,
+            ``snr_json``, ``method``, ``train_heads``, ...); a moving selection
+            (``update_every``, a policy other than ``"scan"``) is refused: nothing would move it.
+
+    Returns:
+        The selected module names, sorted.
+    """
+    cfg = _static_config("spectrum_freeze", top_pct, settings)
+    session = SpectrumSession(model, None, cfg, progress=False)
+    try:
+        return sorted(session.preselect())
+    finally:
+        session.close()
 
 
 def spectrum_lora_targets(model: nn.Module, top_pct: float = 0.25, *, progress: bool = False,
                           **settings) -> List[str]:
     """The full names of the modules Spectrum selects in ``model``, sorted, as
     ``peft.LoraConfig(target_modules=...)`` (and axolotl's ``lora_target_modules``) take them.
+    Nothing is frozen.
 
     Args:
         model: the base model, before PEFT wraps it.
@@ -33,9 +65,9 @@ def spectrum_lora_targets(model: nn.Module, top_pct: float = 0.25, *, progress: 
             ``method``, ``dtype``, ``chunk_mb``).
 
     Raises:
-        ValueError: a setting that does not choose a static selection (``update_every``,
-            ``policy``, ``park_state``, ``always_train``...), or a selected unit LoRA cannot
-            adapt as a module (a fused 3-D expert bank: exclude it, or adapt it through
+        ValueError: a setting that does not choose where adapters go (``update_every``,
+            ``policy``, ``always_train``, ...), or a selected unit LoRA cannot adapt as a
+            module (a fused 3-D expert bank: exclude it, or adapt it through
             ``LoraConfig(target_parameters=...)``).
     """
     allowed = {"include", "exclude", "never_train", "min_per_type", "snr_json", "method", "dtype", "chunk_mb"}
@@ -43,7 +75,7 @@ def spectrum_lora_targets(model: nn.Module, top_pct: float = 0.25, *, progress: 
     if other:
         raise ValueError(f"spectrum_lora_targets takes the selection settings {sorted(allowed)}; "
                          f"{', '.join(other)} do(es) not apply to placing LoRA adapters")
-    cfg = SpectrumConfig(top_pct=top_pct, verbose=False, train_heads=False, **settings)
+    cfg = SpectrumConfig.from_settings(top_pct=top_pct, verbose=False, train_heads=False, **settings)
     session = SpectrumSession(model, None, cfg, progress=progress)
     try:
         selected = session.preselect(freeze=False)
@@ -58,6 +90,14 @@ def spectrum_lora_targets(model: nn.Module, top_pct: float = 0.25, *, progress: 
     return sorted(selected)
 
 
+def _static_config(caller: str, top_pct, settings: dict) -> SpectrumConfig:
+    cfg = SpectrumConfig.from_settings(top_pct=top_pct, **settings)
+    if cfg.dynamic or cfg.policy != "scan":
+        raise ValueError(f"{caller} selects once, before training (static Spectrum): update_every and moving "
+                         "policies need SpectrumCallback or SpectrumSession, which can move the selection")
+    return cfg
+
+
 def lora_rank_for_budget(model: nn.Module, targets: List[str], params: int) -> int:
     """The LoRA rank at which adapters on ``targets`` hold about ``params`` trainable
     parameters (``r * (in + out)`` per matrix), at least 1."""
@@ -65,8 +105,7 @@ def lora_rank_for_budget(model: nn.Module, targets: List[str], params: int) -> i
     missing = [t for t in targets if t not in mods]
     if missing:
         raise ValueError(f"{missing[0]!r} is no module of the model")
-    per_rank = sum(_in_out(mods[t]) for t in targets)
-    return max(1, round(params / per_rank))
+    return max(1, round(params / sum(_in_out(mods[t]) for t in targets)))
 
 
 def lora_params(model: nn.Module, targets: List[str], rank: int) -> int:
