@@ -1,7 +1,7 @@
 """CPU threads for a scan: the cores other processes leave idle, sampled from /proc.
 
 The analyzer runs a CPU scan of more than a few milliseconds on :func:`idle_cpu_threads`
-threads, set around each chunk of the scan by :func:`_threads`.
+threads, set around each chunk of the scan by :func:`torch_threads`.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["busy_cores_of_other_processes", "idle_cpu_threads"]
+__all__ = ["busy_cores_of_other_processes", "idle_cpu_threads", "torch_threads"]
 
 
 def _cpu_jiffies():
@@ -66,7 +66,7 @@ def idle_cpu_threads(max_threads: Optional[int] = None) -> int:
 
 
 @contextlib.contextmanager
-def _threads(n: Optional[int]):
+def torch_threads(n: Optional[int]):
     """torch runs on ``n`` threads inside (``None``: unchanged)."""
     if n is None or n == torch.get_num_threads():
         yield

@@ -12,18 +12,23 @@ from __future__ import annotations
 import logging
 import sys
 
+from ._dist import is_main
+
 ROOT = "spectrum_callback"
+
+
+_configured = set()  # ids of the root loggers this module set up
 
 
 def _root() -> logging.Logger:
     root = logging.getLogger(ROOT)
-    if not getattr(root, "_spectrum_configured", False):
+    if id(root) not in _configured:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("[%(levelname)s|%(name)s] %(message)s"))
         root.addHandler(handler)
         root.setLevel(logging.WARNING)
         root.propagate = False
-        root._spectrum_configured = True
+        _configured.add(id(root))
     return root
 
 
@@ -52,11 +57,8 @@ def warn_once(logger: logging.Logger, key: str, msg: str, *args, main_only: bool
     if key in _said:
         return False
     _said.add(key)
-    if main_only:
-        from ._dist import is_main
-
-        if not is_main():
-            return False
+    if main_only and not is_main():
+        return False
     logger.warning(msg, *args)
     return True
 

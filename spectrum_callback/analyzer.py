@@ -20,11 +20,11 @@ import torch
 from torch import nn
 
 from . import _dist
-from ._cpu import _threads, idle_cpu_threads
+from ._cpu import idle_cpu_threads, torch_threads
 from ._logging import get_logger
 from ._params import local_view
 from ._sharded import is_dtensor, whole_on
-from .candidates import Candidate, _fused_units, candidate_types, check_model_supported, find_candidates
+from .candidates import Candidate, candidate_types, check_model_supported, find_candidates, fused_units
 from .config import check_chunk_mb, check_dtype, check_method
 from .fast_snr import snr_batched
 from .snr import as_matrix
@@ -102,7 +102,7 @@ class SpectrumAnalyzer:
                 "3-D expert bank inside numbered layers (or include/exclude filtered them all out). Pass "
                 "include=[regex, ...] naming the modules to scan."
             )
-        left_out = [n for n in _fused_units(model) if n not in self.modules]
+        left_out = [n for n in fused_units(model) if n not in self.modules]
         if left_out:
             warnings.warn(
                 f"{len(left_out)} fused 3-D MoE expert banks (e.g. {left_out[0]}) are not candidates (include/exclude) "
@@ -142,7 +142,9 @@ class SpectrumAnalyzer:
         parametrization's originals, and its bias)."""
         return list(self.modules[name].params)
 
-    def _resolve(self, w: torch.Tensor):
+    def route(self, w: torch.Tensor):
+        """``(device, method, dtype)`` a scan of weight ``w`` runs with (``method="auto"`` and
+        ``dtype=None`` resolved for its device)."""
         dev = self.device or w.device
         method = self.method
         dtype = self.dtype
@@ -191,7 +193,7 @@ class SpectrumAnalyzer:
             torch.distributed.all_gather_object(lists, todo)
             union = set().union(*[set(x or []) for x in lists])
             todo = [n for n in names if n in union]
-        parts = _split_by_cost(todo, {n: self._cost(n) for n in todo}, world) if world > 1 else [todo]
+        parts = split_by_cost(todo, {n: self.cost(n) for n in todo}, world) if world > 1 else [todo]
         owner = {n: r for r, part in enumerate(parts) for n in part}
         results: Dict[str, tuple] = {}  # name -> (snr, per-expert SNRs or None)
         self._scan_local(todo, owner, results)
@@ -243,11 +245,12 @@ class SpectrumAnalyzer:
     def _solver_threads(self, names: Sequence[str]) -> int:
         if self.cpu_threads is not None:
             return self.cpu_threads
-        if sum(self._cost(n) for n in names) < _SMALL_SCAN_COST:
+        if sum(self.cost(n) for n in names) < _SMALL_SCAN_COST:
             return 1  # a few milliseconds of work: not worth sampling the machine's load
         return idle_cpu_threads()
 
-    def _cost(self, name: str) -> float:
+    def cost(self, name: str) -> float:
+        """The solver work of candidate ``name``, for splitting a scan across ranks."""
         unit = self.modules[name]
         k, big = min(unit.matrix_shape), max(unit.matrix_shape)
         return (float(k) ** 3 + float(k) ** 2 * big) * unit.matrices()
@@ -288,7 +291,7 @@ class SpectrumAnalyzer:
         remaining = {n: self.modules[n].matrices() for n in todo}
         try:
             for shape, items in groups.items():
-                dev, method, dtype = self._resolve(self.modules[items[0][0]].weight)
+                dev, method, dtype = self.route(self.modules[items[0][0]].weight)
                 item_bytes = torch.finfo(dtype).bits // 8
                 n, m = shape
                 k = min(n, m)
@@ -297,7 +300,7 @@ class SpectrumAnalyzer:
                 for i in range(0, len(items), per_chunk):
                     chunk = items[i : i + per_chunk]
                     units = list(OrderedDict((c, self.modules[c]) for c, _ in chunk).values())
-                    with torch.no_grad(), self.gather(units), _threads(threads):
+                    with torch.no_grad(), self.gather(units), torch_threads(threads):
                         for unit in units if self.read_weight is None else ():  # same order on every rank
                             if unit.name in kept:
                                 continue
@@ -359,7 +362,7 @@ class SpectrumAnalyzer:
 _SMALL_SCAN_COST = 2e8
 
 
-def _split_by_cost(names: List[str], cost: Dict[str, float], world: int) -> List[List[str]]:
+def split_by_cost(names: List[str], cost: Dict[str, float], world: int) -> List[List[str]]:
     """Greedy longest-processing-time split; deterministic for identical inputs."""
     loads = [0.0] * world
     parts: List[List[str]] = [[] for _ in range(world)]

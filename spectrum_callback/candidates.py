@@ -190,7 +190,7 @@ def _matrix_unit(name: str, mod: nn.Module) -> Optional[Candidate]:
     return Candidate(name, mod, "weight", "matrix")
 
 
-def _fused_units(model: nn.Module) -> "OrderedDict[str, Candidate]":
+def fused_units(model: nn.Module) -> "OrderedDict[str, Candidate]":
     """3-D parameters inside numbered layers (fused MoE expert banks), with their bias."""
     out: "OrderedDict[str, Candidate]" = OrderedDict()
     for pname, p in model.named_parameters():
@@ -234,7 +234,7 @@ def find_candidates(
             continue
         seen.add(id(unit.params[0]))
         units[name] = unit
-    fused = _fused_units(model)
+    fused = fused_units(model)
     out: "OrderedDict[str, Candidate]" = OrderedDict()
     for name, unit in list(units.items()) + list(fused.items()):
         ok = any(p.search(name) for p in inc) if inc else module_type(name) is not None

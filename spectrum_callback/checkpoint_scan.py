@@ -26,8 +26,9 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
-from . import _dist
+from . import __version__, _dist
 from ._logging import get_logger
+from .analyzer import SpectrumAnalyzer, split_by_cost
 from ._safetensors_files import FLOAT_DTYPES, INDEX_FILE, Checkpoint, CheckpointError, open_checkpoint
 
 logger = get_logger(__name__)
@@ -87,8 +88,6 @@ def plan_stream(
     model, _, reason = _meta_model(folder)
     if model is None:
         return None, reason
-    from .analyzer import SpectrumAnalyzer
-
     dev = torch.device(device) if device is not None else default_device()
     analyzer = SpectrumAnalyzer(model, include=include, exclude=exclude, method=method, dtype=dtype,
                                 chunk_mb=chunk_mb, device=dev, skip_unchanged=False, progress=False,
@@ -126,12 +125,11 @@ def stream_scan(plan: StreamPlan, progress: bool = True) -> Tuple["OrderedDict[s
     """Run the streaming scan of ``plan``: ``(snr, info)``; collective under ``torch.distributed``."""
     from tqdm.auto import tqdm
 
-    from .analyzer import _split_by_cost
 
     an, ckpt = plan.analyzer, plan.checkpoint
     world, rank = _dist.world(), _dist.rank()
     names = list(an.modules)
-    parts = _split_by_cost(names, {n: an._cost(n) for n in names}, world) if world > 1 else [names]
+    parts = split_by_cost(names, {n: an.cost(n) for n in names}, world) if world > 1 else [names]
     mine = parts[rank]  # the analyzer's own split (same inputs, same result): for the bar's total
     total = sum(ckpt.nbytes(plan.keys[n]) for n in mine)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="Spectrum stream scan",
@@ -156,7 +154,7 @@ def stream_scan(plan: StreamPlan, progress: bool = True) -> Tuple["OrderedDict[s
         bar.close()
     seconds = time.perf_counter() - t0
     first = an.modules[names[0]]
-    _, method, dtype = an._resolve(first.weight)
+    _, method, dtype = an.route(first.weight)
     info = {"route": "stream", "reason": None, "method": method, "dtype": str(dtype).replace("torch.", ""),
             "device": str(an.device), "ranks": world, "seconds": round(seconds, 3), "matrices": len(names),
             "bytes_read_rank0": read["bytes"] if rank == 0 else None, "checkpoint_files": len(ckpt.files)}
@@ -166,15 +164,13 @@ def stream_scan(plan: StreamPlan, progress: bool = True) -> Tuple["OrderedDict[s
 def memory_scan(model, include=None, exclude=None, method="auto", dtype=None, chunk_mb=512, device=None,
                 progress=True, cpu_threads=None) -> Tuple["OrderedDict[str, dict]", dict]:
     """The in-memory route over a loaded ``model``: ``(snr, info)``."""
-    from .analyzer import SpectrumAnalyzer
-
     an = SpectrumAnalyzer(model, include=include, exclude=exclude, method=method, dtype=dtype, chunk_mb=chunk_mb,
                           device=device, progress=progress, cpu_threads=cpu_threads)
     t0 = time.perf_counter()
     snr = an.scan()
     seconds = time.perf_counter() - t0
     first = next(iter(an.modules.values()))
-    dev, method, dtype = an._resolve(first.weight)
+    dev, method, dtype = an.route(first.weight)
     return snr, {"route": "memory", "reason": None, "method": method, "dtype": str(dtype).replace("torch.", ""),
                  "device": str(dev), "ranks": _dist.world(), "seconds": round(seconds, 3), "matrices": len(snr)}
 
@@ -243,8 +239,6 @@ def scan_info_path(json_path: str) -> str:
 def write_scan_info(info: dict, json_path: str) -> str:
     """Write ``info`` (with the versions) beside the SNR JSON ``json_path``; returns its path."""
     import transformers
-
-    from . import __version__
 
     out = dict(info, spectrum_callback=__version__, torch=torch.__version__, transformers=transformers.__version__)
     path = scan_info_path(json_path)

@@ -4,7 +4,10 @@ Layout, as the original Spectrum scanner writes it and axolotl's Spectrum plugin
 (``--output-dir`` defaults to the current folder):
 
 * ``<output-dir>/model_snr_results/snr_results_<slug>.json`` and ``..._sorted.json``;
-* ``<output-dir>/snr_results_<slug>_unfrozenparameters_<P>percent.yaml``.
+* ``<output-dir>/snr_results_<slug>_unfrozenparameters_<P>percent.yaml``;
+* with ``--lora-targets``, ``<output-dir>/snr_results_<slug>_lora_targets_<P>percent.yaml``: the
+  modules :func:`~spectrum_callback.spectrum_lora_targets` selects, as axolotl's
+  ``lora_target_modules`` (and ``peft.LoraConfig(target_modules=...)``) take them.
 
 ``<slug>`` is the hub id with ``/`` as ``-`` (``meta-llama/Meta-Llama-3-8B`` ->
 ``meta-llama-Meta-Llama-3-8B``); for a local folder, the folder's name.
@@ -27,6 +30,7 @@ import sys
 from typing import Optional, Sequence
 
 from . import _offline_model
+from .config import SpectrumConfig
 from .selection import (
     check_budget,
     load_snr_json,
@@ -66,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["auto", "svd", "gram"], default="auto")
     p.add_argument("--device", default=None, help="device for the SVD work (default: the weights')")
     p.add_argument("--plot", action="store_true", help="also write a PNG heatmap of SNR (layer x type)")
+    p.add_argument("--lora-targets", action="store_true",
+                   help="also write the selected modules as a YAML list lora_target_modules (SNR-placed LoRA)")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help="read a local safetensors folder one matrix at a time instead of loading the model "
                         "(default: stream where the checkpoint allows it; --no-stream loads it in fp32)")
@@ -91,6 +97,24 @@ def _check_percent(snr, pct: float) -> None:
         check_budget((str(i["type"]) for i in snr.values()), pct / 100.0, 0, percent=True)
     except ValueError as exc:
         raise CliError(str(exc)) from None
+
+
+def _write_lora_targets(snr, pct: float, json_path: str, output_dir: str) -> str:
+    """``<json base>_lora_targets_<P>percent.yaml``: the modules the callback would train with
+    ``top_pct = P / 100`` (its rule: at least one per type), for ``lora_target_modules``.  Fused
+    expert banks (parameters, not modules) are left out, and said so."""
+    selected = select_top(snr, pct / 100)
+    fused = [n for n in selected if snr[n].get("experts")]
+    targets = [n for n in selected if n not in fused]
+    if fused:
+        print(f"left out of the LoRA targets: {len(fused)} fused expert bank(s) (e.g. {fused[0]}), which are "
+              "parameters, not modules (peft.LoraConfig(target_parameters=...) adapts them)", file=sys.stderr)
+    base = os.path.splitext(os.path.basename(json_path))[0]
+    label = str(int(pct)) if float(pct).is_integer() else f"{pct:g}"
+    path = os.path.join(output_dir, f"{base}_lora_targets_{label}percent.yaml")
+    with open(path, "w") as fh:
+        fh.write("lora_target_modules:\n" + "".join(f"- {n}\n" for n in targets))
+    return path
 
 
 def _read_snr_json(path: str):
@@ -155,8 +179,6 @@ def _run(args) -> int:
     pct = args.top_percent
     if not (0 < pct <= 100) or math.isnan(pct):
         raise CliError(f"--top-percent {pct:g} must be in (0, 100], e.g. 25")
-    from .config import SpectrumConfig
-
     try:  # the same rules as the callback and spectrum_freeze
         cfg = SpectrumConfig(top_pct=pct / 100, include=args.include, exclude=args.exclude, method=args.method)
     except ValueError as exc:
@@ -189,6 +211,9 @@ def _run(args) -> int:
     os.makedirs(args.output_dir, exist_ok=True)
     yaml_path = write_unfrozen_parameters_yaml(snr, pct, json_path, args.output_dir)
     print(f"Top {pct:g}% SNR layers saved to {yaml_path}")
+    if args.lora_targets:
+        path = _write_lora_targets(snr, pct, json_path, args.output_dir)
+        print(f"LoRA targets (top {pct:g}% per type) saved to {path}")
     if args.plot:
         from .plotting import plot_snr_heatmap
 

@@ -24,7 +24,7 @@ import math
 from dataclasses import dataclass
 import torch
 
-from .snr import IQR_TO_SIGMA, singular_values, snr_from_singular_values_batched
+from .snr import IQR_TO_SIGMA, as_matrix, singular_values, snr_from_singular_values_batched
 
 __all__ = [
     "FastSNRResult",
@@ -217,7 +217,6 @@ def snr_batched(w: torch.Tensor, method: str, dtype: torch.dtype) -> torch.Tenso
 
 def fast_snr(weight: torch.Tensor, *, rtol: float = DEFAULT_RTOL) -> float:
     """SNR of one matrix through the fast path (1-D weights as ``1 x d``)."""
-    from .snr import as_matrix
 
     w = as_matrix(weight)
     if not torch.isfinite(w).all():

@@ -25,6 +25,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
 
+from accelerate.utils import extract_model_from_parallel
 from torch import nn
 
 from . import _dist
@@ -32,7 +33,8 @@ from ._fence import check_versions
 from ._logging import get_logger, warn_once
 from ._params import full_numel, unique_params
 from .analyzer import SpectrumAnalyzer
-from .backends import make_backend
+from ._fence.deepspeed_internals import is_zero_optimizer
+from .backends import make_backend, unwrap_optimizer
 from .candidates import layer_index
 from .config import SpectrumConfig
 from .freeze import apply_selection
@@ -251,9 +253,6 @@ class SpectrumSession:
         gradient_checkpointing_inputs(self.model, self.config)
 
     def _refuse_unsupported(self) -> None:
-        from ._fence.deepspeed_internals import is_zero_optimizer
-        from .backends import unwrap_optimizer
-
         if self.trainer is None and (type(self.wrapped).__name__ == "DeepSpeedEngine"
                                      or is_zero_optimizer(unwrap_optimizer(self.optimizer))):
             raise ValueError(
@@ -461,8 +460,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
     (accelerate's public ``extract_model_from_parallel``); an FSDP2 model is its own."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"SpectrumSession needs a torch.nn.Module, got {type(model).__name__}")
-    from accelerate.utils import extract_model_from_parallel
-
     return extract_model_from_parallel(model, keep_torch_compile=False)
 
 

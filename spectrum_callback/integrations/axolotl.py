@@ -25,6 +25,7 @@ from typing import Any, Mapping, Optional
 from axolotl.integrations.base import BasePlugin
 from pydantic import create_model, model_validator
 
+from ..callback import SpectrumCallback
 from ..config import SpectrumConfig
 
 __all__ = ["SpectrumPlugin", "SpectrumCallbackArgs", "PLUGIN", "AXOLOTL_PLUGIN", "YAML_KEYS", "spectrum_config",
@@ -110,8 +111,6 @@ class SpectrumPlugin(BasePlugin):
         return f"{__name__}.SpectrumCallbackArgs"
 
     def add_callbacks_post_trainer(self, cfg, trainer) -> list:
-        from ..callback import SpectrumCallback
-
         config = check_axolotl_config(cfg)
         self.callback = SpectrumCallback.from_config(config)
         return [self.callback]

@@ -144,13 +144,13 @@ def test_cpu_threads_setting(monkeypatch):
     import spectrum_callback._cpu as cpu
     import spectrum_callback.analyzer as am
 
-    real = am._threads
+    real = am.torch_threads
 
     def spy(n):
         seen.append(n)
         return real(n)
 
-    monkeypatch.setattr(am, "_threads", spy)
+    monkeypatch.setattr(am, "torch_threads", spy)
     one = SpectrumAnalyzer(model, progress=False, cpu_threads=1).scan()
     assert seen and set(seen) == {1}
     assert {k: v["snr"] for k, v in one.items()} == pytest.approx({k: v["snr"] for k, v in ref.items()}, rel=1e-6)
@@ -224,12 +224,12 @@ def test_auto_method_solves_in_float64_on_cuda_and_float32_on_cpu():
     model = tiny_model("llama", layers=1)
     w = model.model.layers[0].self_attn.q_proj.weight
     cpu = SpectrumAnalyzer(model, progress=False)
-    assert cpu._resolve(w)[1:] == ("fast", torch.float32)
+    assert cpu.route(w)[1:] == ("fast", torch.float32)
     cuda = SpectrumAnalyzer(model, device="cuda", progress=False)
-    assert cuda._resolve(w)[1:] == ("fast", torch.float64)
+    assert cuda.route(w)[1:] == ("fast", torch.float64)
     explicit = SpectrumAnalyzer(model, method="fast", device="cuda", progress=False)
-    assert explicit._resolve(w)[1:] == ("fast", torch.float32)
-    assert SpectrumAnalyzer(model, device="cuda", dtype=torch.float32, progress=False)._resolve(w)[1:] == (
+    assert explicit.route(w)[1:] == ("fast", torch.float32)
+    assert SpectrumAnalyzer(model, device="cuda", dtype=torch.float32, progress=False).route(w)[1:] == (
         "fast", torch.float32)
 
 

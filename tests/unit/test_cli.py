@@ -137,3 +137,16 @@ def test_cli_checks_patterns_by_the_config_rules(tmp_path, reference_dir, capsys
     assert main(["--snr-json", src, "--include", "(", "--output-dir", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "include: '(' is not a valid regular expression" in err and err.count("\n") == 1
+
+
+def test_lora_targets_are_what_spectrum_lora_targets_selects(tmp_path):
+    from spectrum_callback import spectrum_lora_targets
+
+    model_dir = tmp_path / "tiny_model"
+    model = tiny_model("llama", layers=4)
+    model.save_pretrained(model_dir)
+    out = tmp_path / "out"
+    assert main(["--model", str(model_dir), "--top-percent", "25", "--output-dir", str(out), "--lora-targets"]) == 0
+    lines = (out / "snr_results_tiny-model_lora_targets_25percent.yaml").read_text().splitlines()
+    assert lines[0] == "lora_target_modules:"
+    assert [x[2:] for x in lines[1:]] == spectrum_lora_targets(model, top_pct=0.25)

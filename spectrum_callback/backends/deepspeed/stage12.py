@@ -23,6 +23,7 @@ import contextlib
 
 import torch
 
+from ..._dist import is_main
 from ..._fence import deepspeed_internals as ds
 from ..._logging import get_logger, warn_once
 from ..._params import local_view, param_names
@@ -40,8 +41,6 @@ def one_group_per_parameter(optimizer, model):
     if optimizer.state:
         return optimizer
     if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW):
-        from ..._dist import is_main
-
         if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and is_main():
             logger.warning(
                 "Spectrum/DeepSpeed: %s is not split into one param group per parameter (only torch Adam/AdamW "
