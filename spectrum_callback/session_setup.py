@@ -41,14 +41,15 @@ def build_analyzer(model: nn.Module, cfg: SpectrumConfig, gather, device=None,
 
 
 def _leave_out_candidates(model, analyzer, cfg, user_frozen) -> None:
-    """Candidates the user froze before, and those ``always_train`` keeps trainable anyway,
-    are never scanned or selected."""
+    """Candidates whose matrix the user froze before, and those ``always_train`` keeps
+    trainable anyway, are never scanned or selected (the first parameter of a candidate is
+    its matrix; a bias alone does not count)."""
     names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
     always = compile_patterns(cfg.always_train, "always_train")
     frozen, kept = [], []
     for cand in analyzer.names:
         pnames = [names.get(id(p), "") for p in analyzer.params_of(cand)]
-        if pnames and all(n in user_frozen for n in pnames):
+        if pnames and pnames[0] in user_frozen:
             frozen.append(cand)
         elif pnames and any(r.search(pnames[0]) for r in always):  # its weight (a bias alone does not count)
             kept.append(cand)

@@ -2,13 +2,14 @@
 stacks of layers, parametrized layers.  Tiny random configs."""
 from __future__ import annotations
 
+import re
 
 import pytest
 import torch
 import transformers
 from torch import nn
 
-from spectrum_callback import SpectrumAnalyzer, SpectrumCallback, compute_snr
+from spectrum_callback import SpectrumAnalyzer, SpectrumCallback, compute_snr, spectrum_freeze
 from dsrun import ROOT
 from tiny import RandomTokens, snapshot, tiny_model, training_args
 from zoo import ZOO
@@ -116,6 +117,28 @@ def test_zoo_dynamic_spectrum_keeps_its_promises(tmp_path, arch):
         assert not torch.equal(before[n], model.get_parameter(n).detach()), n
     opt = tr.optimizer.optimizer if hasattr(tr.optimizer, "optimizer") else tr.optimizer
     assert all(p.requires_grad for p in opt.state)  # no optimizer state on a frozen weight
+
+
+@pytest.mark.parametrize("arch", sorted(ZOO))
+def test_spectrum_freeze_trains_what_the_callback_trains(tmp_path, arch):
+    """The same settings give the same trainable set through spectrum_freeze (before any
+    optimizer) and through the callback (at on_train_begin): task heads, the user's own frozen
+    parameters and always_train included."""
+    build, batch = ZOO[arch]
+    sets = []
+    for route in ("freeze", "callback"):
+        model = build()
+        names = [n for n, _ in model.named_parameters()]
+        user = SpectrumAnalyzer(model, progress=False).names[0]  # the user froze one candidate
+        model.get_submodule(user).weight.requires_grad_(False)
+        settings = dict(top_pct=0.25, always_train=[re.escape(names[0])])
+        if route == "freeze":
+            spectrum_freeze(model, **settings)
+        else:
+            _train(model, batch(), tmp_path, SpectrumCallback(verbose=False, **settings), steps=1)
+        sets.append(sorted(n for n, p in model.named_parameters() if p.requires_grad))
+        assert names[0] in sets[-1] and f"{user}.weight" not in sets[-1]
+    assert sets[0] == sets[1]
 
 
 def _zoo_rows():
