@@ -23,7 +23,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import List, Mapping, Optional, Sequence, Union
 
 from .policies import BUILTIN_POLICIES, ROTATING_POLICIES, SelectionPolicy
-from .selection import validate_top_pct
+from .selection import validate_min_per_type, validate_top_pct
 
 __all__ = ["SpectrumConfig", "SNR_METHODS", "validate_top_pct", "compile_patterns", "check_method", "check_dtype",
            "check_chunk_mb", "reference_markdown"]
@@ -114,9 +114,7 @@ class SpectrumConfig:
                     "(re-scan every that many optimizer steps)"
                 )
             self.update_every = int(self.update_every)
-        if not _is_int(self.min_per_type) or self.min_per_type < 0:
-            raise ValueError(f"min_per_type={self.min_per_type!r} must be an integer >= 0")
-        self.min_per_type = int(self.min_per_type)
+        self.min_per_type = validate_min_per_type(self.min_per_type)
         for name in ("include", "exclude", "always_train", "never_train"):
             value = getattr(self, name)
             compile_patterns(value, name)

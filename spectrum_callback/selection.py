@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import re
 from collections import OrderedDict
@@ -30,6 +31,7 @@ __all__ = [
     "write_unfrozen_parameters_yaml",
     "model_slug",
     "validate_top_pct",
+    "validate_min_per_type",
 ]
 
 SnrMap = Mapping[str, Mapping[str, object]]
@@ -48,6 +50,13 @@ def validate_top_pct(top_pct, arg: str = "top_pct") -> float:
         hint = f"; did you mean {value / 100:g}?" if 1.0 < value <= 100.0 else ""
         raise ValueError(f"{arg}={top_pct!r} must be a fraction in (0, 1], e.g. 0.25 for the top 25 %{hint}")
     return value
+
+
+def validate_min_per_type(min_per_type) -> int:
+    """``min_per_type`` as an int >= 0 (numpy integers too; ``True``/``False`` refused)."""
+    if isinstance(min_per_type, bool) or not isinstance(min_per_type, numbers.Integral) or min_per_type < 0:
+        raise ValueError(f"min_per_type={min_per_type!r} must be an integer >= 0")
+    return int(min_per_type)
 
 
 def group_by_type(snr: SnrMap) -> "OrderedDict[str, List[tuple]]":
@@ -140,8 +149,7 @@ def select_top(
             train less than asked.
     """
     top_pct = validate_top_pct(top_pct)
-    if min_per_type < 0:
-        raise ValueError(f"min_per_type={min_per_type} must be >= 0")
+    min_per_type = validate_min_per_type(min_per_type)
     names = list(snr)
     types = {n: str(snr[n]["type"]) for n in names}
     check_budget(types.values(), top_pct, min_per_type)

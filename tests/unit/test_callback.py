@@ -191,24 +191,6 @@ def test_resume_without_state_file_scans_afresh(tmp_path, spectrum_log):
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(top_pct=0), "top_pct"),
-        (dict(top_pct=1.5), "top_pct"),
-        (dict(top_pct=25), "did you mean 0.25"),
-        (dict(update_every=0), "update_every"),
-        (dict(update_every="5"), "update_every"),
-        (dict(update_every=2.5), "update_every"),
-        (dict(include=["("]), "include"),
-        (dict(min_per_type=-1), "min_per_type"),
-    ],
-)
-def test_bad_arguments_at_construction(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        SpectrumCallback(**kwargs)
-
-
-@pytest.mark.parametrize(
-    "kwargs,match",
-    [
         (dict(always_train=[r"^nothing_like_this$"]), "always_train pattern"),
         (dict(never_train=[r"no_such_module"]), "never_train pattern"),
         (dict(include=[r"no_such_module"]), "include pattern"),
@@ -397,17 +379,6 @@ def test_nan_in_a_trainable_weight_stops_training(tmp_path, monkeypatch):
     tr = make_trainer(tmp_path, None, [cb, Poison()], max_steps=4)
     with pytest.raises(RuntimeError, match=r"at step 2 the trainable matrices .* hold NaN/Inf"):
         tr.train()
-
-
-def test_bad_settings_are_refused_at_construction(tmp_path):
-    import numpy as np
-
-    SpectrumCallback(top_pct=np.float64(0.25), update_every=np.int64(5), min_per_type=np.int32(1))
-    for kwargs, match in [(dict(update_every=True), "update_every"), (dict(min_per_type=True), "min_per_type"),
-                          (dict(snr_json=str(tmp_path / "nope.json")), "no such file"),
-                          (dict(chunk_mb=False), "chunk_mb"), (dict(train_heads="yes"), "train_heads")]:
-        with pytest.raises(ValueError, match=match):
-            SpectrumCallback(**kwargs)
 
 
 @pytest.mark.parametrize("optim", ["adamw_torch_fused", "adafactor", "sgd", "rmsprop", "adagrad"])
