@@ -147,6 +147,18 @@ def rotating_scan():
     return scan, calls
 
 
+def init_deepspeed_gloo():
+    """``deepspeed.init_distributed(dist_backend="gloo")`` for the CPU test workers, without
+    DeepSpeed's shared-memory all-reduce op: on CPU its comm backend JIT-builds that C++ op
+    when it starts (about 2 minutes on 2 cores, once per environment), and only its inference
+    all-reduce uses it; training goes through gloo either way."""
+    import deepspeed
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="gloo")
+
+
 def reset_accelerate():
     """Forget accelerate's and transformers' process-wide DeepSpeed state between two
     Trainers in one process (a private accelerate API: spectrum_callback._fence)."""

@@ -30,7 +30,7 @@ import transformers  # noqa: E402
 from transformers import Trainer, TrainerCallback  # noqa: E402
 
 from spectrum_callback import SpectrumCallback  # noqa: E402
-from tiny import RandomTokens, ds_config, reset_accelerate, tiny_model, training_args  # noqa: E402
+from tiny import RandomTokens, ds_config, init_deepspeed_gloo, reset_accelerate, tiny_model, training_args  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 KILL_AT, MAX_STEPS = 4, 8
@@ -117,9 +117,7 @@ def run(mode, out):
 def main():
     argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
     out, modes = argv[0], argv[1].split(",")
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_deepspeed_gloo()
     os.makedirs(out, exist_ok=True)
     for mode in modes:
         run(mode, out)

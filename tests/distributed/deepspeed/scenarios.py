@@ -26,8 +26,8 @@ from transformers import Trainer, TrainerCallback  # noqa: E402
 
 from spectrum_callback._fence.deepspeed_internals import whole  # noqa: E402
 from tiny import (  # noqa: E402
-    LossLog, RandomTokens, ds_config, frozen_changes, reset_accelerate, run_scenario_specs, snapshot_frozen,
-    tiny_model, training_args)
+    LossLog, RandomTokens, ds_config, frozen_changes, init_deepspeed_gloo, reset_accelerate, run_scenario_specs,
+    snapshot_frozen, tiny_model, training_args)
 from spectrum_callback import SpectrumCallback  # noqa: E402
 
 transformers.logging.set_verbosity_error()
@@ -409,9 +409,7 @@ def main():
     names = argv[1:]
     dist = "LOCAL_RANK" in os.environ
     if dist:
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend="gloo")
+        init_deepspeed_gloo()
         SWITCH_COMM.install()
     run_scenario_specs(run, out, names)
     if dist and torch.distributed.is_initialized():

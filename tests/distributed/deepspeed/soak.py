@@ -42,7 +42,7 @@ from transformers import Trainer, TrainerCallback  # noqa: E402
 
 from spectrum_callback import SpectrumCallback  # noqa: E402
 from spectrum_callback.analyzer import SpectrumAnalyzer  # noqa: E402
-from tiny import RandomTokens, ds_config, rotating_scan, tiny_model, training_args  # noqa: E402
+from tiny import RandomTokens, ds_config, init_deepspeed_gloo, rotating_scan, tiny_model, training_args  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -156,9 +156,7 @@ def main():
     out = argv[0]
     steps = int(argv[1]) if len(argv) > 1 else 200
     every = int(argv[2]) if len(argv) > 2 else 5
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_deepspeed_gloo()
     os.makedirs(out, exist_ok=True)
     install_rotating_scan()
     cfg_path = ds_config(3, out)

@@ -23,7 +23,7 @@ torch.set_num_threads(1)
 import transformers  # noqa: E402
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback  # noqa: E402
 
-from tiny import RandomTokens, frozen_changes, snapshot_frozen  # noqa: E402
+from tiny import RandomTokens, frozen_changes, init_deepspeed_gloo, snapshot_frozen  # noqa: E402
 
 from spectrum_callback import SpectrumCallback  # noqa: E402
 
@@ -66,9 +66,7 @@ def main():
     # CPU only: with use_cpu=True the TrainingArguments set up gloo through accelerate but not
     # DeepSpeed's own comm, and zero.Init would then see a world of 1. On GPUs the
     # TrainingArguments call deepspeed.init_distributed themselves.
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_deepspeed_gloo()
     args = transformers.TrainingArguments(**kw)  # before from_pretrained: ZeRO-3 partitions at load
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     partitioned_at_load = all(hasattr(p, "ds_id") and p.numel() == 0 for p in model.parameters())
