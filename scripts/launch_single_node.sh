@@ -5,7 +5,7 @@
 #
 # your_train.py calls trainer.add_callback(SpectrumCallback(...)). DeepSpeed: it builds
 # TrainingArguments(..., deepspeed=os.environ["DS_CONFIG"]) (or takes --deepspeed); see
-# docs/deepspeed.md. FSDP2: ENGINE=fsdp2 launches with accelerate and
+# docs/guide/engines.md. FSDP2: ENGINE=fsdp2 launches with accelerate and
 # configs/accelerate_fsdp2.yaml (or, with LAUNCHER=torchrun, your script sets
 # TrainingArguments(fsdp="full_shard", fsdp_config={"fsdp_version": 2})); README "FSDP2".
 #

@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
-# The selection-policy study on a CPU (issue: do moving selections pay off?): real
-# SmolLM2-135M, the setting of docs/compare_cpu_reduced.md but 200 steps, at the lr that was
-# best there for Spectrum (1.5e-4), a new selection every 50 steps, 3 seeds for the seeded
-# methods. Resumable: every finished configuration is one JSON file under
-# docs/compare_cpu_policies/runs/ (kept in git), so the study can run over several sessions;
-# the trainer's scratch folder (work/) is ignored by git.
+# The selection-policy study on a CPU (do moving selections pay off?): real SmolLM2-135M,
+# the setting of docs/results/compare_cpu_reduced.md but 200 steps, at the lr that was best
+# there for Spectrum (1.5e-4), a new selection every 50 steps, 3 seeds for the seeded methods.
+# Results: docs/results/policies.md. Resumable: every finished configuration is one JSON file
+# under docs/results/compare_cpu_policies/runs/ (kept in git), so the study can be stopped and
+# started again; the trainer's scratch folder (work/) is ignored by git.
 #
 #   nice -n 10 scripts/run_policy_study_cpu.sh [STREAM]
 # STREAM (a or b, default both in turn) splits the list in two halves that can run side by
 # side, one thread each, on a 2-core machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=docs/compare_cpu_policies
+OUT=docs/results/compare_cpu_policies
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 COMMON=(--out "$OUT" --steps 200 --batch-size 4 --block-size 128 --eval-every 25 --eval-blocks 16
         --eval-batch-size 8 --update-every 50 --threads 1 --lrs 1.5e-4)

@@ -65,19 +65,29 @@ def test_version_lives_in_one_place():
 
 
 # ---------------------------------------------------------------- Markdown tables and links
-def _markdown_files():
-    files = [os.path.join(ROOT, "README.md"), os.path.join(ROOT, "CONTRIBUTING.md")]
-    docs = os.path.join(ROOT, "docs")
-    files += sorted(os.path.join(docs, f) for f in os.listdir(docs) if f.endswith(".md"))
+def _markdown_files(root=ROOT):
+    """README.md, CONTRIBUTING.md and every page under docs/ (the guide, the results and what
+    the harnesses write there), except the studies' scratch folders (``work/``, ignored by git)."""
+    files = [os.path.join(root, "README.md"), os.path.join(root, "CONTRIBUTING.md")]
+    for folder, dirs, names in os.walk(os.path.join(root, "docs")):
+        dirs[:] = sorted(d for d in dirs if d != "work")
+        files += sorted(os.path.join(folder, n) for n in names if n.endswith(".md"))
     return [f for f in files if os.path.isfile(f)]
+
+
+def test_the_docs_walk_reaches_the_guide_and_the_results():
+    found = {os.path.relpath(p, ROOT) for p in _markdown_files()}
+    assert {"docs/guide/quickstart.md", "docs/guide/design.md", "docs/results/README.md",
+            "docs/results/benchmarks.md"} <= found, sorted(found)
 
 
 _FENCE = re.compile(r"^\s*(```|~~~)")
 _CODE_SPAN = re.compile(r"(`+)(.+?)\1")
+MARKDOWN_LINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "markdown")
 
 
 def _prose_lines(path):
-    """(line number, line) outside fenced code blocks; 4-space code blocks have no tables or links here."""
+    """(line number, line) outside fenced code blocks; 4-space code blocks have no links here."""
     inside = None
     for number, line in enumerate(open(path, encoding="utf-8").read().splitlines(), 1):
         fence = _FENCE.match(line)
@@ -91,64 +101,45 @@ def _prose_lines(path):
             yield number, line
 
 
-def _cells(row):
-    """The cells of a table row: escaped pipes and pipes inside inline code do not split."""
-    row = _CODE_SPAN.sub(lambda m: m.group(0).replace("|", "\0"), row.strip())
-    row = row.replace("\\|", "\0")
-    if row.startswith("|"):
-        row = row[1:]
-    if row.endswith("|"):
-        row = row[:-1]
-    return [c.strip() for c in row.split("|")]
+def _table_problems(paths):
+    """pymarkdown (pymarkdownlnt) on ``paths``, with GitHub's table extension and only the table
+    rules: md055 (every row has a leading and a trailing pipe), md056 (every row has the header's
+    cell count; a pipe inside a code span splits cells, as on GitHub, unless escaped ``\\|``)
+    and stray-table-row (tests/unit/markdown/stray_table_row.py: a ``|`` line that GitHub shows as
+    text, such as a table whose separator row is missing or of another width).  The rules are
+    chosen in tests/unit/markdown/pymarkdown.json.  Returns ``path:line:col: RULE: ...`` lines."""
+    import subprocess
+    import sys
 
-
-_SEPARATOR_CELL = re.compile(r"^:?-{3,}:?$|^:?-+:?$")
-
-
-def _is_separator(row):
-    return "|" in row and all(_SEPARATOR_CELL.match(c) for c in _cells(row))
-
-
-def _table_problems(path):
-    problems = []
-    lines = list(_prose_lines(path))
-    i = 0
-    while i < len(lines):
-        number, line = lines[i]
-        if not line.lstrip().startswith("|"):
-            if _is_separator(line) and (i == 0 or "|" not in lines[i - 1][1]):
-                problems.append(f"line {number}: a separator row without a header row")
-            i += 1
-            continue
-        block = [lines[i]]
-        while i + 1 < len(lines) and lines[i + 1][0] == lines[i][0] + 1 and lines[i + 1][1].lstrip().startswith("|"):
-            i += 1
-            block.append(lines[i])
-        i += 1
-        (head_no, head), rest = block[0], block[1:]
-        if not rest or not _is_separator(rest[0][1]):
-            problems.append(f"line {head_no}: a table row without a header + separator row (---) under it")
-            continue
-        width = len(_cells(head))
-        for row_no, row in rest:
-            if len(_cells(row)) != width:
-                problems.append(f"line {row_no}: {len(_cells(row))} cells, the header has {width}")
-    return problems
+    cmd = [sys.executable, "-m", "pymarkdown", "--config", os.path.join(MARKDOWN_LINT, "pymarkdown.json"),
+           "--add-plugin", os.path.join(MARKDOWN_LINT, "stray_table_row.py"), "scan", *paths]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    if "No module named pymarkdown" in out.stderr:
+        raise AssertionError("the Markdown table check needs pymarkdownlnt (pip install -e .[test])")
+    assert out.returncode in (0, 1) and not out.stderr.strip(), out.stdout[-2000:] + out.stderr[-2000:]
+    return out.stdout.splitlines()
 
 
 def test_every_markdown_table_is_well_formed():
-    found = {os.path.relpath(p, ROOT): _table_problems(p) for p in _markdown_files()}
-    assert not {k: v for k, v in found.items() if v}, found
+    problems = _table_problems(_markdown_files())
+    assert not problems, "\n".join(os.path.relpath(p, ROOT) if os.path.isabs(p) else p for p in problems)
 
 
 def test_the_table_check_catches_what_it_should(tmp_path):
     bad = tmp_path / "bad.md"
-    bad.write_text("| a | b |\n| --- | --- | --- |\n| 1 | 2 |\n\n| x | y |\n| --- | --- |\n| 1 |\n\n"
-                   "| lone row | 1 |\n\n```\n| in code | not a table |\n```\n")
-    assert [p.split(":")[0] for p in _table_problems(str(bad))] == ["line 2", "line 7", "line 9"]
+    bad.write_text("| a | b |\n| --- | --- | --- |\n| 1 | 2 |\n\n"     # 1: separator of another width
+                   "| x | y |\n| --- | --- |\n| 1 |\n\n"               # 7: a row with too few cells
+                   "| lone row | 1 |\n\n"                               # 9: no header or separator
+                   "```\n| in code | not a table |\n```\n\n"
+                   "| p | q\n| --- | --- |\n| 1 | 2 |\n\n"             # 15: no trailing pipe
+                   "| c | d |\n| --- | --- |\n| `x | y` | z |\n\n"     # 21: the code span's pipe splits
+                   "text\n| after text | x |\n")                         # 24: a row inside a paragraph
+    found = [(int(p.split(":")[1]), p.split(": ")[1]) for p in _table_problems([str(bad)])]
+    assert found == [(1, "SPC001"), (7, "MD056"), (9, "SPC001"), (15, "MD055"), (21, "MD056"), (24, "SPC001")], found
     good = tmp_path / "good.md"
-    good.write_text("| a | b |\n|---|:--:|\n| `x | y` | z \\| w |\n  | indented | ok |\n")
-    assert _table_problems(str(good)) == []
+    good.write_text("| a | b |\n|---|:--:|\n| `x \\| y` | z \\| w |\n  | indented | ok |\n\n"
+                    "text | with a pipe | inside\n")
+    assert _table_problems([str(good)]) == []
 
 
 def _slug(heading):
@@ -189,8 +180,8 @@ def _link_problems(path, root=ROOT):
 
 
 def test_every_relative_link_resolves():
-    found = {os.path.relpath(p, ROOT): _link_problems(p) for p in _markdown_files()}
-    assert not {k: v for k, v in found.items() if v}, found
+    found = [f"{os.path.relpath(p, ROOT)}: {problem}" for p in _markdown_files() for problem in _link_problems(p)]
+    assert not found, "\n".join(found)
 
 
 def test_the_link_check_catches_what_it_should(tmp_path):
