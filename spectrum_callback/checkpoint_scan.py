@@ -121,10 +121,34 @@ def plan_stream(
     return StreamPlan(folder, ckpt, analyzer, keys), None
 
 
+def choose_route(
+    path: str,
+    stream: Optional[bool] = None,
+    include: Optional[Sequence[str]] = None,
+    exclude: Optional[Sequence[str]] = None,
+    method: str = "auto",
+    dtype: Optional[torch.dtype] = None,
+    chunk_mb: float = 512,
+    device: Optional[torch.device | str] = None,
+    cpu_threads: Optional[int] = None,
+) -> Tuple[Optional[StreamPlan], Optional[str]]:
+    """The one choice between streaming the checkpoint ``path`` and loading it in memory:
+    ``(plan, None)`` to stream, ``(None, reason)`` to load.  ``stream=None``: stream where the
+    checkpoint allows it; ``True``: stream or raise :class:`CheckpointError`; ``False``: load."""
+    if stream is False:
+        return None, "stream=False"
+    if not os.path.isdir(path):
+        plan, reason = None, "not a local folder (a hub id?)"
+    else:
+        plan, reason = plan_stream(path, include, exclude, method, dtype, chunk_mb, device, cpu_threads)
+    if plan is None and stream:
+        raise CheckpointError(f"{path}: cannot be streamed: {reason}")
+    return plan, reason
+
+
 def stream_scan(plan: StreamPlan, progress: bool = True) -> Tuple["OrderedDict[str, dict]", dict]:
     """Run the streaming scan of ``plan``: ``(snr, info)``; collective under ``torch.distributed``."""
     from tqdm.auto import tqdm
-
 
     an, ckpt = plan.analyzer, plan.checkpoint
     world, rank = _dist.world(), _dist.rank()
@@ -207,19 +231,13 @@ def scan_checkpoint(
 
     Under ``torch.distributed`` every rank must call it; every rank returns the same mapping.
     """
-    reason = "stream=False" if stream is False else "not a local folder (a hub id?)"
-    if stream is not False and not os.path.isdir(path):
-        if stream:
-            raise CheckpointError(f"{path}: cannot be streamed: {reason}")
-    elif stream is not False:
-        plan, reason = plan_stream(path, include, exclude, method, dtype, chunk_mb, device, cpu_threads)
-        if plan is not None:
-            snr, got = stream_scan(plan, progress=progress)
-            if info is not None:
-                info.update(got)
-            return snr
-        if stream:
-            raise CheckpointError(f"{path}: cannot be streamed: {reason}")
+    plan, reason = choose_route(path, stream, include, exclude, method, dtype, chunk_mb, device, cpu_threads)
+    if plan is not None:
+        snr, got = stream_scan(plan, progress=progress)
+        if info is not None:
+            info.update(got)
+        return snr
+    if stream is None:
         logger.warning("%s: scanning in memory, not streamed: %s", path, reason)
     from transformers import AutoModelForCausalLM
 

@@ -247,23 +247,20 @@ def _scan(args, cfg, ref: str):
     """``(snr, info)``: streamed from a local safetensors folder where possible, else loaded in memory."""
     import time
 
-    from .checkpoint_scan import CheckpointError, memory_scan, plan_stream, stream_scan
+    from .checkpoint_scan import CheckpointError, choose_route, memory_scan, stream_scan
 
-    local = os.path.isdir(ref) and not args.gguf_file
-    reason = "--no-stream" if args.stream is False else (
-        "--gguf-file" if args.gguf_file else "a hub id, not a local folder")
-    if args.stream and not local:
-        raise CliError(f"--stream needs a local folder of safetensors files, not {reason}")
-    plan = None
-    if local and args.stream is not False:
+    if args.gguf_file:
+        if args.stream:
+            raise CliError("--stream needs a local folder of safetensors files, not --gguf-file")
+        plan, reason = None, "--gguf-file"
+    else:
         try:
-            plan, reason = plan_stream(ref, cfg.include, cfg.exclude, cfg.method, device=args.device)
+            plan, reason = choose_route(ref, args.stream, cfg.include, cfg.exclude, cfg.method, device=args.device)
         except (OSError, ValueError) as exc:  # CheckpointError included
-            raise CliError(f"--model {args.model}: {str(exc).splitlines()[0]}" if isinstance(exc, CheckpointError)
-                           else str(exc).splitlines()[0]) from None
-        if plan is None:
-            if args.stream:
-                raise CliError(f"--model {args.model}: cannot be streamed: {reason}")
+            first = str(exc).splitlines()[0]
+            raise CliError(f"--model {args.model}: {first}" if isinstance(exc, CheckpointError) else first) from None
+        reason = "--no-stream" if args.stream is False else reason
+        if plan is None and args.stream is None and os.path.isdir(ref):
             print(f"spectrum-scan: loading the model in memory, not streaming: {reason}", file=sys.stderr)
     _dist_begin()
     if plan is not None:
