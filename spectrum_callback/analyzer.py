@@ -154,7 +154,7 @@ class SpectrumAnalyzer:
                 # On a GPU the float64 eigen-solve costs little more than float32 (4096 x 4096
                 # on an H200: 100 ms vs 81 ms), and about a third of float32 results fail the
                 # error check and are solved again in float64: float64 from the start is faster
-                # and exact (Llama-3-8B shapes on an H200: 17.8 s vs 24.3 s, docs/gpu.md).
+                # and exact (Llama-3-8B shapes on an H200: 17.8 s vs 24.3 s, docs/results/gpu.md).
                 dtype = torch.float64
         if dtype is None:
             dtype = torch.float64 if method == "gram" else torch.float32

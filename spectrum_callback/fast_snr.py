@@ -15,7 +15,7 @@ The Spectrum formula needs the sorted singular values of each matrix ``W`` (``n 
 
 The error model is empirical, not a proof; the exact reference remains
 :func:`spectrum_callback.snr.compute_snr`.  Where the model's constants come from, what
-was measured and why the route does no less eigen-work: docs/fast_snr.md.
+was measured and why the route does no less eigen-work: docs/results/fast_snr.md.
 """
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ def singular_value_bounds(lam: torch.Tensor, n: int, m: int, eps: float, c: floa
     lam = lam.to(torch.float64)
     k = lam.shape[-1]
     # Small matrices get more margin, sqrt(512 / k): their measured errors are larger
-    # relative to the model (docs/fast_snr.md).
+    # relative to the model (docs/results/fast_snr.md).
     c = c * max(1.0, math.sqrt(SMALL_K / k))
     lam_max = lam[:, -1:].clamp_min(0)
     lam_mean = lam.clamp_min(0).mean(-1, keepdim=True)

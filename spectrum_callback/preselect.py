@@ -23,7 +23,11 @@ from torch import nn
 from .config import SpectrumConfig
 from .session import SpectrumSession
 
-__all__ = ["spectrum_freeze", "spectrum_lora_targets", "lora_rank_for_budget", "lora_params"]
+__all__ = ["spectrum_freeze", "spectrum_lora_targets", "lora_rank_for_budget", "lora_params", "LORA_SETTINGS"]
+
+# the settings that choose where LoRA goes, beside top_pct
+LORA_SETTINGS = frozenset({"include", "exclude", "never_train", "min_per_type", "snr_json", "method", "dtype",
+                           "chunk_mb"})
 
 
 def spectrum_freeze(model: nn.Module, top_pct: float = 0.25, **settings) -> List[str]:
@@ -70,10 +74,9 @@ def spectrum_lora_targets(model: nn.Module, top_pct: float = 0.25, *, progress: 
             module (a fused 3-D expert bank: exclude it, or adapt it through
             ``LoraConfig(target_parameters=...)``).
     """
-    allowed = {"include", "exclude", "never_train", "min_per_type", "snr_json", "method", "dtype", "chunk_mb"}
-    other = sorted(set(settings) - allowed)
+    other = sorted(set(settings) - LORA_SETTINGS)
     if other:
-        raise ValueError(f"spectrum_lora_targets takes the selection settings {sorted(allowed)}; "
+        raise ValueError(f"spectrum_lora_targets takes the selection settings {sorted(LORA_SETTINGS)}; "
                          f"{', '.join(other)} do(es) not apply to placing LoRA adapters")
     cfg = SpectrumConfig.from_settings(top_pct=top_pct, verbose=False, train_heads=False, **settings)
     session = SpectrumSession(model, None, cfg, progress=progress)

@@ -26,7 +26,7 @@ from typing import Dict, Optional
 
 # The stacks the suite passed on, exact versions: CI's three (scripts/constraints-tested.txt
 # through scripts/run_tests.sh; scripts/ci_stack.sh axolotl and newest) and one GPU run
-# (docs/gpu.md).  TESTED, the floors in pyproject.toml and the README's versions table
+# (docs/results/gpu.md).  TESTED, the floors in pyproject.toml and the README's versions table
 # (versions_table()) are all read from here; tests/unit/test_fence.py checks that they agree
 # and that the stack in use is one of these.
 STACKS: Dict[str, Dict[str, str]] = {
@@ -45,7 +45,7 @@ STACK_RUNS: Dict[str, str] = {
     "axolotl 0.19": "CI: quick loop + distributed (not the FSDP2 model sharded at load, which its Trainer "
                     "cannot train); the axolotl plugin tests (`scripts/ci_axolotl.sh`)",
     "newest": "CI: quick loop + distributed, newest releases at CI time (`scripts/ci_stack.sh newest`)",
-    "GPU (H200)": "one GPU run (docs/gpu.md)",
+    "GPU (H200)": "one GPU run (docs/results/gpu.md)",
 }
 FENCED = ("torch", "transformers", "accelerate", "deepspeed")
 

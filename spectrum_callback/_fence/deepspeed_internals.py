@@ -1,7 +1,7 @@
 """DeepSpeed internals (checked with DeepSpeed 0.19.8).
 
 No public DeepSpeed API changes the trainable set of a ZeRO optimizer after
-``deepspeed.initialize`` (docs/deepspeed.md), so the backend
+``deepspeed.initialize`` (docs/guide/design.md), so the backend
 (:mod:`spectrum_callback.backends.deepspeed`) rebuilds it, and everything it needs that is
 not public lives here:
 

@@ -99,6 +99,25 @@ def test_snr_json_gives_the_first_selection(base_model, dataset, tmp_path):
     assert _changed(_weights(base_model), _weights(model_dir)) == {m + ".weight" for m in expected}
 
 
+def test_spectrum_lora_places_the_adapters_on_the_selection(base_model, dataset, tmp_path):
+    """adapter: lora with spectrum_lora: true: PEFT adapts exactly the modules Spectrum selects
+    on the base model, no base weight changes, and the saved adapter is those modules'."""
+    from transformers import LlamaForCausalLM
+
+    from spectrum_callback import spectrum_lora_targets
+
+    expected = spectrum_lora_targets(LlamaForCausalLM.from_pretrained(base_model), top_pct=0.25)
+    proc, model_dir = _run(base_model, dataset, tmp_path, launcher="python", adapter="lora", lora_r=4,
+                           lora_alpha=8, lora_dropout=0.0, spectrum_lora=True)
+    adapter = load_file(os.path.join(model_dir, "checkpoint-4", "adapter_model.safetensors"))
+    adapted = sorted({n.split(".lora_")[0].replace("base_model.model.", "") for n in adapter})
+    assert adapted == expected and len(expected) == 7
+    assert any(adapter[n].abs().sum() > 0 for n in adapter if "lora_B" in n)  # the adapters trained
+    with open(os.path.join(model_dir, "checkpoint-4", "adapter_config.json")) as fh:
+        assert sorted(json.load(fh)["target_modules"]) == expected
+    assert not os.path.isfile(os.path.join(model_dir, "checkpoint-4", "spectrum_state.json"))  # no base matrix trained
+
+
 # ------------------------------------------------------------------ refused at config time
 def _callback_error(**kwargs) -> str:
     from spectrum_callback import SpectrumCallback
@@ -144,7 +163,12 @@ BAD = {
     "axolotl_key": ({"spectrum_top_fraction": 0.5}, lambda: "use spectrum_top_pct"),
     "typo": ({"spectrum_updte_every": 10}, lambda: "unknown Spectrum key(s) ['spectrum_updte_every']"),
     "fsdp1": ({"fsdp_version": 1, "fsdp_config": {"reshard_after_forward": True}}, lambda: "set fsdp_version: 2"),
-    "lora": ({"adapter": "lora", "lora_r": 8}, lambda: "remove adapter for Spectrum"),
+    "lora": ({"adapter": "lora", "lora_r": 8}, lambda: "remove adapter for Spectrum, or set spectrum_lora: true"),
+    "spectrum_lora_without_adapter": ({"spectrum_lora": True}, lambda: "needs adapter: lora"),
+    "spectrum_lora_with_targets": ({"spectrum_lora": True, "adapter": "lora", "lora_target_linear": True},
+                                   lambda: "remove lora_target_modules and lora_target_linear"),
+    "spectrum_lora_dynamic": ({"spectrum_lora": True, "adapter": "lora", "spectrum_update_every": 10},
+                              lambda: "spectrum_update_every do(es) not apply"),
 }
 
 
@@ -173,7 +197,7 @@ def test_every_setting_has_a_key():
     from spectrum_callback.integrations.axolotl import SpectrumCallbackArgs, YAML_KEYS
 
     assert set(YAML_KEYS.values()) == {f.name for f in fields(SpectrumConfig)}
-    assert set(SpectrumCallbackArgs.model_fields) == set(YAML_KEYS)
+    assert set(SpectrumCallbackArgs.model_fields) == set(YAML_KEYS) | {"spectrum_lora"}
 
 
 def test_only_the_plugin_module_imports_axolotl():

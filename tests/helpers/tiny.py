@@ -182,8 +182,10 @@ def ds_config(stage, out, optimizer_block=False, scheduler_block=False, offload=
     parameters offloaded too."""
     import torch.distributed as dist
 
-    # ZeRO-1 has no config of its own in configs/: the ZeRO-2 one with stage 1.
-    with open(os.path.join(REPO_ROOT, "configs", f"ds_zero{max(stage, 2)}.json")) as fh:
+    # ZeRO-1 has no config of its own in configs/: the ZeRO-2 one with stage 1. ZeRO-3 with both
+    # offloads is the shipped configs/ds_zero3_offload.json.
+    name = "ds_zero3_offload" if stage == 3 and offload and offload_param else f"ds_zero{max(stage, 2)}"
+    with open(os.path.join(REPO_ROOT, "configs", f"{name}.json")) as fh:
         cfg = json.load(fh)
     zero = cfg["zero_optimization"]
     zero["stage"] = stage
@@ -198,11 +200,11 @@ def ds_config(stage, out, optimizer_block=False, scheduler_block=False, offload=
                                                                "warmup_num_steps": 1, "total_num_steps": "auto"}}
         tag += "_sched"
     if offload:
-        zero["offload_optimizer"] = {"device": "cpu"}
+        zero.setdefault("offload_optimizer", {"device": "cpu"})
         cfg["zero_force_ds_cpu_optimizer"] = False
         tag += "_off"
     if offload_param:
-        zero["offload_param"] = {"device": "cpu"}
+        zero.setdefault("offload_param", {"device": "cpu"})
         tag += "_offp"
     path = os.path.join(out, f"ds_zero{stage}{tag}.json")
     if not dist.is_initialized() or dist.get_rank() == 0:

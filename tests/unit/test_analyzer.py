@@ -220,7 +220,7 @@ def test_busy_cores_sees_another_process():
 
 def test_auto_method_solves_in_float64_on_cuda_and_float32_on_cpu():
     # The choice only (no GPU here): on CUDA, fp64 straight away beat fp32 + fp64 fallbacks
-    # (docs/gpu.md); on CPU fp32 stays.  Explicit settings are kept as given.
+    # (docs/results/gpu.md); on CPU fp32 stays.  Explicit settings are kept as given.
     model = tiny_model("llama", layers=1)
     w = model.model.layers[0].self_attn.q_proj.weight
     cpu = SpectrumAnalyzer(model, progress=False)

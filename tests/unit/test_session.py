@@ -190,19 +190,19 @@ def test_ddp_without_find_unused_parameters_is_refused(tmp_path):
         dist.destroy_process_group()
 
 
-def _readme_example():
-    text = open(os.path.join(ROOT, "README.md")).read()
+def _guide_example():
+    text = open(os.path.join(ROOT, "docs", "guide", "custom_loops.md")).read()
     m = re.search(r"<!-- custom-loop-example -->\s*```python\n(.*?)```", text, re.S)
-    assert m, "README.md lacks the custom-loop example"
+    assert m, "docs/guide/custom_loops.md lacks the custom-loop example"
     return m.group(1)
 
 
-def test_the_readme_custom_loop_example_runs(capsys):
+def test_the_guides_custom_loop_example_runs(capsys):
     model = tiny_model("llama")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     loader = list(_batches()) * 4  # 24 steps: re-scans at 10 and 20
     namespace = {"model": model, "loader": loader}
-    exec(compile(_readme_example(), "README.md", "exec"), namespace)
+    exec(compile(_guide_example(), "custom_loops.md", "exec"), namespace)
     session = namespace["session"]
     assert [h["step"] for h in session.history] == [0, 10, 20]
     assert str(session.selected) in capsys.readouterr().out

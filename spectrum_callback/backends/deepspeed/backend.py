@@ -3,9 +3,9 @@
 What a change of the trainable set does here
 ---------------------------------------------
 ZeRO optimizers take the trainable parameters when they are built and keep fp32
-master partitions and optimizer moments in flat per-group buffers (trap 3 in
-``docs/deepspeed.md``): a parameter frozen later would still get a zero gradient and
-Adam would keep moving it (trap 2).  So at every switch this backend **rebuilds the
+master partitions and optimizer moments in flat per-group buffers
+(``docs/guide/design.md``, "DeepSpeed inside"): a parameter frozen later would still get a
+zero gradient and Adam would keep moving it.  So at every switch this backend **rebuilds the
 ZeRO optimizer over the new trainable set** (:meth:`DeepSpeedBackend.rebuild`), the same
 sequence at every stage; what differs per stage is behind one interface
 (:class:`.stage.ZeroStage`: :mod:`.stage12`, :mod:`.stage3`), chosen once:
@@ -34,7 +34,7 @@ sequence at every stage; what differs per stage is behind one interface
    state of every group is set: the kept tensors, or zeros with step = the group's count;
    and the copied stayers are written back one parameter at a time;
 5. re-point accelerate's optimizer wrapper (the Trainer and the lr scheduler hold that
-   wrapper) and fix the lr scheduler's per-group lists (trap 6, :mod:`.scheduler`).
+   wrapper) and fix the lr scheduler's per-group lists (:mod:`.scheduler`).
 
 Frozen parameters are in no group: nothing touches their bits.  Memory follows the
 selection: after a switch the optimizer holds master partitions and moments of the

@@ -1,4 +1,4 @@
-"""The lr scheduler across the DeepSpeed backend's rebuilds (trap 6 in ``docs/deepspeed.md``).
+"""The lr scheduler across the DeepSpeed backend's rebuilds.
 
 The Trainer's scheduler keeps one base lr (and, for ``LambdaLR``, one lr lambda) per param
 group of the optimizer it was built for, while a rebuild changes the number and the order

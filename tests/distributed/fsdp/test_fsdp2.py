@@ -55,7 +55,7 @@ def _cases(names, pair=False):
 # Tolerance vs plain PyTorch, fp32: float reassociation only (FSDP2's reduce-scatter sums the
 # two ranks' gradients in another order).  Measured: losses 1.1e-7 relative, weights 8e-7
 # absolute after 6 steps at lr 5e-3; the MoE experts, whose gradients each rank sums over a
-# different half of the batch, 2.3e-5 (as under DeepSpeed, docs/deepspeed.md).
+# different half of the batch, 2.3e-5 (as under DeepSpeed, docs/results/deepspeed.md).
 LOSS_RTOL = 1e-5
 WEIGHT_ATOL = 2e-5
 MOE_WEIGHT_ATOL = 5e-5
