@@ -135,7 +135,7 @@ def run_one(args):
         "step_s_median": sorted(steady)[len(steady) // 2],
         "train_s": train_s,
         # the same probe as the study and the benchmarks (spectrum_study.methods.PeakMemory);
-        # host: the whole process's peak, as before
+        # host: the whole process's peak
         "peak_rss_gib": max(mem.rss_peak_bytes, PeakMemory.process_peak_rss()) / 2**30,
         "peak_cuda_gib": mem.cuda_peak_bytes / 2**30 if use_cuda else None,
         "threads": torch.get_num_threads(),

@@ -79,12 +79,12 @@ class SpectrumState:
         if trainable is not None and not isinstance(trainable, list):
             raise ValueError(f"{source}: 'trainable' must be a list of parameter names; the file is damaged")
         config = data.get("config")
-        if not isinstance(config, Mapping):  # early version-1 files: the three selection settings only
+        if not isinstance(config, Mapping):  # a minimal file: the top-level selection settings stand for it
             config = {k: data[k] for k in ("top_pct", "update_every", "min_per_type") if k in data}
         last = data.get("last_scan_step")
         global_step = data.get("global_step")
         step = data.get("step")
-        if step is None:  # version 1
+        if step is None:  # a minimal file: the Trainer's step, else the last selection's
             step = global_step if global_step is not None else (last or 0)
         policy = data.get("policy")
         if policy is not None and (not isinstance(policy, Mapping) or not isinstance(policy.get("name"), str)):

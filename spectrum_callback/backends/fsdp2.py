@@ -28,8 +28,9 @@ Public torch API but for one fenced call (checked with torch 2.11 and 2.13):
   optimizer holds (an evaluation with ``reshard_after_forward=False`` leaves them unsharded).
 
 Resume: the Trainer's FSDP2 checkpoint (accelerate's ``load_fsdp_optimizer``, DCP) builds the
-optimizer state it loads into from the parameters that require grad; :mod:`.fsdp2_resume`
-sets ``requires_grad`` as saved first, so that the saved state of the selection fits.
+optimizer state it loads into from the parameters that require grad; the Trainer hook
+(:mod:`spectrum_callback.integrations.transformers_hooks`) sets ``requires_grad`` as saved
+first, so that the saved state of the selection fits.
 """
 from __future__ import annotations
 

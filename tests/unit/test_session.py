@@ -211,12 +211,12 @@ def test_the_guides_custom_loop_example_runs(capsys):
     assert trained and trained <= ever  # only matrices Spectrum selected moved
 
 
-def test_state_reads_old_files_and_refuses_bad_ones(tmp_path):
+def test_state_reads_minimal_files_and_refuses_bad_ones(tmp_path):
     from spectrum_callback import SpectrumState
 
     old = {"format": "spectrum_callback.state", "version": 1, "top_pct": 0.25, "update_every": 2, "min_per_type": 1,
            "last_scan_step": 4, "selected": ["model.layers.1.mlp.up_proj"], "history": [], "global_step": 6}
-    st = SpectrumState.from_dict(old)  # an early version-1 file: no config, trainable or step
+    st = SpectrumState.from_dict(old)  # a minimal file: no config, trainable or step
     assert (st.step, st.last_scan_step, st.trainable) == (6, 4, None)
     assert st.config == {"top_pct": 0.25, "update_every": 2, "min_per_type": 1}
     round_trip = SpectrumState.from_dict(json.loads(json.dumps(st.to_dict())))

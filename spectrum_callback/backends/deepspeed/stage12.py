@@ -151,7 +151,7 @@ class Stage12(ZeroStage):
             # kept masters were all alive beside the new ones.  Copy them now, by group index.
             warn_once(logger, "deepspeed.masters_after_build",
                       "Spectrum/DeepSpeed: %d kept fp32 master partitions were copied after the ZeRO-1/2 optimizer "
-                      "was built, not while DeepSpeed built each group (its constructor no longer walks the param "
+                      "was built, not while DeepSpeed built each group (its constructor does not walk the param "
                       "groups as in DeepSpeed %s): a switch briefly holds those masters twice",
                       late, ds.TESTED_DEEPSPEED_STR, main_only=False)
             flat_of = {gi: flat for _, gi, flat in ds.param_groups(new_zero)}

@@ -167,13 +167,12 @@ def test_zero3_scan_matches_zero2(ds_results):
 
 
 def test_zero3_nonreentrant_checkpointing_after_rebuilds(ds_results):
-    # Non-reentrant checkpointing (the transformers default) recomputes inside backward; it
-    # used to get empty weights after a rebuild (stale pre_bwd_fn/post_bwd_fn, see
-    # spectrum_callback._fence.deepspeed_internals.forget_stage3_module_state).  Here rebuilds at steps 2 and 4;
-    # same numbers as plain PyTorch is checked in test_same_losses_and_weights_as_plain_pytorch.
+    # Non-reentrant checkpointing (the transformers default) recomputes inside backward; without
+    # spectrum_callback._fence.deepspeed_internals.forget_stage3_module_state it gets empty weights
+    # after a rebuild (stale pre_bwd_fn/post_bwd_fn).  The start-up selection happens before the
+    # engine is built, so the rebuilds are the switches at steps 2 and 4; the same numbers as
+    # plain PyTorch are checked in test_same_losses_and_weights_as_plain_pytorch.
     r = _get(ds_results, "z3_dynamic_gc_nonreentrant")
-    # (The start-up selection happens before the engine is built: rebuilds at steps 2 and 4; there
-    # was a third at step 0 when the engine was built over every parameter.)
     assert r["rebuilds"] >= 2 and sorted(r["losses"], key=int) == ["1", "2", "3", "4", "5", "6"]
     assert len({tuple(h["selected"]) for h in r["history"]}) > 1
 
@@ -263,7 +262,7 @@ def test_zero12_switch_keeps_stayers_state_in_place(ds_results, name):
     # after a switch: its Adam tensors go into the new optimizer as they are, and (bf16) its fp32
     # master is copied into the new partition while DeepSpeed's constructor builds that group.
     # Nothing is staged and nothing is sent between ranks.  A backend that moved stayers through
-    # flat multi-parameter groups (as before) staged their fragments and all-reduced each of them.
+    # flat multi-parameter groups staged their fragments and all-reduced each of them.
     r = _get(ds_results, name)
     switches = r["switch_comm"]
     # step 0: the optimizer was built over the start-up selection (no rebuild)
