@@ -58,17 +58,21 @@ def _major_minor(version: str) -> str:
     return ".".join(version.split("+")[0].split(".")[:2])
 
 
+def tested(stacks: Dict[str, Dict[str, str]]) -> Dict[str, tuple]:
+    """package -> the major.minor versions of it in ``stacks``, oldest first."""
+    return {pkg: tuple(sorted({_major_minor(s[pkg]) for s in stacks.values() if pkg in s}, key=_version_key))
+            for pkg in FENCED}
+
+
 # package -> major.minor versions the fenced internals were checked on (what is compared)
-TESTED: Dict[str, tuple] = {
-    pkg: tuple(sorted({_major_minor(s[pkg]) for s in STACKS.values() if pkg in s}, key=_version_key))
-    for pkg in FENCED
-}
+TESTED: Dict[str, tuple] = tested(STACKS)
 
 
-def floors() -> Dict[str, str]:
+def floors(stacks: Optional[Dict[str, Dict[str, str]]] = None, runs: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     """package -> the oldest version a CI stack of :data:`STACKS` runs (pyproject.toml's
     floors); the GPU run, not repeated by CI, does not lower them."""
-    ci = [s for name, s in STACKS.items() if STACK_RUNS[name].startswith("CI")]
+    stacks, runs = stacks or STACKS, runs or STACK_RUNS
+    ci = [s for name, s in stacks.items() if runs[name].startswith("CI")]
     pkgs = sorted({p for s in ci for p in s})
     return {p: min((s[p] for s in ci if p in s), key=_version_key) for p in pkgs}
 

@@ -41,10 +41,15 @@ def test_versions_in_use_are_a_stack_ci_runs():
 
 
 def test_tested_and_floors_are_read_from_the_stacks():
-    assert _fence.TESTED["deepspeed"] == ("0.19",) and _fence.TESTED["torch"] == ("2.11", "2.13", "2.14")
-    assert set(_fence.TESTED) == set(_fence.FENCED) and set(_fence.STACK_RUNS) == set(_fence.STACKS)
-    # floors come from the CI stacks only: the GPU run's torch 2.11 is in TESTED, not a floor
-    assert _fence.floors()["transformers"] == "5.16.1" and _fence.floors()["torch"] == "2.13.0"
+    stacks = {"a": {"torch": "2.13.0", "transformers": "5.24.0"}, "b": {"torch": "2.14.1", "transformers": "5.16.1"},
+              "gpu": {"torch": "2.11.0", "transformers": "5.24.0", "deepspeed": "0.19.8"}}
+    runs = {"a": "CI: suite", "b": "CI: quick loop", "gpu": "one GPU run"}
+    versions = _fence.tested(stacks)
+    assert versions["torch"] == ("2.11", "2.13", "2.14") and versions["deepspeed"] == ("0.19",)
+    assert versions["accelerate"] == () and set(versions) == set(_fence.FENCED)
+    # floors come from the CI stacks only: the GPU run's torch 2.11 is tested, not a floor
+    assert _fence.floors(stacks, runs) == {"torch": "2.13.0", "transformers": "5.16.1"}
+    assert _fence.TESTED == _fence.tested(_fence.STACKS) and set(_fence.STACK_RUNS) == set(_fence.STACKS)
 
 
 def test_pyproject_floors_are_the_oldest_versions_run():
