@@ -3,6 +3,7 @@
 
     python benchmarks/plot_train.py docs/results/bench_train_cpu.json docs/results/bench_train_cpu.png
 """
+import argparse
 import json
 import os
 import sys
@@ -12,12 +13,13 @@ from train import plot  # noqa: E402
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2:
-        sys.exit(__doc__)
-    with open(argv[0]) as fh:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("json", help="the record benchmarks/train.py wrote")
+    p.add_argument("png", help="the plot to write")
+    args = p.parse_args(argv)
+    with open(args.json) as fh:
         data = json.load(fh)
-    plot(data["results"], argv[1],
+    plot(data["results"], args.png,
          f"{data['preset']} preset on {data['device']}, {data['steps']} steps, torch {data['torch']}")
 
 
