@@ -30,3 +30,22 @@ def spectrum_log(caplog):
     pkg.addHandler(caplog.handler)
     yield caplog
     pkg.removeHandler(caplog.handler)
+
+
+# ---------------------------------------------------------------- the subset every CI stack runs
+# The tested stack runs the whole suite. The other stacks (axolotl's pins, the newest releases)
+# run the quick loop and the tests marked `stack`: the version-sensitive ones. A scenario-based
+# distributed test file lists its CORE scenarios; its cases over core scenarios only are marked
+# `stack` here, and with SPECTRUM_TESTS_CORE=1 (scripts/ci_stack.sh; dsrun.CORE_ONLY) its launch
+# runs those only.
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        core = getattr(item.module, "CORE", None)
+        callspec = getattr(item, "callspec", None)
+        if core is None or callspec is None:
+            continue
+        scenarios = [v for k, v in callspec.params.items() if k in ("name", "ref")]
+        if scenarios and all(s in core for s in scenarios):
+            item.add_marker(pytest.mark.stack)

@@ -12,6 +12,8 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))  # the repository
 WORLD = 2
+# scripts/ci_stack.sh sets it: a scenario file launches only its CORE scenarios (tests/conftest.py)
+CORE_ONLY = os.environ.get("SPECTRUM_TESTS_CORE") == "1"
 
 
 def ds_env():

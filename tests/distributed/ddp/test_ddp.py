@@ -7,7 +7,7 @@ import pytest
 
 from dsrun import ds_env, free_port
 
-pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.stack]
 
 HERE = os.path.dirname(__file__)
 

@@ -18,7 +18,7 @@ import os
 
 import pytest
 import torch
-from dsrun import run_scenarios, scenario_result
+from dsrun import CORE_ONLY, run_scenarios, scenario_result
 from transformers import PreTrainedModel
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -27,6 +27,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "scenarios.py")
 
 POLICIES = ["accel_rotate_park", "accel_random", "accel_cyclic_park"]
+# What every CI stack runs (tests/conftest.py marks the cases over these `stack`): static and
+# dynamic through the Trainer, its resume, a model sharded at load, a parked policy with torchao.
+CORE = {"accel_dynamic", "accel_static", "accel_resume", "tload_dynamic", "accel_torchao8_rotate_park"}
 # torchao's 8-bit AdamW over DTensor shards (the FSDP2 cells of the optimizer matrix)
 LOW_BIT = ["accel_torchao8_static", "accel_torchao8_rotate_park"]
 SCENARIOS = ["accel_dynamic", "accel_static", "accel_dynamic_ga", "accel_dynamic_bf16_gc", "accel_switch20",
@@ -63,9 +66,11 @@ MOE_WEIGHT_ATOL = 5e-5
 
 @pytest.fixture(scope="session")
 def fsdp_results(tmp_path_factory):
+    names, refs = _runnable(SCENARIOS), _runnable(REFS)
+    if CORE_ONLY:
+        names, refs = [n for n in names if n in CORE], [n for n in refs if n in CORE]
     # one after the other: 2 cores
-    return run_scenarios(SCRIPT, str(tmp_path_factory.mktemp("fsdp2")), _runnable(SCENARIOS), _runnable(REFS),
-                         parallel=False,
+    return run_scenarios(SCRIPT, str(tmp_path_factory.mktemp("fsdp2")), names, refs, parallel=False,
                          what="FSDP2 scenarios")
 
 
@@ -192,6 +197,7 @@ def test_mixed_precision_and_activation_checkpointing_train(fsdp_results):
     assert all(x == x for x in losses) and losses[-1] < losses[0]
 
 
+@pytest.mark.stack
 def test_low_bit_rotation_moves_the_selection(fsdp_results):
     r = _get(fsdp_results, "accel_torchao8_rotate_park")
     picks = [h["selected"] for h in r["history"]]
@@ -207,6 +213,7 @@ def test_low_bit_resume_with_parked_state_is_exact(fsdp_results):
     assert r["resume_max_weight_diff"] == 0.0 and r["violations"] == [[], []]
 
 
+@pytest.mark.stack
 def test_resume_through_the_trainers_fsdp2_checkpoint(fsdp_results):
     r = _get(fsdp_results, "accel_resume")
     assert {"optimizer_0", "pytorch_model_fsdp_0", "spectrum_state.json"} <= set(r["ckpt_files"])  # DCP, sharded

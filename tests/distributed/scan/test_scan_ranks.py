@@ -10,7 +10,7 @@ from dsrun import ROOT, ds_env, free_port
 from spectrum_callback.cli import main
 from tiny import tiny_model
 
-pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.stack]
 
 
 def _files(out):

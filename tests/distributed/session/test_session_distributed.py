@@ -9,7 +9,7 @@ import pytest
 import torch
 from dsrun import run_scenarios, scenario_result
 
-pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.stack]
 
 POLICIES = ["ddp_rotate_park", "ddp_random", "ddp_cyclic"]
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "accelerate_loop.py")
