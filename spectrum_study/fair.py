@@ -339,6 +339,8 @@ def plot_fair(rows: Sequence[dict], records: Sequence[dict], path: str, title: s
         mean = [statistics.fmean(c[HELD][i] for c in curves) for i in range(len(steps))]
         ax2.plot(steps, mean, color=_COLORS.get(r["method"], "k"), marker=_MARKERS.get(r["method"], "o"), ms=4,
                  label=r["method"])
+    if not rows:
+        ax.set_title("no configuration has finished yet", fontsize=10)
     if rows and rows[0]["target"] is not None:
         ax2.axhline(rows[0]["target"], color="tab:red", lw=0.7, ls="--", label="full fine-tuning's best (mean)")
     ax2.set_xlabel("optimizer step")
@@ -365,7 +367,7 @@ def write_fair_reports(out_dir: str, settings: StudySettings, plan: Dict[str, Tu
                   "left": [c.key for c in next_configs(records, plan, max_extend=max_extend)]})
     with open(os.path.join(out_dir, "table.md"), "w") as fh:
         fh.write(table)
-    png = plot_fair(rows, records, os.path.join(out_dir, "study.png"), settings.tag) if plot and rows else None
+    png = plot_fair(rows, records, os.path.join(out_dir, "study.png"), settings.tag) if plot else None
     return {"rows": rows, "table": table, "png": png}
 
 

@@ -154,8 +154,7 @@ class SpectrumPlugin(BasePlugin):
                        cfg["lora_target_modules"][0])
 
     def add_callbacks_post_trainer(self, cfg, trainer) -> list:
-        config = check_axolotl_config(cfg)
         if cfg.get(LORA_KEY):
-            return []  # the adapters train; no base matrix does
-        self.callback = SpectrumCallback.from_config(config)
+            return []  # the adapters train, no base matrix (the config was checked when it loaded)
+        self.callback = SpectrumCallback.from_config(check_axolotl_config(cfg))
         return [self.callback]
