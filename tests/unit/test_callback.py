@@ -12,6 +12,8 @@ from spectrum_callback.callback import STATE_FILE
 import tiny
 from tiny import RandomTokens, snapshot, tiny_model, training_args
 
+pytestmark = pytest.mark.stack  # version-sensitive: runs on every CI stack
+
 
 def make_trainer(tmp_path, model=None, callbacks=(), **kw):
     model = model if model is not None else tiny_model("llama", layers=4)

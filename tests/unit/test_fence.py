@@ -14,6 +14,8 @@ import torch
 from dsrun import ROOT
 from spectrum_callback import _fence
 
+pytestmark = pytest.mark.stack  # version-sensitive: runs on every CI stack
+
 
 STACK_PACKAGES = ("torch", "transformers", "accelerate", "deepspeed", "peft", "trl")
 

@@ -15,6 +15,8 @@ from spectrum_callback import SpectrumAnalyzer, SpectrumCallback, spectrum_freez
 from spectrum_callback.candidates import sharding_engine
 from tiny import RandomTokens, snapshot, tiny_model, training_args
 
+pytestmark = pytest.mark.stack  # version-sensitive: runs on every CI stack
+
 fsdp = pytest.importorskip("torch.distributed.fsdp")
 
 

@@ -6,6 +6,8 @@ from spectrum_callback import SpectrumAnalyzer, select_top, spectrum_lora_target
 from spectrum_callback.preselect import lora_params, lora_rank_for_budget
 from tiny import RandomTokens, tiny_model
 
+pytestmark = pytest.mark.stack  # version-sensitive: runs on every CI stack
+
 peft = pytest.importorskip("peft")
 
 

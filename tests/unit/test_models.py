@@ -14,6 +14,8 @@ from dsrun import ROOT
 from tiny import RandomTokens, snapshot, tiny_model, training_args
 from zoo import ZOO
 
+pytestmark = pytest.mark.stack  # version-sensitive: runs on every CI stack
+
 MOE = {  # arch -> (fused banks per MoE layer, router type)
     "mixtral": (("mlp.experts.gate_up_proj", "mlp.experts.down_proj"), "mlp.gate"),
     "qwen3_moe": (("mlp.experts.gate_up_proj", "mlp.experts.down_proj"), "mlp.gate"),

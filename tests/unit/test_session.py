@@ -15,6 +15,8 @@ from spectrum_callback.session import SpectrumUsageError
 from dsrun import ROOT
 from tiny import RandomTokens, rotating_scan, tiny_model, training_args
 
+pytestmark = pytest.mark.stack  # version-sensitive: runs on every CI stack
+
 STEPS, BATCH, LR, WD = 6, 4, 5e-3, 0.1
 
 

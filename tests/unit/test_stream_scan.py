@@ -13,6 +13,8 @@ from spectrum_callback._safetensors_files import Checkpoint
 from spectrum_callback.cli import main
 from tiny import tiny_model
 
+pytestmark = pytest.mark.stack  # version-sensitive: runs on every CI stack
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 

@@ -5,6 +5,8 @@ import torch
 from spectrum_callback import SpectrumCallback
 from tiny import snapshot, tiny_model
 
+pytestmark = pytest.mark.stack  # version-sensitive: runs on every CI stack
+
 trl = pytest.importorskip("trl", reason="trl is part of the test extra; install with pip install -e .[test]")
 datasets = pytest.importorskip("datasets")
 
