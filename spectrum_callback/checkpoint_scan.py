@@ -121,26 +121,18 @@ def plan_stream(
     return StreamPlan(folder, ckpt, analyzer, keys), None
 
 
-def choose_route(
-    path: str,
-    stream: Optional[bool] = None,
-    include: Optional[Sequence[str]] = None,
-    exclude: Optional[Sequence[str]] = None,
-    method: str = "auto",
-    dtype: Optional[torch.dtype] = None,
-    chunk_mb: float = 512,
-    device: Optional[torch.device | str] = None,
-    cpu_threads: Optional[int] = None,
-) -> Tuple[Optional[StreamPlan], Optional[str]]:
+def choose_route(path: str, stream: Optional[bool] = None, **scan_settings) -> Tuple[Optional[StreamPlan],
+                                                                                   Optional[str]]:
     """The one choice between streaming the checkpoint ``path`` and loading it in memory:
     ``(plan, None)`` to stream, ``(None, reason)`` to load.  ``stream=None``: stream where the
-    checkpoint allows it; ``True``: stream or raise :class:`CheckpointError`; ``False``: load."""
+    checkpoint allows it; ``True``: stream or raise :class:`CheckpointError`; ``False``: load.
+    ``scan_settings`` go to :func:`plan_stream` (``include``, ``method``, ``device``, ...)."""
     if stream is False:
         return None, "stream=False"
     if not os.path.isdir(path):
         plan, reason = None, "not a local folder (a hub id?)"
     else:
-        plan, reason = plan_stream(path, include, exclude, method, dtype, chunk_mb, device, cpu_threads)
+        plan, reason = plan_stream(path, **scan_settings)
     if plan is None and stream:
         raise CheckpointError(f"{path}: cannot be streamed: {reason}")
     return plan, reason
@@ -231,7 +223,8 @@ def scan_checkpoint(
 
     Under ``torch.distributed`` every rank must call it; every rank returns the same mapping.
     """
-    plan, reason = choose_route(path, stream, include, exclude, method, dtype, chunk_mb, device, cpu_threads)
+    plan, reason = choose_route(path, stream, include=include, exclude=exclude, method=method, dtype=dtype,
+                                chunk_mb=chunk_mb, device=device, cpu_threads=cpu_threads)
     if plan is not None:
         snr, got = stream_scan(plan, progress=progress)
         if info is not None:

@@ -255,7 +255,8 @@ def _scan(args, cfg, ref: str):
         plan, reason = None, "--gguf-file"
     else:
         try:
-            plan, reason = choose_route(ref, args.stream, cfg.include, cfg.exclude, cfg.method, device=args.device)
+            plan, reason = choose_route(ref, args.stream, include=cfg.include, exclude=cfg.exclude, method=cfg.method,
+                                        device=args.device)
         except (OSError, ValueError) as exc:  # CheckpointError included
             first = str(exc).splitlines()[0]
             raise CliError(f"--model {args.model}: {first}" if isinstance(exc, CheckpointError) else first) from None

@@ -147,6 +147,17 @@ def rotating_scan():
     return scan, calls
 
 
+def all_ranks(obj):
+    """Every rank's ``obj``, in rank order (collective; ``[obj]`` in one process)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def init_deepspeed_gloo():
     """``deepspeed.init_distributed(dist_backend="gloo")`` for the CPU test workers, without
     DeepSpeed's shared-memory all-reduce op: on CPU its comm backend JIT-builds that C++ op

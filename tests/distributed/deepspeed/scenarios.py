@@ -26,8 +26,8 @@ from transformers import Trainer, TrainerCallback  # noqa: E402
 
 from spectrum_callback._fence.deepspeed_internals import whole  # noqa: E402
 from tiny import (  # noqa: E402
-    LossLog, RandomTokens, ds_config, frozen_changes, init_deepspeed_gloo, reset_accelerate, run_scenario_specs,
-    snapshot_frozen, tiny_model, training_args)
+    LossLog, RandomTokens, all_ranks, ds_config, frozen_changes, init_deepspeed_gloo, reset_accelerate,
+    run_scenario_specs, snapshot_frozen, tiny_model, training_args)
 from spectrum_callback import SpectrumCallback  # noqa: E402
 
 transformers.logging.set_verbosity_error()
@@ -169,15 +169,6 @@ class SwitchComm:
 
 
 SWITCH_COMM = SwitchComm()
-
-
-def all_flat(values):
-    """Every rank's list (collective)."""
-    if not torch.distributed.is_initialized():
-        return [values]
-    out = [None] * world()
-    torch.distributed.all_gather_object(out, values)
-    return out
 
 
 def full_state(model):
@@ -389,7 +380,7 @@ def run(name, out, reference=False):
         zero_groups=_zero_groups(spectrum),
         trainable_tensors=sum(1 for p in model.parameters() if p.requires_grad),
         optimizer_class=rec.optimizer_class,
-        flat_numel=all_flat(rec.flat_numel),
+        flat_numel=all_ranks(rec.flat_numel),
         stray_state=rec.stray_state,
     )
     gc.collect()

@@ -40,8 +40,8 @@ from transformers import Trainer, TrainerCallback  # noqa: E402
 from spectrum_callback import SpectrumCallback  # noqa: E402
 from spectrum_callback._sharded import is_dtensor, local_part  # noqa: E402
 from tiny import (  # noqa: E402
-    LossLog, RandomTokens, frozen_changes, reset_accelerate, run_scenario_specs, snapshot_frozen, tiny_model,
-    training_args)
+    LossLog, RandomTokens, all_ranks, frozen_changes, reset_accelerate, run_scenario_specs, snapshot_frozen,
+    tiny_model, training_args)
 
 transformers.logging.set_verbosity_error()
 
@@ -76,14 +76,6 @@ def rank():
 
 def world():
     return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-
-
-def all_ranks(obj):
-    if not torch.distributed.is_initialized():
-        return [obj]
-    out = [None] * world()
-    torch.distributed.all_gather_object(out, obj)
-    return out
 
 
 def full_state(model):
