@@ -7,7 +7,17 @@
         ...
 
 The session owns the model, the analyzer, the optimizer backend, the selection, its history
-and the re-scan schedule.  Data flows one way: model -> analyzer -> selection -> session ->
+and the re-scan schedule.  Its phases, in the order a run goes through them:
+
+* :meth:`~SpectrumSession.preselect`: select and freeze before any optimizer or engine exists
+  (the DeepSpeed start-up hook, :func:`~spectrum_callback.spectrum_freeze`,
+  :func:`~spectrum_callback.spectrum_lora_targets`);
+* :meth:`~SpectrumSession.bind`: the run's optimizer, when it is built after the session;
+* :meth:`~SpectrumSession.adopt_backend`: an optimizer backend an engine's resume built;
+* :meth:`~SpectrumSession.start`, or :meth:`~SpectrumSession.load_state_dict` on a resume;
+* :meth:`~SpectrumSession.maybe_switch` before every optimizer step;
+* :meth:`~SpectrumSession.restore`: the weights went back to a checkpoint's;
+* :meth:`~SpectrumSession.close`.  Data flows one way: model -> analyzer -> selection -> session ->
 backend -> optimizer.  It imports nothing from ``transformers`` beyond what the analyzer
 needs to recognise layers; :class:`~spectrum_callback.SpectrumCallback` is the Trainer's
 adapter over it.
