@@ -88,7 +88,8 @@ MATRIX = {
         (NT, refused("⁴", _DS, "z2_sched_dynamic"))],
     "`offload_optimizer` (ZeRO-3: and `offload_param`)": [
         (NA, NA), (NA, NA), (NA, NA),
-        (NT, ci(_DS, "z2_offload_dynamic")), (ci(_DS, "z3_offload_static"), ci(_DS, "z3_offload_dynamic"))],
+        (ci(_DS, "z2_offload_static"), ci(_DS, "z2_offload_dynamic")),
+        (ci(_DS, "z3_offload_static"), ci(_DS, "z3_offload_dynamic"))],
     "`adamw_bnb_8bit` (bitsandbytes)": [
         _torch("adamw_bnb_8bit"), (ci(_DDP, "adamw_bnb_8bit"), ci(_DDP, "adamw_bnb_8bit")), (_BNB_FSDP, _BNB_FSDP),
         (ci(_DS, "z2_bnb8_static"), _DYN_DS), (NT, _DYN_DS)],
@@ -99,7 +100,7 @@ MATRIX = {
     "`adamw_torch_8bit` (torchao)": [
         _torch("adamw_torch_8bit"), (ci(_DDP, "adamw_torch_8bit"), ci(_DDP, "adamw_torch_8bit")),
         (ci(_FSDP, "accel_torchao8_static"), ci(_FSDP, "accel_torchao8_rotate_park")),
-        (NT, _DYN_DS), (ci(_DS, "z3_torchao8_static"), _DYN_DS)],
+        (ci(_DS, "z2_torchao8_static"), _DYN_DS), (ci(_DS, "z3_torchao8_static"), _DYN_DS)],
     "`adamw_torch_4bit` (torchao)": [
         _torch("adamw_torch_4bit"), (NT, NT), (("fails upstream⁵", None, None), ("fails upstream⁵", None, None)),
         (NT, _DYN_DS), (NT, _DYN_DS)],

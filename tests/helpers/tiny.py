@@ -204,8 +204,11 @@ def ds_config(stage, out, optimizer_block=False, scheduler_block=False, offload=
         zero["stage3_param_persistence_threshold"] = 0
     tag = ""
     if optimizer_block:
-        cfg["optimizer"] = {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto", "torch_adam": True}}
-        tag += "_opt"
+        params = {"lr": "auto", "weight_decay": "auto"}
+        if optimizer_block != "deepspeed_adam":  # "deepspeed_adam": DeepSpeed's own C++ Adam (built on first use)
+            params["torch_adam"] = True
+        cfg["optimizer"] = {"type": "AdamW", "params": params}
+        tag += "_opt" if params.get("torch_adam") else "_dsadam"
     if scheduler_block:
         cfg["scheduler"] = {"type": "WarmupDecayLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": "auto",
                                                                "warmup_num_steps": 1, "total_num_steps": "auto"}}

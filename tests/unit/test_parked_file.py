@@ -50,3 +50,27 @@ def test_low_bit_state_round_trips(tmp_path):
     back = read_parked(str(tmp_path), 0)["w"]
     assert type(back["exp_avg"]) is type(opt.state[p]["exp_avg"])
     assert torch.equal(back["exp_avg"].dequantize(), opt.state[p]["exp_avg"].dequantize())
+
+
+def test_a_trainer_resume_with_a_crafted_parked_file_stops_and_says_why(tmp_path):
+    import transformers
+
+    from spectrum_callback import SpectrumCallback
+    from tiny import RandomTokens, tiny_model, training_args
+
+    def trainer(out, steps):
+        cb = SpectrumCallback(top_pct=0.25, update_every=2, policy="rotate", park_state=True, verbose=False)
+        args = training_args(out, max_steps=steps, save_strategy="steps", save_steps=3)
+        return transformers.Trainer(model=tiny_model("llama"), args=args, train_dataset=RandomTokens(n=32),
+                                    callbacks=[cb])
+
+    trainer(tmp_path, 3).train()
+    ckpt = tmp_path / "checkpoint-3"
+    parked = ckpt / PARKED_FILE.format(rank=0)
+    assert parked.is_file()  # the run parked a leaver's state at step 2
+    marker = str(tmp_path / "ran")
+    with open(parked, "wb") as fh:
+        pickle.dump({"model.layers.0.mlp.up_proj.weight": {"exp_avg": _Exploit(marker)}}, fh)
+    with pytest.raises(ValueError, match="could run as code: refused"):
+        trainer(tmp_path, 6).train(resume_from_checkpoint=str(ckpt))
+    assert not os.path.exists(marker)

@@ -68,6 +68,8 @@ SCENARIOS = {
     # the configurations users run (static: any optimizer, DeepSpeed's blocks, offload)
     "z2_bnb8_static": dict(stage=2, update_every=None, max_steps=4, optim="adamw_bnb_8bit"),
     "z3_torchao8_static": dict(stage=3, update_every=None, max_steps=4, optim="adamw_torch_8bit"),
+    "z2_torchao8_static": dict(stage=2, update_every=None, max_steps=4, optim="adamw_torch_8bit"),
+    "z2_offload_static": dict(stage=2, update_every=None, max_steps=4, offload=True),
     "z2_block_static": dict(stage=2, update_every=None, max_steps=4, optimizer_block=True, scheduler_block=True),
     "z3_offload_static": dict(stage=3, update_every=None, max_steps=4, offload=True, offload_param=True,
                               optim="paged_adamw_8bit"),
@@ -80,6 +82,9 @@ SCENARIOS = {
                              expect_error=True),
     "z2_galore_static": dict(stage=2, update_every=None, max_steps=1, optim="galore_adamw", expect_error=True),
     "z2_bnb8_resume": dict(stage=2, update_every=None, max_steps=6, resume_at=3, optim="adamw_bnb_8bit"),
+    # DeepSpeed's DeepSpeedCPUAdam (its block with offload_optimizer): run by hand, not in CI,
+    # because its C++ op takes minutes to build on a CPU
+    "z2_cpuadam_dynamic": dict(stage=2, update_every=2, max_steps=6, optimizer_block="deepspeed_adam", offload=True),
     # fused 3-D MoE expert banks (transformers 5 Mixtral): one unit each, partitioned by ZeRO-3 too
     "z2_moe_dynamic": dict(stage=2, update_every=2, max_steps=6, arch="mixtral", top_pct=0.5),
     "z3_moe_dynamic": dict(stage=3, update_every=2, max_steps=6, arch="mixtral", top_pct=0.5),

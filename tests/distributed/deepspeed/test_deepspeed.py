@@ -24,7 +24,8 @@ pytest.importorskip("deepspeed", reason="deepspeed is a test dependency of the D
 # The DeepSpeed cells of the optimizer matrix: static Spectrum with any optimizer, DeepSpeed's
 # own blocks and offload (nothing is ever rebuilt); dynamic with DeepSpeed's Adam block and
 # with offload (rebuilt like the Trainer's AdamW); what dynamic runs refuse.
-OPTIM_STATIC = ["z2_bnb8_static", "z3_torchao8_static", "z2_block_static", "z3_offload_static"]
+OPTIM_STATIC = ["z2_bnb8_static", "z2_torchao8_static", "z3_torchao8_static", "z2_block_static", "z2_offload_static",
+                "z3_offload_static"]
 OPTIM_DYNAMIC = ["z2_block_dynamic", "z3_block_dynamic", "z2_offload_dynamic", "z3_offload_dynamic"]
 OPTIM_REFUSED = ["z2_bnb8_dynamic", "z2_sched_dynamic", "z2_galore_static"]
 DS_SCENARIOS = [
@@ -206,7 +207,8 @@ def test_resume_continues_with_same_losses(ds_results, name):
 
 # ---------------------------------------------------------------- 7. the configurations users run
 @pytest.mark.parametrize("name,optimizer", [
-    ("z2_bnb8_static", "bitsandbytes.optim.adamw.AdamW"), ("z3_torchao8_static", "torchao.optim.adam.AdamW8bit"),
+    ("z2_bnb8_static", "bitsandbytes.optim.adamw.AdamW"), ("z2_torchao8_static", "torchao.optim.adam.AdamW8bit"),
+    ("z3_torchao8_static", "torchao.optim.adam.AdamW8bit"), ("z2_offload_static", "torch.optim.adamw.AdamW"),
     ("z2_block_static", "torch.optim.adamw.AdamW"), ("z3_offload_static", "bitsandbytes.optim.adamw.AdamW"),
     ("z2_block_dynamic", "torch.optim.adamw.AdamW"), ("z2_offload_dynamic", "torch.optim.adamw.AdamW")])
 def test_any_optimizer_trains_the_selection_only(ds_results, name, optimizer):
