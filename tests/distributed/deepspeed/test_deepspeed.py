@@ -113,7 +113,6 @@ def test_same_losses_and_weights_as_plain_pytorch(ds_results, name, ref):
     assert worst <= (MOE_WEIGHT_ATOL if "moe" in name else POLICY_WEIGHT_ATOL if policy_run else WEIGHT_ATOL), worst
 
 
-@pytest.mark.stack
 def test_scenarios_ran_at_the_zero_stage_they_name(ds_results):
     for name in ("z1_dynamic", "z2_dynamic", "z3_dynamic"):
         r = _get(ds_results, name)
