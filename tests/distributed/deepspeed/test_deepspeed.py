@@ -27,7 +27,7 @@ pytest.importorskip("deepspeed", reason="deepspeed is a test dependency of the D
 OPTIM_STATIC = ["z2_bnb8_static", "z2_torchao8_static", "z3_torchao8_static", "z2_block_static", "z2_offload_static",
                 "z3_offload_static"]
 OPTIM_DYNAMIC = ["z2_block_dynamic", "z3_block_dynamic", "z2_offload_dynamic", "z3_offload_dynamic"]
-OPTIM_REFUSED = ["z2_bnb8_dynamic", "z2_sched_dynamic", "z2_galore_static"]
+OPTIM_REFUSED = ["z2_bnb8_dynamic", "z2_sched_dynamic", "z2_galore_static", "z2_bnb8_late_static"]
 DS_SCENARIOS = [
     "z2_dynamic", "z3_dynamic", "z2_static", "z3_static", "z3_dynamic_ga", "z2_dynamic_gc_bf16",
     "z3_dynamic_gc_reentrant", "z3_dynamic_gc_nonreentrant", "z3_switch20", "z2_resume", "z3_resume",
@@ -240,6 +240,8 @@ def test_static_low_bit_resume_is_exact(ds_results):
                          "on plain PyTorch or DDP;", "optim='adamw_torch'"]),
     ("z2_sched_dynamic", ["dynamic Spectrum", "'scheduler' block (WarmupDecayLR)", "lr_scheduler_type"]),
     ("z2_galore_static", ["optim='galore_adamw'", "flat 1-D partitions", "plain PyTorch and DDP"]),
+    ("z2_bnb8_late_static", ["built over", "cannot be rebuilt over the selection", "bitsandbytes.optim.adamw.AdamW",
+                             "Attach SpectrumCallback before trainer.train()"]),
 ])
 def test_what_cannot_follow_is_refused_at_train_begin_with_what_works(ds_results, name, words):
     r = _get(ds_results, name)
