@@ -23,7 +23,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Iterable, List, Mapping, Optional
 
-__all__ = ["SpectrumState", "STATE_FILE", "STATE_FORMAT", "STATE_VERSION"]
+__all__ = ["SpectrumState", "STATE_FILE", "STATE_FORMAT", "STATE_VERSION", "optimizer_state_types"]
 
 STATE_FILE = "spectrum_state.json"
 STATE_FORMAT = "spectrum_callback.state"

@@ -6,8 +6,9 @@ optimizers skip it), a leaver's state is dropped or parked whole, a joiner start
 Two engines hand optimizers something other than whole matrices, and some optimizers cannot
 take that:
 
-* FSDP2 gives the optimizer DTensor shards: bitsandbytes' kernels have no DTensor support
-  (they fail without Spectrum too), and GaLore / APOLLO project each whole matrix's gradient.
+* FSDP2 gives the optimizer DTensor shards: bitsandbytes' kernels have no DTensor support,
+  transformers' Adafactor keeps its factored moments as plain tensors (both fail without
+  Spectrum too), and GaLore / APOLLO project each whole matrix's gradient.
 * DeepSpeed ZeRO gives the optimizer flat 1-D partitions of many parameters: GaLore / APOLLO
   have no matrix to project.  Which ZeRO optimizers a switch can rebuild is in
   :mod:`spectrum_callback.backends.deepspeed.support`.
@@ -44,6 +45,11 @@ def engine_refusal(opt, engine: str) -> Optional[str]:
         return (f"{name} cannot step FSDP2's DTensor parameters: bitsandbytes registers no DTensor sharding for its "
                 "kernels, so it fails without Spectrum too. Under FSDP2 use torchao's optim='adamw_torch_8bit'; "
                 "bitsandbytes' optimizers work with Spectrum on plain PyTorch, DDP and DeepSpeed")
+    if engine == "fsdp2" and name == "transformers.optimization.Adafactor":
+        return (f"{name} cannot step FSDP2's DTensor parameters: it keeps its factored second moments as plain "
+                "tensors and mixes them with DTensor gradients, so it fails without Spectrum too. Under FSDP2 use "
+                "optim='adamw_torch' or torchao's 'adamw_torch_8bit'; Adafactor works with Spectrum on plain "
+                "PyTorch, DDP and DeepSpeed")
     return None
 
 

@@ -193,6 +193,15 @@ def test_fsdp2_refuses_bitsandbytes_naming_what_works(process_group):
         session.start()
 
 
+def test_fsdp2_refuses_adafactor_naming_what_works(process_group):
+    from transformers.optimization import Adafactor
+
+    session = _sharded_session(lambda ps: Adafactor(ps, lr=1e-3, scale_parameter=False, relative_step=False))
+    with pytest.raises(ValueError, match=r"transformers\.optimization\.Adafactor cannot step FSDP2's DTensor.*"
+                                         r"optim='adamw_torch'"):
+        session.start()
+
+
 @pytest.mark.parametrize("package,cls", [("galore_torch", "GaLoreAdamW"), ("apollo_torch", "APOLLOAdamW")])
 def test_fsdp2_refuses_projected_optimizers(process_group, package, cls):
     mod = pytest.importorskip(package)

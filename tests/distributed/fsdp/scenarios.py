@@ -67,6 +67,11 @@ SCENARIOS = {
                                        optim="adamw_torch_8bit"),
     "accel_torchao8_resume": dict(update_every=2, max_steps=6, resume_at=3, policy="rotate", park_state=True,
                                   optim="adamw_torch_8bit"),
+    # schedule-free AdamW over DTensor shards (its resume fails in torch's DCP without Spectrum too:
+    # the state is initialised by a step before the Trainer puts the optimizer in train mode)
+    "accel_schedfree_static": dict(update_every=None, max_steps=4, optim="schedule_free_adamw"),
+    "accel_schedfree_rotate_park": dict(update_every=2, max_steps=7, policy="rotate", park_state=True,
+                                        optim="schedule_free_adamw"),
 }
 
 
@@ -282,6 +287,7 @@ def run(name, out, reference=False):
         history=[{"step": h["step"], "selected": h["selected"], "joined": h["joined"], "left": h["left"]}
                  for h in spectrum.history],
         backend=getattr(spectrum.backend, "name", None),
+        optimizer_class=type(getattr(trainer.optimizer, "optimizer", trainer.optimizer)).__module__.split(".")[0],
         fsdp_modules=sum(type(m).__name__.startswith("FSDP") for m in model.modules()),
         dtensor_params=sum(is_dtensor(p) for p in model.parameters()),
         local_numel=all_ranks(sum(local_part(p).numel() for p in model.parameters())),

@@ -30,10 +30,11 @@ POLICIES = ["accel_rotate_park", "accel_random", "accel_cyclic_park"]
 # What every CI stack runs (tests/conftest.py marks the cases over these `stack`): dynamic
 # through the Trainer, its resume, a model sharded at load, a parked policy with torchao.
 CORE = {"accel_dynamic", "accel_resume", "tload_dynamic", "accel_torchao8_rotate_park"}
-# torchao's 8-bit AdamW over DTensor shards (the FSDP2 cells of the optimizer matrix)
-LOW_BIT = ["accel_torchao8_static", "accel_torchao8_rotate_park"]
+# torchao's 8-bit AdamW and schedule-free AdamW over DTensor shards (FSDP2 cells of the optimizer matrix)
+OPTIMS = {"accel_torchao8_static": "torchao", "accel_torchao8_rotate_park": "torchao",
+          "accel_schedfree_static": "schedulefree", "accel_schedfree_rotate_park": "schedulefree"}
 SCENARIOS = ["accel_dynamic", "accel_static", "accel_dynamic_ga", "accel_dynamic_bf16_gc", "accel_switch20",
-             "accel_resume", "accel_moe_dynamic", "tload_dynamic", "accel_prefrozen_dynamic", *POLICIES, *LOW_BIT,
+             "accel_resume", "accel_moe_dynamic", "tload_dynamic", "accel_prefrozen_dynamic", *POLICIES, *OPTIMS,
              "accel_torchao8_resume"]
 REFS = ["accel_dynamic", "accel_static", "accel_dynamic_ga", "accel_moe_dynamic", "tload_dynamic", *POLICIES]
 
@@ -86,7 +87,7 @@ def _params_of(module, names):
 
 
 RUNS = ["accel_dynamic", "accel_static", "accel_dynamic_ga", "accel_dynamic_bf16_gc", "accel_switch20",
-        "accel_moe_dynamic", "tload_dynamic", "accel_prefrozen_dynamic", *POLICIES, *LOW_BIT]
+        "accel_moe_dynamic", "tload_dynamic", "accel_prefrozen_dynamic", *POLICIES, *OPTIMS]
 
 
 @pytest.mark.parametrize("name", _cases(RUNS))
@@ -197,9 +198,14 @@ def test_mixed_precision_and_activation_checkpointing_train(fsdp_results):
     assert all(x == x for x in losses) and losses[-1] < losses[0]
 
 
-@pytest.mark.stack
-def test_low_bit_rotation_moves_the_selection(fsdp_results):
-    r = _get(fsdp_results, "accel_torchao8_rotate_park")
+@pytest.mark.parametrize("name", list(OPTIMS))
+def test_the_optimizer_asked_for_steps_the_shards(fsdp_results, name):
+    assert _get(fsdp_results, name)["optimizer_class"] == OPTIMS[name]
+
+
+@pytest.mark.parametrize("name", ["accel_torchao8_rotate_park", "accel_schedfree_rotate_park"])
+def test_other_optimizers_rotation_moves_the_selection(fsdp_results, name):
+    r = _get(fsdp_results, name)
     picks = [h["selected"] for h in r["history"]]
     assert len(picks) >= 3 and all(a != b for a, b in zip(picks, picks[1:]))
 
