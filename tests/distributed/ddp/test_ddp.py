@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from dsrun import ds_env, free_port
+from dsrun import CORE_ONLY, ds_env, free_port
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.stack]
 
@@ -55,8 +55,17 @@ def test_ddp_resume_continues_the_same_run(ddp_run):
     assert ddp_run[0]["c_resume_weights"] == ddp_run[1]["c_resume_weights"]
 
 
-@pytest.mark.parametrize("optim,module", [("adamw_bnb_8bit", "bitsandbytes."), ("adamw_torch_8bit", "torchao.")])
-def test_ddp_low_bit_optimizers_static_rotate_parked_and_resumed(ddp_run, optim, module):
+_MODULE = {"adamw_bnb_8bit": "bitsandbytes.", "paged_adamw_8bit": "bitsandbytes.", "lion_8bit": "bitsandbytes.",
+           "adamw_torch_8bit": "torchao.", "adamw_torch_4bit": "torchao.", "adafactor": "transformers.optimization.",
+           "schedule_free_adamw": "schedulefree.", "galore_adamw": "galore_torch.", "apollo_adamw": "apollo_torch."}
+
+
+# the other CI stacks (SPECTRUM_TESTS_CORE=1) run the two 8-bit AdamWs only
+_RUN = {k: v for k, v in _MODULE.items() if not CORE_ONLY or k in ("adamw_bnb_8bit", "adamw_torch_8bit")}
+
+
+@pytest.mark.parametrize("optim,module", sorted(_RUN.items()))
+def test_ddp_optimizers_static_rotate_parked_and_resumed(ddp_run, optim, module):
     for r in ddp_run:
         key = f"d_{optim}"
         for mode in ("static", "full", "resume"):

@@ -26,6 +26,8 @@ from transformers import TrainerCallback  # noqa: E402
 
 import spectrum_callback.analyzer as analyzer_mod  # noqa: E402
 from spectrum_callback import SpectrumAnalyzer, SpectrumCallback  # noqa: E402
+from spectrum_callback.state import optimizer_state_types  # noqa: E402
+from optim_matrix import TORCH_OPTIMS, extra_args  # noqa: E402
 from tiny import RandomTokens, rotating_scan, snapshot, tiny_model, training_args  # noqa: E402
 
 
@@ -102,9 +104,14 @@ def main(out):
         result[f"c_{mode}_losses"] = {h["step"]: h["loss"] for h in tr.state.log_history if "loss" in h}
         result[f"c_{mode}_weights"] = [float(p.double().sum()) for p in model.parameters()]
         result[f"c_{mode}_trainable"] = sorted(n for n, p in model.named_parameters() if p.requires_grad)
-    # D: low-bit optimizers (the DDP cells of the optimizer matrix): static, then rotate with
-    # parked state, saved at step 3 and resumed from there
-    for optim in ("adamw_bnb_8bit", "adamw_torch_8bit"):
+    # D: the other optimizers the Trainer builds (the DDP cells of the optimizer matrix): static,
+    # then rotate with parked state, saved at step 3 and resumed from there
+    # The Trainer loads optimizer.pt with weights_only=True: GaLore's and APOLLO's projectors
+    # must be allowed, with or without Spectrum (torch's own message says so)
+    torch.serialization.add_safe_globals(optimizer_state_types())
+    # (the other CI stacks, SPECTRUM_TESTS_CORE=1: the two 8-bit AdamWs only)
+    core = os.environ.get("SPECTRUM_TESTS_CORE") == "1"
+    for optim in ["adamw_bnb_8bit", "adamw_torch_8bit"] if core else [o for o in TORCH_OPTIMS if o != "adamw_torch"]:
         for mode, kw in (("static", dict(max_steps=3)),
                          ("full", dict(max_steps=6, save_strategy="steps", save_steps=3)),
                          ("resume", dict(max_steps=6))):
@@ -113,7 +120,7 @@ def main(out):
             cb = SpectrumCallback(top_pct=0.25, verbose=False, **moving)
             watch = FrozenWatch()
             args = training_args(os.path.join(out, f"d_{optim}"), per_device_train_batch_size=2, ddp_backend="gloo",
-                                 optim=optim, **kw)
+                                 optim=optim, **extra_args(optim), **kw)
             tr = transformers.Trainer(model=model, args=args, train_dataset=RandomTokens(n=64, seed=rank),
                                       callbacks=[cb, watch])
             ckpt = os.path.join(out, f"d_{optim}", "checkpoint-3")

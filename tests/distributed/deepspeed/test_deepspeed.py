@@ -24,13 +24,26 @@ pytest.importorskip("deepspeed", reason="deepspeed is a test dependency of the D
 # The DeepSpeed cells of the optimizer matrix: static Spectrum with any optimizer, DeepSpeed's
 # own blocks and offload (nothing is ever rebuilt); dynamic with DeepSpeed's Adam block and
 # with offload (rebuilt like the Trainer's AdamW); what dynamic runs refuse.
-OPTIM_STATIC = ["z2_bnb8_static", "z2_torchao8_static", "z3_torchao8_static", "z2_block_static", "z2_offload_static",
-                "z3_offload_static"]
+# The class each static scenario's Trainer builds (DeepSpeed wraps it; the blocks build torch's AdamW)
+STATIC_OPTIMIZER = {
+    "z2_bnb8_static": "bitsandbytes.optim.adamw.AdamW", "z3_bnb8_static": "bitsandbytes.optim.adamw.AdamW",
+    "z2_paged8_static": "bitsandbytes.optim.adamw.AdamW", "z3_offload_static": "bitsandbytes.optim.adamw.AdamW",
+    "z2_lion8_static": "bitsandbytes.optim.lion.Lion", "z3_lion8_static": "bitsandbytes.optim.lion.Lion",
+    "z2_torchao8_static": "torchao.optim.adam.AdamW8bit", "z3_torchao8_static": "torchao.optim.adam.AdamW8bit",
+    "z2_torchao4_static": "torchao.optim.adam.AdamW4bit", "z3_torchao4_static": "torchao.optim.adam.AdamW4bit",
+    "z2_adafactor_static": "transformers.optimization.Adafactor",
+    "z3_adafactor_static": "transformers.optimization.Adafactor",
+    "z2_schedfree_static": "schedulefree.adamw_schedulefree.AdamWScheduleFree",
+    "z3_schedfree_static": "schedulefree.adamw_schedulefree.AdamWScheduleFree",
+    "z2_offload_static": "torch.optim.adamw.AdamW", "z2_block_static": "torch.optim.adamw.AdamW",
+    "z3_block_static": "torch.optim.adamw.AdamW",
+}
+OPTIM_STATIC = list(STATIC_OPTIMIZER)
 OPTIM_DYNAMIC = ["z2_block_dynamic", "z3_block_dynamic", "z2_offload_dynamic", "z3_offload_dynamic"]
 OPTIM_REFUSED = ["z2_bnb8_dynamic", "z2_sched_dynamic", "z2_galore_static", "z2_bnb8_late_static"]
 DS_SCENARIOS = [
     "z2_dynamic", "z3_dynamic", "z2_static", "z3_static", "z3_dynamic_ga", "z2_dynamic_gc_bf16",
-    "z3_dynamic_gc_reentrant", "z3_dynamic_gc_nonreentrant", "z3_switch20", "z2_resume", "z3_resume",
+    "z3_dynamic_gc_reentrant", "z3_dynamic_gc_nonreentrant", "z3_switch10", "z2_resume", "z3_resume",
     "z1_dynamic", "z2_resume_bf16", "z2_moe_dynamic", "z3_moe_dynamic", "z2_late_bf16",
     "z2_resume_untagged",
 ] + ["z2_rotate_park", "z3_rotate_park", "z2_random", "z3_random", "z2_cyclic_park", "z3_cyclic"] + \
@@ -80,7 +93,7 @@ def _weights(results, name, ref=False):
 # ---------------------------------------------------------------- 1. frozen means frozen
 @pytest.mark.parametrize("name", ["z2_dynamic", "z3_dynamic", "z2_static", "z3_static", "z3_dynamic_ga",
                                   "z2_dynamic_gc_bf16", "z3_dynamic_gc_reentrant", "z3_dynamic_gc_nonreentrant",
-                                  "z3_switch20", "z1_dynamic", "z2_moe_dynamic", "z3_moe_dynamic",
+                                  "z3_switch10", "z1_dynamic", "z2_moe_dynamic", "z3_moe_dynamic",
                                   *[n for n, _ in POLICY_RUNS], *OPTIM_STATIC, *OPTIM_DYNAMIC])
 def test_frozen_parameters_do_not_change_a_bit(ds_results, name):
     r = _get(ds_results, name)
@@ -129,7 +142,7 @@ def test_lr_schedule_reaches_every_group_after_rebuilds(ds_results):
 
 
 # ---------------------------------------------------------------- 3. memory follows the selection
-@pytest.mark.parametrize("name", ["z2_dynamic", "z3_dynamic", "z2_static", "z3_static", "z3_switch20", "z1_dynamic",
+@pytest.mark.parametrize("name", ["z2_dynamic", "z3_dynamic", "z2_static", "z3_static", "z3_switch10", "z1_dynamic",
                                   "z2_moe_dynamic", "z3_moe_dynamic", *[n for n, _ in POLICY_RUNS], *OPTIM_DYNAMIC])
 def test_optimizer_state_only_for_selected(ds_results, name):
     r = _get(ds_results, name)
@@ -153,12 +166,13 @@ def test_logged_trainable_params_count_whole_parameters(ds_results, name):
     assert set(r["trainable_logged"]) <= {float(n) for n in r["trainable_numel"]}
 
 
-def test_no_growth_over_20_switches(ds_results):
-    r = _get(ds_results, "z3_switch20")
-    # 20 real re-scans (lr 2e-2): a re-scan that leaves the selection as it was rebuilds
-    # nothing, so the rebuilds are exactly the changes (19 or 20, by the last bits of the SVDs)
+def test_no_growth_over_10_switches(ds_results):
+    r = _get(ds_results, "z3_switch10")
+    # 10 real re-scans (lr 2e-2): a re-scan that leaves the selection as it was rebuilds
+    # nothing, so the rebuilds are exactly the changes (nearly all of them change it, by the
+    # last bits of the SVDs); the 80-step soak (test_soak.py) forces 39 switches
     changed = sum(1 for a, b in zip(r["selected"], r["selected"][1:]) if a != b)
-    assert r["rebuilds"] == changed >= 15, (r["rebuilds"], changed)
+    assert r["rebuilds"] == changed >= 7, (r["rebuilds"], changed)
     per_rank = [tuple(e["per_rank"]) for e in r["numel"]]
     assert len(set(per_rank)) == 1, per_rank  # same-size selections, same state: nothing accumulates
     assert r["live_old_optimizers"] == 0  # old ZeRO optimizers are garbage
@@ -206,9 +220,7 @@ def test_resume_continues_with_same_losses(ds_results, name):
 
 # ---------------------------------------------------------------- 7. the configurations users run
 @pytest.mark.parametrize("name,optimizer", [
-    ("z2_bnb8_static", "bitsandbytes.optim.adamw.AdamW"), ("z2_torchao8_static", "torchao.optim.adam.AdamW8bit"),
-    ("z3_torchao8_static", "torchao.optim.adam.AdamW8bit"), ("z2_offload_static", "torch.optim.adamw.AdamW"),
-    ("z2_block_static", "torch.optim.adamw.AdamW"), ("z3_offload_static", "bitsandbytes.optim.adamw.AdamW"),
+    *STATIC_OPTIMIZER.items(),
     ("z2_block_dynamic", "torch.optim.adamw.AdamW"), ("z2_offload_dynamic", "torch.optim.adamw.AdamW")])
 def test_any_optimizer_trains_the_selection_only(ds_results, name, optimizer):
     """Static: the ZeRO optimizer is built over the selection before the engine exists, whatever
@@ -251,7 +263,7 @@ def test_what_cannot_follow_is_refused_at_train_begin_with_what_works(ds_results
 
 
 # ---------------------------------------------------------------- 8. what a switch moves between ranks
-@pytest.mark.parametrize("name", ["z3_dynamic", "z3_switch20", "z3_moe_dynamic"])
+@pytest.mark.parametrize("name", ["z3_dynamic", "z3_switch10", "z3_moe_dynamic"])
 def test_zero3_switch_moves_local_slices_only(ds_results, name):
     # ZeRO-3 partitions each parameter on its own: a stayer's fp32 master and moments stay on
     # the rank that holds them.  During a switch nothing of the optimizer state may be gathered:
