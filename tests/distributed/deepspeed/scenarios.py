@@ -112,6 +112,11 @@ SCENARIOS = {
     "z3_random": dict(stage=3, update_every=2, max_steps=6, policy="random"),
     "z2_cyclic_park": dict(stage=2, update_every=2, max_steps=7, policy="cyclic", park_state=True),
     "z3_cyclic": dict(stage=3, update_every=2, max_steps=6, policy="cyclic"),
+    # parked state with offload_optimizer and with DeepSpeed's Adam block
+    "z2_offload_rotate_park": dict(stage=2, update_every=2, max_steps=7, policy="rotate", park_state=True,
+                                   offload=True),
+    "z3_block_rotate_park": dict(stage=3, update_every=2, max_steps=7, policy="rotate", park_state=True,
+                                 optimizer_block=True),
 }
 
 

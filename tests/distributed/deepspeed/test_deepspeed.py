@@ -46,11 +46,13 @@ DS_SCENARIOS = [
     "z3_dynamic_gc_reentrant", "z3_dynamic_gc_nonreentrant", "z3_switch10", "z2_resume", "z3_resume",
     "z1_dynamic", "z2_resume_bf16", "z2_moe_dynamic", "z3_moe_dynamic", "z2_late_bf16",
     "z2_resume_untagged",
-] + ["z2_rotate_park", "z3_rotate_park", "z2_random", "z3_random", "z2_cyclic_park", "z3_cyclic"] + \
+] + ["z2_rotate_park", "z3_rotate_park", "z2_random", "z3_random", "z2_cyclic_park", "z3_cyclic",
+     "z2_offload_rotate_park", "z3_block_rotate_park"] + \
     OPTIM_STATIC + OPTIM_DYNAMIC + OPTIM_REFUSED + ["z2_bnb8_resume"]
 REF_SCENARIOS = ["z2_dynamic", "z2_static", "z3_dynamic_ga", "z3_dynamic_gc_nonreentrant", "z2_moe_dynamic",
                  "z2_rotate_park", "z2_random", "z2_cyclic_park", "z3_cyclic"]
 POLICY_RUNS = [("z2_rotate_park", "z2_rotate_park"), ("z3_rotate_park", "z2_rotate_park"),
+               ("z2_offload_rotate_park", "z2_rotate_park"), ("z3_block_rotate_park", "z2_rotate_park"),
                ("z2_random", "z2_random"), ("z3_random", "z2_random"), ("z2_cyclic_park", "z2_cyclic_park"),
                ("z3_cyclic", "z3_cyclic")]
 
