@@ -15,6 +15,20 @@ _PACKAGE = {"adamw_bnb_8bit": "bitsandbytes", "paged_adamw_8bit": "bitsandbytes"
             "galore_adamw": "galore_torch", "apollo_adamw": "apollo_torch"}
 
 
+# what the other CI stacks (SPECTRUM_TESTS_CORE=1) run of the optimizers beside torch's AdamW
+CORE_OPTIMS = ("adamw_bnb_8bit", "adamw_torch_8bit")
+
+
+def other_optims(core: bool) -> list:
+    """The optimizers beside ``adamw_torch`` a distributed worker runs: all, or the core ones."""
+    return list(CORE_OPTIMS) if core else [o for o in TORCH_OPTIMS if o != "adamw_torch"]
+
+
+def module_of(optim: str) -> str:
+    """The package (or module) the optimizer class the Trainer builds for ``optim`` lives in."""
+    return _PACKAGE.get(optim, "transformers.optimization" if optim == "adafactor" else "torch.optim")
+
+
 def require(optim: str) -> None:
     """Fail (not skip) when the optimizer's package is missing: the [optim] extra installs it."""
     pkg = _PACKAGE.get(optim)

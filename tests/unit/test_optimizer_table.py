@@ -6,7 +6,7 @@ import re
 import pytest
 
 from dsrun import ROOT
-from optim_matrix import ENGINES, MATRIX, TORCH_OPTIMS, readme_table
+from optim_matrix import ENGINES, MATRIX, TORCH_OPTIMS, other_optims, readme_table
 
 START, END = "<!-- optimizer-table -->", "<!-- /optimizer-table -->"
 
@@ -37,6 +37,10 @@ def test_every_tested_or_refused_cell_names_a_test_that_exists(row, engine, mode
         text = fh.read()
     if where.endswith("test_optimizer_matrix.py"):  # parametrized over TORCH_OPTIMS
         assert what in TORCH_OPTIMS and '@pytest.mark.parametrize("optim", TORCH_OPTIMS)' in text
+        return
+    if where.endswith("test_ddp.py") and what in TORCH_OPTIMS and what != "adamw_torch":  # over other_optims
+        assert '@pytest.mark.parametrize("optim", other_optims(CORE_ONLY))' in text
+        assert what in other_optims(core=False)
         return
     # the scenario or parameter is named in the test file (a test case, not a comment only)
     assert re.search(rf"[\"'(\[ ]{re.escape(what)}", text), (row, engine, mode, where, what)

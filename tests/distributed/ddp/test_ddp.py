@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from dsrun import CORE_ONLY, ds_env, free_port
+from optim_matrix import module_of, other_optims
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.stack]
 
@@ -55,21 +56,12 @@ def test_ddp_resume_continues_the_same_run(ddp_run):
     assert ddp_run[0]["c_resume_weights"] == ddp_run[1]["c_resume_weights"]
 
 
-_MODULE = {"adamw_bnb_8bit": "bitsandbytes.", "paged_adamw_8bit": "bitsandbytes.", "lion_8bit": "bitsandbytes.",
-           "adamw_torch_8bit": "torchao.", "adamw_torch_4bit": "torchao.", "adafactor": "transformers.optimization.",
-           "schedule_free_adamw": "schedulefree.", "galore_adamw": "galore_torch.", "apollo_adamw": "apollo_torch."}
-
-
-# the other CI stacks (SPECTRUM_TESTS_CORE=1) run the two 8-bit AdamWs only
-_RUN = {k: v for k, v in _MODULE.items() if not CORE_ONLY or k in ("adamw_bnb_8bit", "adamw_torch_8bit")}
-
-
-@pytest.mark.parametrize("optim,module", sorted(_RUN.items()))
-def test_ddp_optimizers_static_rotate_parked_and_resumed(ddp_run, optim, module):
+@pytest.mark.parametrize("optim", other_optims(CORE_ONLY))
+def test_ddp_optimizers_static_rotate_parked_and_resumed(ddp_run, optim):
     for r in ddp_run:
         key = f"d_{optim}"
         for mode in ("static", "full", "resume"):
-            assert r[f"{key}_{mode}_optimizer"].startswith(module)
+            assert r[f"{key}_{mode}_optimizer"].startswith(module_of(optim) + ".")
             assert r[f"{key}_{mode}_violations"] == [] and r[f"{key}_{mode}_frozen_state"] == 0, mode
         picks = [h[1] for h in r[f"{key}_full_history"]]
         assert len(picks) == 3 and picks[0] != picks[1] != picks[2]

@@ -27,7 +27,7 @@ from transformers import TrainerCallback  # noqa: E402
 import spectrum_callback.analyzer as analyzer_mod  # noqa: E402
 from spectrum_callback import SpectrumAnalyzer, SpectrumCallback  # noqa: E402
 from spectrum_callback.state import optimizer_state_types  # noqa: E402
-from optim_matrix import TORCH_OPTIMS, extra_args  # noqa: E402
+from optim_matrix import extra_args, other_optims  # noqa: E402
 from tiny import RandomTokens, rotating_scan, snapshot, tiny_model, training_args  # noqa: E402
 
 
@@ -109,9 +109,7 @@ def main(out):
     # The Trainer loads optimizer.pt with weights_only=True: GaLore's and APOLLO's projectors
     # must be allowed, with or without Spectrum (torch's own message says so)
     torch.serialization.add_safe_globals(optimizer_state_types())
-    # (the other CI stacks, SPECTRUM_TESTS_CORE=1: the two 8-bit AdamWs only)
-    core = os.environ.get("SPECTRUM_TESTS_CORE") == "1"
-    for optim in ["adamw_bnb_8bit", "adamw_torch_8bit"] if core else [o for o in TORCH_OPTIMS if o != "adamw_torch"]:
+    for optim in other_optims(core=os.environ.get("SPECTRUM_TESTS_CORE") == "1"):
         for mode, kw in (("static", dict(max_steps=3)),
                          ("full", dict(max_steps=6, save_strategy="steps", save_steps=3)),
                          ("resume", dict(max_steps=6))):
