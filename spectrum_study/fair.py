@@ -7,7 +7,7 @@ best point sits on an edge of the grid, the grid grows by a factor :data:`STEP` 
 (at most :data:`MAX_EXTEND` times a side).  Then seeds 1 and 2 run at the best rate.  A seed
 changes the data order and the LoRA initialisation, and for the random methods the
 selection.  Every finished configuration is one JSON file under ``OUT/runs/`` (as
-:mod:`spectrum_study.compare` writes them), so the study resumes where it stopped.  Several
+:mod:`spectrum_study.runner` writes them), so the study resumes where it stopped.  Several
 processes may work on one folder at once: each claims a configuration before it trains it
 (``OUT/work/claims``), and a claim of a process that died is taken over.
 
@@ -32,8 +32,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .compare import (HELD, OTHER, Config, StudySettings, _as_dataset, _atomic_json, evaluate_baseline, load_runs,
-                      load_study_data, run_config)
+from .methods import COLORS, MARKERS
+from .runner import (HELD, OTHER, Config, StudySettings, as_dataset, atomic_json, evaluate_baseline, load_runs,
+                     load_study_data, run_config)
 
 logger = logging.getLogger(__name__)
 
@@ -161,8 +162,8 @@ def run_fair(model_factory: Callable[[], torch.nn.Module], train_ds, eval_sets: 
     """Run :func:`next_configs` until nothing is left (waiting while another process trains a
     configuration whose result decides what comes next), then write the reports.  Returns
     ``{"trained": [keys], "summary": ...}``."""
-    train_ds = _as_dataset(train_ds)
-    eval_sets = {k: _as_dataset(v) for k, v in eval_sets.items()}
+    train_ds = as_dataset(train_ds)
+    eval_sets = {k: as_dataset(v) for k, v in eval_sets.items()}
     runs_dir, work = os.path.join(out_dir, "runs"), os.path.join(out_dir, "work")
     claims = os.path.join(work, "claims")
     os.makedirs(runs_dir, exist_ok=True)
@@ -170,7 +171,7 @@ def run_fair(model_factory: Callable[[], torch.nn.Module], train_ds, eval_sets: 
     base_path = os.path.join(runs_dir, "baseline.json")
     if not os.path.isfile(base_path):  # two streams may both compute it: the same numbers, written atomically
         baseline = evaluate_baseline(model_factory, eval_sets, settings, work)
-        _atomic_json(base_path, {"signature": sig, "settings": asdict(settings), "losses": baseline})
+        atomic_json(base_path, {"signature": sig, "settings": asdict(settings), "losses": baseline})
     with open(base_path) as fh:
         saved = json.load(fh)
     if saved.get("signature") != sig:
@@ -193,7 +194,7 @@ def run_fair(model_factory: Callable[[], torch.nn.Module], train_ds, eval_sets: 
             print(f"=== {pick.key} ({time.strftime('%H:%M:%S')}; {len(todo)} left to plan)", file=sys.stderr,
                   flush=True)
             record = run_config(pick, model_factory, train_ds, eval_sets, settings, work, baseline)
-            _atomic_json(os.path.join(runs_dir, f"{pick.key}.json"), record)
+            atomic_json(os.path.join(runs_dir, f"{pick.key}.json"), record)
             trained.append(pick.key)
             write_fair_reports(out_dir, settings, plan, max_extend=max_extend)
         finally:
@@ -317,15 +318,13 @@ def plot_fair(rows: Sequence[dict], records: Sequence[dict], path: str, title: s
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .compare import _COLORS, _MARKERS
-
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(14, 5.5))
     for r in rows:
         m = r["method"]
         ax.errorbar(r["forgetting_mean"], r["heldout_mean"],
                     xerr=r["forgetting_sd"] if math.isfinite(r["forgetting_sd"]) else None,
                     yerr=r["heldout_sd"] if math.isfinite(r["heldout_sd"]) else None,
-                    fmt=_MARKERS.get(m, "o"), color=_COLORS.get(m, "k"), capsize=4, ms=8,
+                    fmt=MARKERS.get(m, "o"), color=COLORS.get(m, "k"), capsize=4, ms=8,
                     label=f"{m} (lr {r['best_lr']:g}, {len(r['seeds'])} seeds)")
     ax.axvline(0.0, color="k", lw=0.6, ls=":")
     ax.set_xlabel("forgetting: pydoc loss at the best point − before training (lower is better)")
@@ -337,7 +336,7 @@ def plot_fair(rows: Sequence[dict], records: Sequence[dict], path: str, title: s
         curves = [by[(r["method"], r["best_lr"], s)] for s in r["seeds"]]
         steps = curves[0]["steps"]
         mean = [statistics.fmean(c[HELD][i] for c in curves) for i in range(len(steps))]
-        ax2.plot(steps, mean, color=_COLORS.get(r["method"], "k"), marker=_MARKERS.get(r["method"], "o"), ms=4,
+        ax2.plot(steps, mean, color=COLORS.get(r["method"], "k"), marker=MARKERS.get(r["method"], "o"), ms=4,
                  label=r["method"])
     if not rows:
         ax.set_title("no configuration has finished yet", fontsize=10)
@@ -362,7 +361,7 @@ def write_fair_reports(out_dir: str, settings: StudySettings, plan: Dict[str, Tu
     records = load_runs(out_dir, signature=settings.signature())
     rows = summarize_fair(records, baseline, plan, max_extend)
     table = fair_table(rows, baseline, settings)
-    _atomic_json(os.path.join(out_dir, "summary.json"),
+    atomic_json(os.path.join(out_dir, "summary.json"),
                  {"settings": asdict(settings), "baseline": baseline, "methods": rows,
                   "left": [c.key for c in next_configs(records, plan, max_extend=max_extend)]})
     with open(os.path.join(out_dir, "table.md"), "w") as fh:

@@ -253,3 +253,25 @@ class PeakMemory:
     def mb(self) -> float:
         """The study's figure: CUDA peak allocated, or on CPU the rise of RSS over the start."""
         return (self._cuda_peak if self.cuda else self._rss_peak - self._rss_start) / 2**20
+
+
+# how the reports draw each method
+COLORS = {
+    "full": "tab:red",
+    "spectrum": "tab:blue",
+    "spectrum-dynamic": "tab:cyan",
+    "spectrum-rotate": "tab:purple",
+    "spectrum-rotate-park": "tab:pink",
+    "lisa": "tab:orange",
+    "lisa-park": "gold",
+    "cyclic": "tab:olive",
+    "cyclic-park": "yellowgreen",
+    "random": "tab:gray",
+    "bottom": "tab:brown",
+    "lora": "tab:green",
+    "lora-spectrum": "darkgreen",
+    "lora-random": "lightgreen",
+}
+MARKERS = {"full": "s", "spectrum": "o", "spectrum-dynamic": "D", "spectrum-rotate": "P", "spectrum-rotate-park": "p",
+            "lisa": "*", "lisa-park": "h", "cyclic": ">", "cyclic-park": "<", "random": "x", "bottom": "v", "lora": "^",
+            "lora-spectrum": "8", "lora-random": "d"}
