@@ -4,6 +4,8 @@
 # evaluated every 25 steps; each method over its own learning-rate grid, then 3 seeds at its
 # best rate.  Resumable: every finished configuration is one JSON file under OUT/runs/ (kept
 # in git); the scratch folder OUT/work/ is not.  Several hours of CPU: run it in the background.
+# To end a sitting without losing a configuration in progress: touch OUT/work/stop (each
+# stream finishes what it trains, then exits); this script removes it when it starts.
 #
 #   scripts/run_study_cpu.sh [STREAMS]    STREAMS processes side by side (default 2), one thread
 #                                         each, at nice 10; OUT (default docs/results/study_cpu)
@@ -12,6 +14,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-docs/results/study_cpu}
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$OUT/work"
+rm -f "$OUT/work/stop"
 for i in $(seq 1 "${1:-2}"); do
   nice -n 10 python -m spectrum_study.fair --out "$OUT" --threads 1 > "$OUT/work/stream$i.log" 2>&1 &
   sleep 120  # the first stream writes the baseline before the second starts

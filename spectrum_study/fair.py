@@ -9,7 +9,9 @@ changes the data order and the LoRA initialisation, and for the random methods t
 selection.  Every finished configuration is one JSON file under ``OUT/runs/`` (as
 :mod:`spectrum_study.runner` writes them), so the study resumes where it stopped.  Several
 processes may work on one folder at once: each claims a configuration before it trains it
-(``OUT/work/claims``), and a claim of a process that died is taken over.
+(``OUT/work/claims``), and a claim of a process that died is taken over.  A file
+``OUT/work/stop`` (:data:`STOP_FILE`) makes every process stop once its configuration in
+progress is written, so a sitting can end without losing training.
 
 :func:`summarize_fair` turns the runs into one row per method (mean ± sd over the seeds at
 the best rate, forgetting, steps and training time to reach full fine-tuning's best held-out
@@ -38,7 +40,7 @@ from .runner import (HELD, OTHER, Config, StudySettings, as_dataset, atomic_json
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PLAN", "SEEDS", "STEP", "MAX_EXTEND", "next_configs", "run_fair", "summarize_fair",
+__all__ = ["PLAN", "SEEDS", "STEP", "STOP_FILE", "MAX_EXTEND", "next_configs", "run_fair", "summarize_fair",
            "fair_table", "write_fair_reports", "main"]
 
 _SELECTIONS = (5e-5, 1.5e-4, 4.5e-4)
@@ -54,6 +56,7 @@ PLAN: Dict[str, Tuple[float, ...]] = {
     "lora-random": _LORA,
 }
 SEEDS = (0, 1, 2)
+STOP_FILE = "stop"  # under OUT/work: finish the configuration in progress, then stop
 STEP = 3.0
 MAX_EXTEND = 2
 
@@ -160,7 +163,8 @@ def run_fair(model_factory: Callable[[], torch.nn.Module], train_ds, eval_sets: 
              seeds: Sequence[int] = SEEDS, poll_s: float = 60.0, max_configs: Optional[int] = None,
              max_extend: int = MAX_EXTEND) -> dict:
     """Run :func:`next_configs` until nothing is left (waiting while another process trains a
-    configuration whose result decides what comes next), then write the reports.  Returns
+    configuration whose result decides what comes next) or ``OUT/work/stop`` exists, then
+    write the reports.  Returns
     ``{"trained": [keys], "summary": ...}``."""
     train_ds = as_dataset(train_ds)
     eval_sets = {k: as_dataset(v) for k, v in eval_sets.items()}
@@ -179,7 +183,11 @@ def run_fair(model_factory: Callable[[], torch.nn.Module], train_ds, eval_sets: 
                          "--out folder")
     baseline = saved["losses"]
     trained: List[str] = []
+    stop = os.path.join(work, STOP_FILE)
     while max_configs is None or len(trained) < max_configs:
+        if os.path.exists(stop):
+            print(f"=== {stop} exists: stopping (remove it to go on)", file=sys.stderr, flush=True)
+            break
         records = load_runs(out_dir, signature=sig)
         todo = next_configs(records, plan, seeds, max_extend)
         pick = next((c for c in todo if _claim(claims, c.key)), None)

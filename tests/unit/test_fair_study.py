@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from spectrum_study import fair
-from spectrum_study.compare import StudySettings
+from spectrum_study.runner import StudySettings
 from tiny import RandomTokens, tiny_model
 
 
@@ -83,3 +83,20 @@ def test_run_fair_on_a_tiny_model(tmp_path):
     again = fair.run_fair(lambda: tiny_model("llama", seed=0), train, evals, settings, str(tmp_path), plan,
                           seeds=(0, 1), max_extend=0)
     assert again["trained"] == []
+
+
+def test_stop_file_ends_the_run_before_the_next_configuration(tmp_path):
+    train = RandomTokens(n=16, length=16, seed=1).data
+    evals = {"heldout": RandomTokens(n=4, length=16, seed=2).data, "other": RandomTokens(n=4, length=16, seed=3).data}
+    settings = StudySettings(max_steps=1, batch_size=4, block_size=16, eval_every=1, eval_batch_size=4, warmup=0.0)
+    plan = {"full": (5e-3,), "spectrum": (5e-3,)}
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / fair.STOP_FILE).touch()
+    rep = fair.run_fair(lambda: tiny_model("llama", seed=0), train, evals, settings, str(tmp_path), plan,
+                        seeds=(0,), max_extend=0)
+    assert rep["trained"] == []
+    assert json.loads((tmp_path / "summary.json").read_text())["left"] == ["full_lr0.005", "spectrum_lr0.005"]
+    (tmp_path / "work" / fair.STOP_FILE).unlink()
+    rep = fair.run_fair(lambda: tiny_model("llama", seed=0), train, evals, settings, str(tmp_path), plan,
+                        seeds=(0,), max_extend=0, max_configs=1)
+    assert rep["trained"] == ["full_lr0.005"]
