@@ -40,8 +40,8 @@ from .runner import (HELD, OTHER, Config, StudySettings, as_dataset, atomic_json
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PLAN", "SEEDS", "STEP", "STOP_FILE", "MAX_EXTEND", "next_configs", "run_fair", "summarize_fair",
-           "fair_table", "write_fair_reports", "main"]
+__all__ = ["PLAN", "SEEDS", "STEP", "STOP_FILE", "MAX_EXTEND", "next_configs", "remaining", "run_fair",
+           "summarize_fair", "fair_table", "write_fair_reports", "main"]
 
 _SELECTIONS = (5e-5, 1.5e-4, 4.5e-4)
 _LORA = (2e-4, 5e-4, 1.5e-3)
@@ -109,6 +109,28 @@ def next_configs(records: Sequence[dict], plan: Dict[str, Tuple[float, ...]] = P
         else:
             seed_runs += [Config(m, best, s) for s in seeds if (m, best, s) not in done]
     return grid_runs + seed_runs
+
+
+def remaining(records: Sequence[dict], plan: Dict[str, Tuple[float, ...]] = PLAN, seeds: Sequence[int] = SEEDS,
+              max_extend: int = MAX_EXTEND) -> Tuple[int, float]:
+    """``(configurations, CPU seconds)`` still to run, at least: what :func:`next_configs` plans,
+    plus the other seeds of every method whose grid has not settled (a grid that grows adds
+    more).  A configuration's cost is its method's mean CPU time (training and evaluation) in
+    ``records``, else the mean over every method."""
+    done = _by_config(records)
+
+    def cost(r: dict) -> float:
+        cpu = r.get("train_cpu_elapsed") or [r.get("train_seconds", 0.0)]
+        return float(cpu[-1]) + float(r.get("eval_seconds", 0.0))
+
+    per: Dict[str, List[float]] = {}
+    for r in records:
+        per.setdefault(r["method"], []).append(cost(r))
+    every = [c for cs in per.values() for c in cs]
+    overall = statistics.fmean(every) if every else float("nan")
+    left = [c.method for c in next_configs(records, plan, seeds, max_extend)]
+    left += [m for m in plan if method_grid(m, done, plan, max_extend)[1] is None for _ in seeds[1:]]
+    return len(left), sum(statistics.fmean(per[m]) if m in per else overall for m in left)
 
 
 # ---------------------------------------------------------------------------- claims
@@ -369,9 +391,14 @@ def write_fair_reports(out_dir: str, settings: StudySettings, plan: Dict[str, Tu
     records = load_runs(out_dir, signature=settings.signature())
     rows = summarize_fair(records, baseline, plan, max_extend)
     table = fair_table(rows, baseline, settings)
+    n_left, cpu_left = remaining(records, plan, max_extend=max_extend)
+    if n_left:
+        table += (f"\nStill to run: at least {n_left} configurations, about {cpu_left / 3600:.1f} CPU-hours at one "
+                  "thread (each method's mean CPU time so far, training and evaluation).\n")
     atomic_json(os.path.join(out_dir, "summary.json"),
-                 {"settings": asdict(settings), "baseline": baseline, "methods": rows,
-                  "left": [c.key for c in next_configs(records, plan, max_extend=max_extend)]})
+                {"settings": asdict(settings), "baseline": baseline, "methods": rows,
+                 "left": [c.key for c in next_configs(records, plan, max_extend=max_extend)],
+                 "left_at_least": n_left, "cpu_hours_left": round(cpu_left / 3600, 2)})
     with open(os.path.join(out_dir, "table.md"), "w") as fh:
         fh.write(table)
     png = plot_fair(rows, records, os.path.join(out_dir, "study.png"), settings.tag) if plot else None

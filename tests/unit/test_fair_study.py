@@ -38,6 +38,17 @@ def test_grid_stops_growing_after_max_extend():
     assert [c.seed for c in fair.next_configs(recs, plan)] == [1, 2]
 
 
+def test_remaining_counts_unplanned_seeds_and_costs_by_method():
+    plan = {"full": (1e-5, 3e-5), "spectrum": (1e-4, 3e-4, 9e-4)}
+    full = {**_rec("full", 1e-5, 0, 2.5), "train_cpu_elapsed": [0.0, 900.0], "eval_seconds": 100.0}
+    spec = {**_rec("spectrum", 3e-4, 0, 2.6), "train_cpu_elapsed": [0.0, 500.0], "eval_seconds": 100.0}
+    n, cpu = fair.remaining([full, spec], plan)
+    # full: one grid point and its 2 other seeds (1000 s each); spectrum: 2 points and 2 seeds (600 s each)
+    assert n == 3 + 4
+    assert cpu == pytest.approx(3 * 1000 + 4 * 600)
+    assert fair.remaining([], plan)[0] == 5 + 2 * 2
+
+
 def test_summary_reaching_full_fine_tunings_best():
     plan = {"full": (1e-5,), "spectrum": (1e-4,)}
     recs = []
