@@ -16,7 +16,9 @@ progress is written, so a sitting can end without losing training.
 :func:`summarize_fair` turns the runs into one row per method (mean ± sd over the seeds at
 the best rate, forgetting, steps and training time to reach full fine-tuning's best held-out
 loss, trainable parameters, gradient and optimizer-state bytes); :func:`write_fair_reports`
-writes ``table.md``, ``summary.json`` and ``study.png``.
+writes ``table.md``, ``summary.json`` and ``study.png``.  The plan is
+:mod:`spectrum_study.fair_plan`, the reports :mod:`spectrum_study.fair_report`; this module
+claims and runs configurations and is the command line.
 """
 from __future__ import annotations
 
@@ -24,9 +26,7 @@ import argparse
 import errno
 import json
 import logging
-import math
 import os
-import statistics
 import sys
 import time
 from dataclasses import asdict
@@ -34,103 +34,16 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .methods import COLORS, MARKERS
-from .runner import (HELD, OTHER, Config, StudySettings, as_dataset, atomic_json, evaluate_baseline, load_runs,
-                     load_study_data, run_config)
+from .fair_plan import MAX_EXTEND, PLAN, SEEDS, STEP, next_configs, remaining
+from .fair_report import fair_table, summarize_fair, write_fair_reports
+from .runner import StudySettings, as_dataset, atomic_json, evaluate_baseline, load_runs, load_study_data, run_config
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["PLAN", "SEEDS", "STEP", "STOP_FILE", "MAX_EXTEND", "next_configs", "remaining", "run_fair",
            "summarize_fair", "fair_table", "write_fair_reports", "main"]
 
-_SELECTIONS = (5e-5, 1.5e-4, 4.5e-4)
-_LORA = (2e-4, 5e-4, 1.5e-3)
-# method -> its starting learning-rate grid
-PLAN: Dict[str, Tuple[float, ...]] = {
-    "full": (2e-5, 5e-5, 1.5e-4),
-    "spectrum": _SELECTIONS,
-    "spectrum-rotate-park": _SELECTIONS,
-    "random": _SELECTIONS,
-    "lora": _LORA,
-    "lora-spectrum": _LORA,
-    "lora-random": _LORA,
-}
-SEEDS = (0, 1, 2)
 STOP_FILE = "stop"  # under OUT/work: finish the configuration in progress, then stop
-STEP = 3.0
-MAX_EXTEND = 2
-
-
-def _lr(x: float) -> float:
-    return float(f"{x:.3g}")
-
-
-def _best_heldout(rec: dict) -> Tuple[float, int]:
-    """``(best held-out loss after step 0, its index)``."""
-    pts = [(h, i) for i, h in enumerate(rec[HELD]) if rec["steps"][i] > 0 and math.isfinite(h)]
-    return min(pts) if pts else (float("inf"), -1)
-
-
-def _by_config(records: Sequence[dict]) -> Dict[Tuple[str, float, int], dict]:
-    return {(r["method"], _lr(r["lr"]), int(r["seed"])): r for r in records}
-
-
-def method_grid(method: str, done: Dict[Tuple[str, float, int], dict], plan: Dict[str, Tuple[float, ...]] = PLAN,
-                max_extend: int = MAX_EXTEND) -> Tuple[List[float], Optional[float]]:
-    """``(grid, best lr)`` of ``method`` so far: the starting grid with its extensions, and
-    the best rate once every seed-0 point of the grid has run and none sits on an edge that
-    may still grow (``None`` before)."""
-    lrs = sorted(_lr(x) for x in plan[method])
-    down = up = 0
-    while True:
-        if any((method, lr, 0) not in done for lr in lrs):
-            return lrs, None
-        best = min(lrs, key=lambda lr: _best_heldout(done[(method, lr, 0)])[0])
-        if best == lrs[0] and down < max_extend:
-            lrs.insert(0, _lr(lrs[0] / STEP))
-            down += 1
-        elif best == lrs[-1] and up < max_extend:
-            lrs.append(_lr(lrs[-1] * STEP))
-            up += 1
-        else:
-            return lrs, best
-
-
-def next_configs(records: Sequence[dict], plan: Dict[str, Tuple[float, ...]] = PLAN,
-                 seeds: Sequence[int] = SEEDS, max_extend: int = MAX_EXTEND) -> List[Config]:
-    """What is left to run, in order: every method's missing grid points (seed 0) first, then
-    the other seeds at each settled best rate."""
-    done = _by_config(records)
-    grid_runs, seed_runs = [], []
-    for m in plan:
-        lrs, best = method_grid(m, done, plan, max_extend)
-        if best is None:
-            grid_runs += [Config(m, lr, 0) for lr in lrs if (m, lr, 0) not in done]
-        else:
-            seed_runs += [Config(m, best, s) for s in seeds if (m, best, s) not in done]
-    return grid_runs + seed_runs
-
-
-def remaining(records: Sequence[dict], plan: Dict[str, Tuple[float, ...]] = PLAN, seeds: Sequence[int] = SEEDS,
-              max_extend: int = MAX_EXTEND) -> Tuple[int, float]:
-    """``(configurations, CPU seconds)`` still to run, at least: what :func:`next_configs` plans,
-    plus the other seeds of every method whose grid has not settled (a grid that grows adds
-    more).  A configuration's cost is its method's mean CPU time (training and evaluation) in
-    ``records``, else the mean over every method."""
-    done = _by_config(records)
-
-    def cost(r: dict) -> float:
-        cpu = r.get("train_cpu_elapsed") or [r.get("train_seconds", 0.0)]
-        return float(cpu[-1]) + float(r.get("eval_seconds", 0.0))
-
-    per: Dict[str, List[float]] = {}
-    for r in records:
-        per.setdefault(r["method"], []).append(cost(r))
-    every = [c for cs in per.values() for c in cs]
-    overall = statistics.fmean(every) if every else float("nan")
-    left = [c.method for c in next_configs(records, plan, seeds, max_extend)]
-    left += [m for m in plan if method_grid(m, done, plan, max_extend)[1] is None for _ in seeds[1:]]
-    return len(left), sum(statistics.fmean(per[m]) if m in per else overall for m in left)
 
 
 # ---------------------------------------------------------------------------- claims
@@ -239,171 +152,6 @@ def _release(claims: str, key: str) -> None:
         os.remove(os.path.join(claims, key))
     except FileNotFoundError:
         pass
-
-
-# ---------------------------------------------------------------------------- reports
-def _mean_sd(xs: Sequence[float]) -> Tuple[float, float]:
-    xs = [x for x in xs if x is not None and math.isfinite(x)]
-    if not xs:
-        return float("nan"), float("nan")
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else float("nan"))
-
-
-def summarize_fair(records: Sequence[dict], baseline: Dict[str, float], plan: Dict[str, Tuple[float, ...]] = PLAN,
-                   max_extend: int = MAX_EXTEND) -> List[dict]:
-    """One row per method that has run: its grid, best rate, and the seeds at that rate."""
-    done = _by_config(records)
-    rows = []
-    for m in plan:
-        lrs, best = method_grid(m, done, plan, max_extend)
-        grid = {lr: _best_heldout(done[(m, lr, 0)])[0] for lr in lrs if (m, lr, 0) in done}
-        if not grid:
-            continue
-        lr = best if best is not None else min(grid, key=grid.get)
-        runs = [done[(m, lr, s)] for s in sorted({k[2] for k in done if k[:2] == (m, lr)})]
-        held, forget = [], []
-        for r in runs:
-            h, i = _best_heldout(r)
-            held.append(h)
-            forget.append(r[OTHER][i] - baseline[OTHER])
-        r0 = runs[0]
-        rows.append({
-            "method": m, "grid": {f"{k:g}": v for k, v in sorted(grid.items())}, "best_lr": lr,
-            "settled": best is not None, "seeds": [int(r["seed"]) for r in runs],
-            "heldout": held, "forgetting": forget,
-            "heldout_mean": _mean_sd(held)[0], "heldout_sd": _mean_sd(held)[1],
-            "forgetting_mean": _mean_sd(forget)[0], "forgetting_sd": _mean_sd(forget)[1],
-            "trainable_params": int(r0["trainable_params"]), "total_params": int(r0["total_params"]),
-            "grad_bytes": r0.get("grad_bytes"), "optimizer_state_bytes": r0.get("optimizer_state_bytes_end"),
-            "train_seconds_mean": _mean_sd([r["train_seconds"] for r in runs])[0],
-            "_runs": runs,
-        })
-    full = next((r for r in rows if r["method"] == "full"), None)
-    target = full["heldout_mean"] if full else None
-    for row in rows:
-        reach = [_reach(r, target) for r in row.pop("_runs")]
-        row["target"] = target
-        row["reached"] = sum(1 for s, _ in reach if s is not None)
-        row["steps_to_target"] = [s for s, _ in reach]
-        row["seconds_to_target"] = [t for _, t in reach]
-    return rows
-
-
-def _reach(rec: dict, target: Optional[float]) -> Tuple[Optional[int], Optional[float]]:
-    """The first evaluated step at or below ``target``, and the training CPU seconds to it."""
-    if target is None:
-        return None, None
-    elapsed = rec.get("train_cpu_elapsed") or []
-    for i, (s, h) in enumerate(zip(rec["steps"], rec[HELD])):
-        if s > 0 and h <= target:
-            return s, (elapsed[i] if i < len(elapsed) else None)
-    return None, None
-
-
-def _pm(mean: float, sd: float, fmt: str = ".4f", sign: bool = False) -> str:
-    f = ("+" if sign else "") + fmt
-    return f"{mean:{f}} ± {sd:.4f}" if math.isfinite(sd) else f"{mean:{f}}"
-
-
-def fair_table(rows: Sequence[dict], baseline: Dict[str, float], settings: StudySettings) -> str:
-    lines = [
-        f"Untouched model: held-out loss {baseline[HELD]:.4f}, pydoc loss {baseline[OTHER]:.4f}. "
-        f"{settings.max_steps} steps of {settings.batch_size} x {settings.block_size} tokens, evaluated every "
-        f"{settings.eval_every} steps; moving selections every {settings.dynamic_every()} steps.",
-        "",
-        "| method | lr grid (seed 0: best held-out) | best lr | seeds | held-out, mean ± sd | forgetting, mean ± sd "
-        "| reached full's best (steps; CPU s) | trainable params | grad + optimizer state (MB) |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        grid = ", ".join(f"{lr}: {h:.4f}" for lr, h in r["grid"].items())
-        reach = "—"
-        if r["target"] is not None and r["reached"]:
-            steps = [s for s in r["steps_to_target"] if s is not None]
-            secs = [t for t in r["seconds_to_target"] if t is not None]
-            reach = f"{r['reached']}/{len(r['seeds'])}: {_pm(*_mean_sd(steps), fmt='.0f')}"
-            if secs:
-                reach += f"; {statistics.fmean(secs):.0f} s"
-        mem = "—"
-        if r["grad_bytes"] is not None and r["optimizer_state_bytes"] is not None:
-            mem = f"{r['grad_bytes'] / 2**20:.1f} + {r['optimizer_state_bytes'] / 2**20:.1f}"
-        lines.append(
-            f"| {r['method']} | {grid} | {r['best_lr']:g}{'' if r['settled'] else ' (grid running)'} | "
-            f"{len(r['seeds'])} | {_pm(r['heldout_mean'], r['heldout_sd'])} | "
-            f"{_pm(r['forgetting_mean'], r['forgetting_sd'], sign=True)} | {reach} | "
-            f"{r['trainable_params'] / 1e6:.2f} M ({100 * r['trainable_params'] / r['total_params']:.1f} %) | "
-            f"{mem} |")
-    lines += ["", "Held-out: the best evaluated held-out loss of a run; forgetting: the pydoc loss at that point "
-              "minus the untouched model's. 'Reached full's best': evaluated steps until the held-out loss first "
-              "fell to full fine-tuning's mean best (seeds that got there), and the CPU seconds of training to it "
-              "(one thread; evaluations excluded; CPU time, so other jobs on the machine do not inflate it). "
-              "Memory: fp32 gradients of the trainable parameters and the optimizer's state tensors after the "
-              "last step, counted from the tensors (not sampled RSS)."]
-    return "\n".join(lines) + "\n"
-
-
-def plot_fair(rows: Sequence[dict], records: Sequence[dict], path: str, title: str = "") -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(14, 5.5))
-    for r in rows:
-        m = r["method"]
-        ax.errorbar(r["forgetting_mean"], r["heldout_mean"],
-                    xerr=r["forgetting_sd"] if math.isfinite(r["forgetting_sd"]) else None,
-                    yerr=r["heldout_sd"] if math.isfinite(r["heldout_sd"]) else None,
-                    fmt=MARKERS.get(m, "o"), color=COLORS.get(m, "k"), capsize=4, ms=8,
-                    label=f"{m} (lr {r['best_lr']:g}, {len(r['seeds'])} seeds)")
-    ax.axvline(0.0, color="k", lw=0.6, ls=":")
-    ax.set_xlabel("forgetting: pydoc loss at the best point − before training (lower is better)")
-    ax.set_ylabel("best held-out loss (lower is better)")
-    ax.set_title("each method at its best lr: mean ± sd over seeds", fontsize=10)
-    ax.legend(fontsize=8)
-    by = _by_config(records)
-    for r in rows:
-        curves = [by[(r["method"], r["best_lr"], s)] for s in r["seeds"]]
-        steps = curves[0]["steps"]
-        mean = [statistics.fmean(c[HELD][i] for c in curves) for i in range(len(steps))]
-        ax2.plot(steps, mean, color=COLORS.get(r["method"], "k"), marker=MARKERS.get(r["method"], "o"), ms=4,
-                 label=r["method"])
-    if not rows:
-        ax.set_title("no configuration has finished yet", fontsize=10)
-    if rows and rows[0]["target"] is not None:
-        ax2.axhline(rows[0]["target"], color="tab:red", lw=0.7, ls="--", label="full fine-tuning's best (mean)")
-    ax2.set_xlabel("optimizer step")
-    ax2.set_ylabel("held-out loss, mean over seeds")
-    ax2.set_title("held-out loss over training, best lr", fontsize=10)
-    ax2.legend(fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def write_fair_reports(out_dir: str, settings: StudySettings, plan: Dict[str, Tuple[float, ...]] = PLAN,
-                       plot: bool = True, max_extend: int = MAX_EXTEND) -> dict:
-    with open(os.path.join(out_dir, "runs", "baseline.json")) as fh:
-        baseline = json.load(fh)["losses"]
-    records = load_runs(out_dir, signature=settings.signature())
-    rows = summarize_fair(records, baseline, plan, max_extend)
-    table = fair_table(rows, baseline, settings)
-    n_left, cpu_left = remaining(records, plan, max_extend=max_extend)
-    if n_left:
-        table += (f"\nStill to run: at least {n_left} configurations, about {cpu_left / 3600:.1f} CPU-hours at one "
-                  "thread (each method's mean CPU time so far, training and evaluation).\n")
-    atomic_json(os.path.join(out_dir, "summary.json"),
-                {"settings": asdict(settings), "baseline": baseline, "methods": rows,
-                 "left": [c.key for c in next_configs(records, plan, max_extend=max_extend)],
-                 "left_at_least": n_left, "cpu_hours_left": round(cpu_left / 3600, 2)})
-    with open(os.path.join(out_dir, "table.md"), "w") as fh:
-        fh.write(table)
-    png = plot_fair(rows, records, os.path.join(out_dir, "study.png"), settings.tag) if plot else None
-    return {"rows": rows, "table": table, "png": png}
-
 
 # ---------------------------------------------------------------------------- CLI
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -1,0 +1,179 @@
+"""The fair study's reports: one row per method at its best rate (mean ± sd over seeds),
+``table.md``, ``summary.json`` and ``study.png``, rebuilt from the run files."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+from dataclasses import asdict
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from .fair_plan import MAX_EXTEND, PLAN, best_heldout, by_config, method_grid, next_configs, remaining
+from .methods import COLORS, MARKERS
+from .runner import HELD, OTHER, StudySettings, atomic_json, load_runs
+
+__all__ = ["summarize_fair", "fair_table", "plot_fair", "write_fair_reports"]
+
+
+def _mean_sd(xs: Sequence[float]) -> Tuple[float, float]:
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    if not xs:
+        return float("nan"), float("nan")
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else float("nan"))
+
+
+def summarize_fair(records: Sequence[dict], baseline: Dict[str, float], plan: Dict[str, Tuple[float, ...]] = PLAN,
+                   max_extend: int = MAX_EXTEND) -> List[dict]:
+    """One row per method that has run: its grid, best rate, and the seeds at that rate."""
+    done = by_config(records)
+    rows = []
+    for m in plan:
+        lrs, best = method_grid(m, done, plan, max_extend)
+        grid = {lr: best_heldout(done[(m, lr, 0)])[0] for lr in lrs if (m, lr, 0) in done}
+        if not grid:
+            continue
+        lr = best if best is not None else min(grid, key=grid.get)
+        runs = [done[(m, lr, s)] for s in sorted({k[2] for k in done if k[:2] == (m, lr)})]
+        held, forget = [], []
+        for r in runs:
+            h, i = best_heldout(r)
+            held.append(h)
+            forget.append(r[OTHER][i] - baseline[OTHER])
+        r0 = runs[0]
+        rows.append({
+            "method": m, "grid": {f"{k:g}": v for k, v in sorted(grid.items())}, "best_lr": lr,
+            "settled": best is not None, "seeds": [int(r["seed"]) for r in runs],
+            "heldout": held, "forgetting": forget,
+            "heldout_mean": _mean_sd(held)[0], "heldout_sd": _mean_sd(held)[1],
+            "forgetting_mean": _mean_sd(forget)[0], "forgetting_sd": _mean_sd(forget)[1],
+            "trainable_params": int(r0["trainable_params"]), "total_params": int(r0["total_params"]),
+            "grad_bytes": r0.get("grad_bytes"), "optimizer_state_bytes": r0.get("optimizer_state_bytes_end"),
+            "train_seconds_mean": _mean_sd([r["train_seconds"] for r in runs])[0],
+            "_runs": runs,
+        })
+    full = next((r for r in rows if r["method"] == "full"), None)
+    target = full["heldout_mean"] if full else None
+    for row in rows:
+        reach = [_reach(r, target) for r in row.pop("_runs")]
+        row["target"] = target
+        row["reached"] = sum(1 for s, _ in reach if s is not None)
+        row["steps_to_target"] = [s for s, _ in reach]
+        row["seconds_to_target"] = [t for _, t in reach]
+    return rows
+
+
+def _reach(rec: dict, target: Optional[float]) -> Tuple[Optional[int], Optional[float]]:
+    """The first evaluated step at or below ``target``, and the training CPU seconds to it."""
+    if target is None:
+        return None, None
+    elapsed = rec.get("train_cpu_elapsed") or []
+    for i, (s, h) in enumerate(zip(rec["steps"], rec[HELD])):
+        if s > 0 and h <= target:
+            return s, (elapsed[i] if i < len(elapsed) else None)
+    return None, None
+
+
+def _pm(mean: float, sd: float, fmt: str = ".4f", sign: bool = False) -> str:
+    f = ("+" if sign else "") + fmt
+    return f"{mean:{f}} ± {sd:.4f}" if math.isfinite(sd) else f"{mean:{f}}"
+
+
+def fair_table(rows: Sequence[dict], baseline: Dict[str, float], settings: StudySettings) -> str:
+    lines = [
+        f"Untouched model: held-out loss {baseline[HELD]:.4f}, pydoc loss {baseline[OTHER]:.4f}. "
+        f"{settings.max_steps} steps of {settings.batch_size} x {settings.block_size} tokens, evaluated every "
+        f"{settings.eval_every} steps; moving selections every {settings.dynamic_every()} steps.",
+        "",
+        "| method | lr grid (seed 0: best held-out) | best lr | seeds | held-out, mean ± sd | forgetting, mean ± sd "
+        "| reached full's best (steps; CPU s) | trainable params | grad + optimizer state (MB) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        grid = ", ".join(f"{lr}: {h:.4f}" for lr, h in r["grid"].items())
+        reach = "—"
+        if r["target"] is not None and r["reached"]:
+            steps = [s for s in r["steps_to_target"] if s is not None]
+            secs = [t for t in r["seconds_to_target"] if t is not None]
+            reach = f"{r['reached']}/{len(r['seeds'])}: {_pm(*_mean_sd(steps), fmt='.0f')}"
+            if secs:
+                reach += f"; {statistics.fmean(secs):.0f} s"
+        mem = "—"
+        if r["grad_bytes"] is not None and r["optimizer_state_bytes"] is not None:
+            mem = f"{r['grad_bytes'] / 2**20:.1f} + {r['optimizer_state_bytes'] / 2**20:.1f}"
+        lines.append(
+            f"| {r['method']} | {grid} | {r['best_lr']:g}{'' if r['settled'] else ' (grid running)'} | "
+            f"{len(r['seeds'])} | {_pm(r['heldout_mean'], r['heldout_sd'])} | "
+            f"{_pm(r['forgetting_mean'], r['forgetting_sd'], sign=True)} | {reach} | "
+            f"{r['trainable_params'] / 1e6:.2f} M ({100 * r['trainable_params'] / r['total_params']:.1f} %) | "
+            f"{mem} |")
+    lines += ["", "Held-out: the best evaluated held-out loss of a run; forgetting: the pydoc loss at that point "
+              "minus the untouched model's. 'Reached full's best': evaluated steps until the held-out loss first "
+              "fell to full fine-tuning's mean best (seeds that got there), and the CPU seconds of training to it "
+              "(one thread; evaluations excluded; CPU time, so other jobs on the machine do not inflate it). "
+              "Memory: fp32 gradients of the trainable parameters and the optimizer's state tensors after the "
+              "last step, counted from the tensors (not sampled RSS)."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_fair(rows: Sequence[dict], records: Sequence[dict], path: str, title: str = "") -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(14, 5.5))
+    for r in rows:
+        m = r["method"]
+        ax.errorbar(r["forgetting_mean"], r["heldout_mean"],
+                    xerr=r["forgetting_sd"] if math.isfinite(r["forgetting_sd"]) else None,
+                    yerr=r["heldout_sd"] if math.isfinite(r["heldout_sd"]) else None,
+                    fmt=MARKERS.get(m, "o"), color=COLORS.get(m, "k"), capsize=4, ms=8,
+                    label=f"{m} (lr {r['best_lr']:g}, {len(r['seeds'])} seeds)")
+    ax.axvline(0.0, color="k", lw=0.6, ls=":")
+    ax.set_xlabel("forgetting: pydoc loss at the best point − before training (lower is better)")
+    ax.set_ylabel("best held-out loss (lower is better)")
+    ax.set_title("each method at its best lr: mean ± sd over seeds", fontsize=10)
+    ax.legend(fontsize=8)
+    by = by_config(records)
+    for r in rows:
+        curves = [by[(r["method"], r["best_lr"], s)] for s in r["seeds"]]
+        steps = curves[0]["steps"]
+        mean = [statistics.fmean(c[HELD][i] for c in curves) for i in range(len(steps))]
+        ax2.plot(steps, mean, color=COLORS.get(r["method"], "k"), marker=MARKERS.get(r["method"], "o"), ms=4,
+                 label=r["method"])
+    if not rows:
+        ax.set_title("no configuration has finished yet", fontsize=10)
+    if rows and rows[0]["target"] is not None:
+        ax2.axhline(rows[0]["target"], color="tab:red", lw=0.7, ls="--", label="full fine-tuning's best (mean)")
+    ax2.set_xlabel("optimizer step")
+    ax2.set_ylabel("held-out loss, mean over seeds")
+    ax2.set_title("held-out loss over training, best lr", fontsize=10)
+    ax2.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_fair_reports(out_dir: str, settings: StudySettings, plan: Dict[str, Tuple[float, ...]] = PLAN,
+                       plot: bool = True, max_extend: int = MAX_EXTEND) -> dict:
+    with open(os.path.join(out_dir, "runs", "baseline.json")) as fh:
+        baseline = json.load(fh)["losses"]
+    records = load_runs(out_dir, signature=settings.signature())
+    rows = summarize_fair(records, baseline, plan, max_extend)
+    table = fair_table(rows, baseline, settings)
+    n_left, cpu_left = remaining(records, plan, max_extend=max_extend)
+    if n_left:
+        table += (f"\nStill to run: at least {n_left} configurations, about {cpu_left / 3600:.1f} CPU-hours at one "
+                  "thread (each method's mean CPU time so far, training and evaluation).\n")
+    atomic_json(os.path.join(out_dir, "summary.json"),
+                {"settings": asdict(settings), "baseline": baseline, "methods": rows,
+                 "left": [c.key for c in next_configs(records, plan, max_extend=max_extend)],
+                 "left_at_least": n_left, "cpu_hours_left": round(cpu_left / 3600, 2)})
+    with open(os.path.join(out_dir, "table.md"), "w") as fh:
+        fh.write(table)
+    png = plot_fair(rows, records, os.path.join(out_dir, "study.png"), settings.tag) if plot else None
+    return {"rows": rows, "table": table, "png": png}
