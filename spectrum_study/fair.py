@@ -35,13 +35,13 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .fair_plan import MAX_EXTEND, PLAN, SEEDS, STEP, next_configs, remaining
-from .fair_report import fair_table, summarize_fair, write_fair_reports
+from .fair_report import fair_table, readings, summarize_fair, write_fair_reports
 from .runner import StudySettings, as_dataset, atomic_json, evaluate_baseline, load_runs, load_study_data, run_config
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["PLAN", "SEEDS", "STEP", "STOP_FILE", "MAX_EXTEND", "next_configs", "remaining", "run_fair",
-           "summarize_fair", "fair_table", "write_fair_reports", "main"]
+           "summarize_fair", "readings", "fair_table", "write_fair_reports", "main"]
 
 STOP_FILE = "stop"  # under OUT/work: finish the configuration in progress, then stop
 

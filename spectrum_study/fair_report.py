@@ -10,10 +10,10 @@ from dataclasses import asdict
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .fair_plan import MAX_EXTEND, PLAN, best_heldout, by_config, method_grid, next_configs, remaining
-from .methods import COLORS, MARKERS
+from .methods import COLORS, LORA, MARKERS
 from .runner import HELD, OTHER, StudySettings, atomic_json, load_runs
 
-__all__ = ["summarize_fair", "fair_table", "plot_fair", "write_fair_reports"]
+__all__ = ["PAIRS", "summarize_fair", "readings", "fair_table", "plot_fair", "write_fair_reports"]
 
 
 def _mean_sd(xs: Sequence[float]) -> Tuple[float, float]:
@@ -54,13 +54,82 @@ def summarize_fair(records: Sequence[dict], baseline: Dict[str, float], plan: Di
         })
     full = next((r for r in rows if r["method"] == "full"), None)
     target = full["heldout_mean"] if full else None
+    full_runs = list(full["_runs"]) if full else []
     for row in rows:
-        reach = [_reach(r, target) for r in row.pop("_runs")]
+        runs = row.pop("_runs")
+        reach = [_reach(r, target) for r in runs]
         row["target"] = target
         row["reached"] = sum(1 for s, _ in reach if s is not None)
         row["steps_to_target"] = [s for s, _ in reach]
         row["seconds_to_target"] = [t for _, t in reach]
+        # training CPU seconds to this method's own best point, and full fine-tuning's to the same loss
+        row["seconds_to_own_best"] = _mean_sd([_reach(r, best_heldout(r)[0])[1] for r in runs])[0]
+        full_to = [_reach(r, row["heldout_mean"]) for r in full_runs]
+        row["full_steps_to_this"] = [s for s, _ in full_to]
+        row["full_seconds_to_this"] = [t for _, t in full_to]
     return rows
+
+
+# (a, b, what the pair asks)
+PAIRS = (("spectrum", "random", "SNR against random selection, full-rank"),
+         ("lora-spectrum", "lora-random", "SNR-placed against random-placed LoRA"),
+         ("lora-spectrum", "lora", "SNR-placed LoRA against LoRA on every linear layer"))
+
+
+def _state_bytes(row: dict) -> Optional[float]:
+    """Weights, gradients and optimizer state (bytes; activations not counted)."""
+    if row["grad_bytes"] is None or row["optimizer_state_bytes"] is None or not row["trainable_params"]:
+        return None
+    width = row["grad_bytes"] / row["trainable_params"]  # bytes per parameter
+    adapters = row["trainable_params"] if row["method"] in LORA else 0  # added on top of the base model
+    return (row["total_params"] + adapters) * width + row["grad_bytes"] + row["optimizer_state_bytes"]
+
+
+def readings(rows: Sequence[dict]) -> List[str]:
+    """Plain statements computed from :func:`summarize_fair`'s rows: SNR against random (a gap
+    is beyond the spread when it exceeds the sum of the two seed deviations), each method
+    against full fine-tuning at its best rate, the time to a method's best loss against full
+    fine-tuning's time to the same loss, and memory (weights, gradients, optimizer state)."""
+    by = {r["method"]: r for r in rows}
+    out = []
+    for a, b, what in PAIRS:
+        if a not in by or b not in by:
+            continue
+        ra, rb = by[a], by[b]
+        gap = ra["heldout_mean"] - rb["heldout_mean"]
+        spread = ra["heldout_sd"] + rb["heldout_sd"]
+        if not math.isfinite(spread):
+            verdict = "not yet seeded (needs 2 seeds or more of each)"
+        elif abs(gap) > spread:
+            verdict = f"{a if gap < 0 else b} lower, beyond both spreads (sum of deviations {spread:.4f})"
+        else:
+            verdict = f"within the spread (sum of deviations {spread:.4f})"
+        what += "" if ra["settled"] and rb["settled"] else " (a grid still running)"
+        out.append(f"{what}: held-out {ra['heldout_mean']:.4f} against {rb['heldout_mean']:.4f}, gap {gap:+.4f}; "
+                   f"{verdict}.")
+    full = by.get("full")
+    if full is None:
+        return out
+    for r in rows:
+        if r is full:
+            continue
+        running = "" if r["settled"] and full["settled"] else " (a grid still running)"
+        line = (f"{r['method']} against full fine-tuning at each one's best rate{running}: held-out "
+                f"{r['heldout_mean'] - full['heldout_mean']:+.4f}, forgetting "
+                f"{r['forgetting_mean'] - full['forgetting_mean']:+.4f}")
+        full_t = [t for t in r["full_seconds_to_this"] if t is not None]
+        own = r["seconds_to_own_best"]
+        if full_t and math.isfinite(own) and own > 0:
+            ft = statistics.fmean(full_t)
+            line += (f"; it took {own:.0f} CPU s to its best loss, full fine-tuning {ft:.0f} s to the same loss "
+                     f"({own / ft:.2f}x full's time)")
+        elif not full_t:
+            line += "; full fine-tuning never got to its best loss"
+        mine, theirs = _state_bytes(r), _state_bytes(full)
+        if mine is not None and theirs:
+            line += f"; weights + gradients + optimizer state {100 * (1 - mine / theirs):.0f} % less than full's"
+        out.append(line + ".")
+    return out
 
 
 def _reach(rec: dict, target: Optional[float]) -> Tuple[Optional[int], Optional[float]]:
@@ -165,6 +234,10 @@ def write_fair_reports(out_dir: str, settings: StudySettings, plan: Dict[str, Tu
     records = load_runs(out_dir, signature=settings.signature())
     rows = summarize_fair(records, baseline, plan, max_extend)
     table = fair_table(rows, baseline, settings)
+    read = readings(rows)
+    if read:
+        table += ("\nReadings, computed from the rows above (a gap is beyond the spread when it exceeds the sum "
+                  "of the two methods' seed deviations):\n\n" + "".join(f"- {x}\n" for x in read))
     n_left, cpu_left = remaining(records, plan, max_extend=max_extend)
     if n_left:
         table += (f"\nStill to run: at least {n_left} configurations, about {cpu_left / 3600:.1f} CPU-hours at one "
@@ -172,7 +245,7 @@ def write_fair_reports(out_dir: str, settings: StudySettings, plan: Dict[str, Tu
     atomic_json(os.path.join(out_dir, "summary.json"),
                 {"settings": asdict(settings), "baseline": baseline, "methods": rows,
                  "left": [c.key for c in next_configs(records, plan, max_extend=max_extend)],
-                 "left_at_least": n_left, "cpu_hours_left": round(cpu_left / 3600, 2)})
+                 "left_at_least": n_left, "cpu_hours_left": round(cpu_left / 3600, 2), "readings": read})
     with open(os.path.join(out_dir, "table.md"), "w") as fh:
         fh.write(table)
     png = plot_fair(rows, records, os.path.join(out_dir, "study.png"), settings.tag) if plot else None

@@ -67,6 +67,41 @@ def test_summary_reaching_full_fine_tunings_best():
     assert rows["full"]["reached"] == 2  # seed 2's best (2.72) is above the mean
 
 
+def _seeded(method, lr, bests, cpu, trainable, total=100):
+    return [{**_rec(method, lr, s, b), "steps": [0, 10, 20], "heldout": [3.0, b + 0.05, b], "other": [3.0, 3.1, 3.05],
+             "train_cpu_elapsed": [0.0, cpu / 2, cpu], "trainable_params": trainable, "total_params": total,
+             "grad_bytes": 4 * trainable, "optimizer_state_bytes_end": 8 * trainable} for s, b in enumerate(bests)]
+
+
+def test_readings_say_whether_gaps_pass_the_seed_spread():
+    plan = {"full": (1e-5,), "spectrum": (1e-4,), "random": (1e-4,), "lora-spectrum": (1e-3,),
+            "lora-random": (1e-3,)}
+    recs = (_seeded("full", 1e-5, [2.70, 2.71, 2.72], 100.0, 100)
+            + _seeded("spectrum", 1e-4, [2.80, 2.81, 2.82], 50.0, 25)
+            + _seeded("random", 1e-4, [2.90, 2.91, 2.92], 50.0, 25)
+            + _seeded("lora-spectrum", 1e-3, [2.85, 2.86, 2.87], 40.0, 4)
+            + _seeded("lora-random", 1e-3, [2.855, 2.86, 2.87], 40.0, 4))
+    rows = fair.summarize_fair(recs, {"heldout": 3.0, "other": 3.0}, plan, max_extend=0)
+    text = fair.readings(rows)
+    snr = next(x for x in text if x.startswith("SNR against random selection"))
+    assert "gap -0.1000" in snr and "spectrum lower, beyond both spreads" in snr
+    lora = next(x for x in text if x.startswith("SNR-placed against random-placed LoRA"))
+    assert "within the spread" in lora
+    spec = next(x for x in text if x.startswith("spectrum against full"))
+    assert "held-out +0.1000" in spec
+    # full reaches 2.81 (spectrum's mean best) at its first evaluation (step 10: 2.75-2.77) in 50 CPU s;
+    # spectrum's own best comes at step 20, 50 s
+    assert "full fine-tuning 50 s to the same loss (1.00x" in spec
+    # weights 400 + grads 100 + state 200 bytes against 400 + 400 + 800
+    assert "56 % less than full's" in spec
+    lora_full = next(x for x in text if x.startswith("lora-spectrum against full"))
+    # LoRA's adapters come on top of the base weights: (100 + 4) * 4 + 16 + 32 against 1600
+    assert "71 % less than full's" in lora_full
+    one_seed = fair.readings(fair.summarize_fair([recs[0], recs[3], recs[6]], {"heldout": 3.0, "other": 3.0}, plan,
+                                                 max_extend=0))
+    assert any("not yet seeded" in x for x in one_seed)
+
+
 def test_run_fair_on_a_tiny_model(tmp_path):
     train = RandomTokens(n=32, length=16, seed=1).data
     evals = {"heldout": RandomTokens(n=8, length=16, seed=2).data,
