@@ -13,7 +13,8 @@ from .fair_plan import MAX_EXTEND, PLAN, best_heldout, by_config, method_grid, n
 from .methods import COLORS, LORA, MARKERS
 from .runner import HELD, OTHER, StudySettings, atomic_json, load_runs
 
-__all__ = ["PAIRS", "summarize_fair", "readings", "fair_table", "plot_fair", "write_fair_reports"]
+__all__ = ["PAIRS", "summarize_fair", "trade_off", "frontier", "frontier_reading", "readings", "fair_table",
+           "plot_fair", "write_fair_reports"]
 
 
 def _mean_sd(xs: Sequence[float]) -> Tuple[float, float]:
@@ -68,6 +69,45 @@ def summarize_fair(records: Sequence[dict], baseline: Dict[str, float], plan: Di
         row["full_steps_to_this"] = [s for s, _ in full_to]
         row["full_seconds_to_this"] = [t for _, t in full_to]
     return rows
+
+
+def trade_off(records: Sequence[dict], baseline: Dict[str, float]) -> List[dict]:
+    """Every (method, lr) that has run, with its best held-out loss and the forgetting at that
+    point, each a mean over the seeds run there: the trade-off a learning rate buys."""
+    done = by_config(records)
+    points = []
+    for m, lr in sorted({k[:2] for k in done}):
+        held, forget = [], []
+        for s in sorted(k[2] for k in done if k[:2] == (m, lr)):
+            h, i = best_heldout(done[(m, lr, s)])
+            held.append(h)
+            forget.append(done[(m, lr, s)][OTHER][i] - baseline[OTHER])
+        points.append({"method": m, "lr": lr, "seeds": len(held), "heldout": statistics.fmean(held),
+                       "forgetting": statistics.fmean(forget)})
+    return points
+
+
+def frontier(points: Sequence[dict]) -> List[dict]:
+    """The points no other point beats on both held-out loss and forgetting (lower is better on
+    each; a tie on one and a win on the other beats), by forgetting, least first."""
+    def beaten(p: dict) -> bool:
+        return any(q["heldout"] <= p["heldout"] and q["forgetting"] <= p["forgetting"]
+                   and (q["heldout"] < p["heldout"] or q["forgetting"] < p["forgetting"]) for q in points)
+    return sorted((p for p in points if not beaten(p)), key=lambda p: p["forgetting"])
+
+
+def frontier_reading(points: Sequence[dict]) -> Optional[str]:
+    """One statement: which runs, over every method and rate, no other run beats on both counts."""
+    front = frontier(points)
+    if not front:
+        return None
+    items = "; ".join(f"{p['method']} at {p['lr']:g} ({p['heldout']:.4f}, {p['forgetting']:+.4f})" for p in front)
+    methods = sorted({p["method"] for p in points} - {p["method"] for p in front})
+    text = (f"Held-out loss against forgetting over every method and rate ({len(points)} points, seed means): "
+            f"none beats these on both, from least forgetting to lowest held-out: {items}")
+    if methods:
+        text += f". Every rate of {', '.join(methods)} is beaten on both by one of them"
+    return text + "."
 
 
 # (a, b, what the pair asks)
@@ -185,24 +225,37 @@ def fair_table(rows: Sequence[dict], baseline: Dict[str, float], settings: Study
     return "\n".join(lines) + "\n"
 
 
-def plot_fair(rows: Sequence[dict], records: Sequence[dict], path: str, title: str = "") -> str:
+def plot_fair(rows: Sequence[dict], records: Sequence[dict], path: str, title: str = "",
+              baseline: Optional[Dict[str, float]] = None) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(14, 5.5))
+    points = trade_off(records, baseline) if baseline else []
+    for m in sorted({p["method"] for p in points}):
+        mine = sorted((p for p in points if p["method"] == m), key=lambda p: p["lr"])
+        ax.plot([p["forgetting"] for p in mine], [p["heldout"] for p in mine], color=COLORS.get(m, "k"), lw=0.7,
+                alpha=0.5, marker=MARKERS.get(m, "o"), ms=4, mfc="none")
+        for p in mine:
+            ax.annotate(f"{p['lr']:g}", (p["forgetting"], p["heldout"]), fontsize=6, alpha=0.7,
+                        xytext=(3, 3), textcoords="offset points")
+    front = frontier(points)
+    if len(front) > 1:
+        ax.step([p["forgetting"] for p in front], [p["heldout"] for p in front], where="post", color="k", lw=0.8,
+                ls="--", label="no run beats these on both")
     for r in rows:
         m = r["method"]
         ax.errorbar(r["forgetting_mean"], r["heldout_mean"],
                     xerr=r["forgetting_sd"] if math.isfinite(r["forgetting_sd"]) else None,
                     yerr=r["heldout_sd"] if math.isfinite(r["heldout_sd"]) else None,
                     fmt=MARKERS.get(m, "o"), color=COLORS.get(m, "k"), capsize=4, ms=8,
-                    label=f"{m} (lr {r['best_lr']:g}, {len(r['seeds'])} seeds)")
+                    label=f"{m} (lr {r['best_lr']:g}, {len(r['seeds'])} seed{'' if len(r['seeds']) == 1 else 's'})")
     ax.axvline(0.0, color="k", lw=0.6, ls=":")
     ax.set_xlabel("forgetting: pydoc loss at the best point − before training (lower is better)")
     ax.set_ylabel("best held-out loss (lower is better)")
-    ax.set_title("each method at its best lr: mean ± sd over seeds", fontsize=10)
+    ax.set_title("filled: each method at its best lr, mean ± sd over seeds; hollow: every lr tried", fontsize=10)
     ax.legend(fontsize=8)
     by = by_config(records)
     for r in rows:
@@ -234,7 +287,11 @@ def write_fair_reports(out_dir: str, settings: StudySettings, plan: Dict[str, Tu
     records = load_runs(out_dir, signature=settings.signature())
     rows = summarize_fair(records, baseline, plan, max_extend)
     table = fair_table(rows, baseline, settings)
+    points = trade_off(records, baseline)
     read = readings(rows)
+    front = frontier_reading(points)
+    if front:
+        read.append(front)
     if read:
         table += ("\nReadings, computed from the rows above (a gap is beyond the spread when it exceeds the sum "
                   "of the two methods' seed deviations):\n\n" + "".join(f"- {x}\n" for x in read))
@@ -245,8 +302,9 @@ def write_fair_reports(out_dir: str, settings: StudySettings, plan: Dict[str, Tu
     atomic_json(os.path.join(out_dir, "summary.json"),
                 {"settings": asdict(settings), "baseline": baseline, "methods": rows,
                  "left": [c.key for c in next_configs(records, plan, max_extend=max_extend)],
-                 "left_at_least": n_left, "cpu_hours_left": round(cpu_left / 3600, 2), "readings": read})
+                 "trade_off": points, "left_at_least": n_left, "cpu_hours_left": round(cpu_left / 3600, 2),
+                 "readings": read})
     with open(os.path.join(out_dir, "table.md"), "w") as fh:
         fh.write(table)
-    png = plot_fair(rows, records, os.path.join(out_dir, "study.png"), settings.tag) if plot else None
+    png = plot_fair(rows, records, os.path.join(out_dir, "study.png"), settings.tag, baseline) if plot else None
     return {"rows": rows, "table": table, "png": png}

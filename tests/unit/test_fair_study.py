@@ -146,3 +146,26 @@ def test_stop_file_ends_the_run_before_the_next_configuration(tmp_path):
     rep = fair.run_fair(lambda: tiny_model("llama", seed=0), train, evals, settings, str(tmp_path), plan,
                         seeds=(0,), max_extend=0, max_configs=1)
     assert rep["trained"] == ["full_lr0.005"]
+
+
+def test_frontier_keeps_only_runs_no_other_run_beats_on_both_counts():
+    from spectrum_study import fair_report
+
+    base = {"heldout": 3.0, "other": 3.0}
+    recs = [{**_rec(m, lr, s, h), "other": [3.0, 3.0 + f]} for m, lr, s, h, f in [
+        ("full", 2e-5, 0, 2.83, -0.02), ("full", 5e-5, 0, 2.79, 0.03),
+        ("spectrum", 1.5e-4, 0, 2.82, 0.00), ("spectrum", 1.5e-4, 1, 2.84, 0.02),  # mean 2.83, +0.01
+        ("random", 4.5e-4, 0, 2.80, 0.10),  # beaten on both by full at 5e-5
+        ("lora", 5e-4, 0, 2.79, 0.13)]]     # ties full on held-out, forgets more: beaten
+    points = fair_report.trade_off(recs, base)
+    spec = next(p for p in points if p["method"] == "spectrum")
+    assert spec["seeds"] == 2 and spec["heldout"] == pytest.approx(2.83) and spec["forgetting"] == pytest.approx(0.01)
+    front = fair_report.frontier(points)
+    # spectrum ties full at 2e-5 on held-out and forgets more
+    assert [(p["method"], p["lr"]) for p in front] == [("full", 2e-5), ("full", 5e-5)]
+    text = fair_report.frontier_reading(points)
+    assert "full at 2e-05 (2.8300, -0.0200); full at 5e-05 (2.7900, +0.0300)" in text
+    assert "Every rate of lora, random, spectrum is beaten" in text
+    # a spectrum run that forgets less than anything joins the front, first
+    points.append({"method": "spectrum", "lr": 5e-5, "seeds": 1, "heldout": 2.9, "forgetting": -0.04})
+    assert [p["method"] for p in fair_report.frontier(points)][0] == "spectrum"
