@@ -185,7 +185,7 @@ def _reach(rec: dict, target: Optional[float]) -> Tuple[Optional[int], Optional[
 
 def _pm(mean: float, sd: float, fmt: str = ".4f", sign: bool = False) -> str:
     f = ("+" if sign else "") + fmt
-    return f"{mean:{f}} ± {sd:.4f}" if math.isfinite(sd) else f"{mean:{f}}"
+    return f"{mean:{f}} ± {sd:{fmt}}" if math.isfinite(sd) else f"{mean:{f}}"
 
 
 def fair_table(rows: Sequence[dict], baseline: Dict[str, float], settings: StudySettings) -> str:
