@@ -24,6 +24,16 @@ def _mean_sd(xs: Sequence[float]) -> Tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else float("nan"))
 
 
+def _held_forget(runs: Sequence[dict], baseline: Dict[str, float]) -> Tuple[List[float], List[float]]:
+    """Each run's best held-out loss, and its forgetting (pydoc loss change) at that point."""
+    held, forget = [], []
+    for r in runs:
+        h, i = best_heldout(r)
+        held.append(h)
+        forget.append(r[OTHER][i] - baseline[OTHER])
+    return held, forget
+
+
 def summarize_fair(records: Sequence[dict], baseline: Dict[str, float], plan: Dict[str, Tuple[float, ...]] = PLAN,
                    max_extend: int = MAX_EXTEND) -> List[dict]:
     """One row per method that has run: its grid, best rate, and the seeds at that rate."""
@@ -36,11 +46,7 @@ def summarize_fair(records: Sequence[dict], baseline: Dict[str, float], plan: Di
             continue
         lr = best if best is not None else min(grid, key=grid.get)
         runs = [done[(m, lr, s)] for s in sorted({k[2] for k in done if k[:2] == (m, lr)})]
-        held, forget = [], []
-        for r in runs:
-            h, i = best_heldout(r)
-            held.append(h)
-            forget.append(r[OTHER][i] - baseline[OTHER])
+        held, forget = _held_forget(runs, baseline)
         r0 = runs[0]
         rows.append({
             "method": m, "grid": {f"{k:g}": v for k, v in sorted(grid.items())}, "best_lr": lr,
@@ -77,11 +83,7 @@ def trade_off(records: Sequence[dict], baseline: Dict[str, float]) -> List[dict]
     done = by_config(records)
     points = []
     for m, lr in sorted({k[:2] for k in done}):
-        held, forget = [], []
-        for s in sorted(k[2] for k in done if k[:2] == (m, lr)):
-            h, i = best_heldout(done[(m, lr, s)])
-            held.append(h)
-            forget.append(done[(m, lr, s)][OTHER][i] - baseline[OTHER])
+        held, forget = _held_forget([done[k] for k in sorted(done) if k[:2] == (m, lr)], baseline)
         points.append({"method": m, "lr": lr, "seeds": len(held), "heldout": statistics.fmean(held),
                        "forgetting": statistics.fmean(forget)})
     return points
@@ -226,14 +228,14 @@ def fair_table(rows: Sequence[dict], baseline: Dict[str, float], settings: Study
 
 
 def plot_fair(rows: Sequence[dict], records: Sequence[dict], path: str, title: str = "",
-              baseline: Optional[Dict[str, float]] = None) -> str:
+              points: Sequence[dict] = ()) -> str:
+    """``points``: :func:`trade_off`'s (method, lr) points, drawn hollow beside the best rates."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(14, 5.5))
-    points = trade_off(records, baseline) if baseline else []
     for m in sorted({p["method"] for p in points}):
         mine = sorted((p for p in points if p["method"] == m), key=lambda p: p["lr"])
         ax.plot([p["forgetting"] for p in mine], [p["heldout"] for p in mine], color=COLORS.get(m, "k"), lw=0.7,
@@ -306,5 +308,5 @@ def write_fair_reports(out_dir: str, settings: StudySettings, plan: Dict[str, Tu
                  "readings": read})
     with open(os.path.join(out_dir, "table.md"), "w") as fh:
         fh.write(table)
-    png = plot_fair(rows, records, os.path.join(out_dir, "study.png"), settings.tag, baseline) if plot else None
+    png = plot_fair(rows, records, os.path.join(out_dir, "study.png"), settings.tag, points) if plot else None
     return {"rows": rows, "table": table, "png": png}
