@@ -13,6 +13,10 @@ processes may work on one folder at once: each claims a configuration before it 
 ``OUT/work/stop`` (:data:`STOP_FILE`) makes every process stop once its configuration in
 progress is written, so a sitting can end without losing training.
 
+The long horizon: ``--at-best STUDY --steps 600`` runs each of :data:`LONG` once (seed 0) at
+its best rate in the finished study ``STUDY`` (:func:`best_rates`), with no grid, into its own
+``--out`` folder; it asks whether a moving selection pays off when training runs longer.
+
 :func:`summarize_fair` turns the runs into one row per method (mean ± sd over the seeds at
 the best rate, forgetting, steps and training time to reach full fine-tuning's best held-out
 loss, trainable parameters, gradient and optimizer-state bytes); :func:`write_fair_reports`
@@ -40,10 +44,29 @@ from .runner import StudySettings, as_dataset, atomic_json, evaluate_baseline, l
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PLAN", "SEEDS", "STEP", "STOP_FILE", "MAX_EXTEND", "next_configs", "remaining", "run_fair",
-           "summarize_fair", "readings", "fair_table", "write_fair_reports", "main"]
+__all__ = ["PLAN", "SEEDS", "STEP", "STOP_FILE", "MAX_EXTEND", "LONG", "best_rates", "next_configs", "remaining",
+           "run_fair", "summarize_fair", "readings", "fair_table", "write_fair_reports", "main"]
 
 STOP_FILE = "stop"  # under OUT/work: finish the configuration in progress, then stop
+# the methods of the long-horizon run: static and moving Spectrum first (the question it asks),
+# then the two a user weighs them against
+LONG = ("spectrum", "spectrum-rotate-park", "full", "lora")
+
+
+def best_rates(study_dir: str, methods: Sequence[str]) -> Dict[str, float]:
+    """Each method's best learning rate in the study in ``study_dir`` (its ``summary.json``);
+    a method whose grid has not settled there is an error."""
+    path = os.path.join(study_dir, "summary.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} does not exist; run the study there first (python -m spectrum_study.fair "
+                         f"--out {study_dir})")
+    with open(path) as fh:
+        rows = {r["method"]: r for r in json.load(fh)["methods"]}
+    missing = [m for m in methods if not rows.get(m, {}).get("settled")]
+    if missing:
+        raise ValueError(f"{', '.join(missing)} has no settled best rate in {path}; let the study there finish "
+                         "its grid first")
+    return {m: float(rows[m]["best_lr"]) for m in methods}
 
 
 # ---------------------------------------------------------------------------- claims
@@ -139,10 +162,10 @@ def run_fair(model_factory: Callable[[], torch.nn.Module], train_ds, eval_sets: 
             record = run_config(pick, model_factory, train_ds, eval_sets, settings, work, baseline)
             atomic_json(os.path.join(runs_dir, f"{pick.key}.json"), record)
             trained.append(pick.key)
-            write_fair_reports(out_dir, settings, plan, max_extend=max_extend)
+            write_fair_reports(out_dir, settings, plan, max_extend=max_extend, seeds=seeds)
         finally:
             _release(claims, pick.key)
-    report = write_fair_reports(out_dir, settings, plan, max_extend=max_extend)
+    report = write_fair_reports(out_dir, settings, plan, max_extend=max_extend, seeds=seeds)
     report["trained"] = trained
     return report
 
@@ -164,27 +187,49 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--eval-blocks", type=int, default=16)
     p.add_argument("--update-every", type=int, default=50, help="steps between selections of the moving methods")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--methods", default=",".join(PLAN), help="comma list, a subset of " + ",".join(PLAN))
+    p.add_argument("--methods", default=None,
+                   help=f"comma list, a subset of {','.join(PLAN)} (default: all; with --at-best, {','.join(LONG)})")
+    p.add_argument("--at-best", metavar="STUDY", default=None,
+                   help="no grid and one seed: each method at its best rate in the finished study in STUDY "
+                        "(the long horizon: --steps 600 --at-best docs/results/study_cpu "
+                        "--out docs/results/study_cpu_600)")
     p.add_argument("--max-configs", type=int, default=None, help="stop after training this many")
     p.add_argument("--report-only", action="store_true", help="rebuild the reports from the runs and exit")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
-    unknown = [m for m in args.methods.split(",") if m not in PLAN]
+    methods = args.methods.split(",") if args.methods else list(LONG if args.at_best else PLAN)
+    unknown = [m for m in methods if m not in PLAN]
     if unknown:
         print(f"spectrum_study.fair: error: unknown method {unknown[0]!r}; choose from {', '.join(PLAN)}",
               file=sys.stderr)
         return 2
-    plan = {m: PLAN[m] for m in args.methods.split(",")}
+    plan, seeds, max_extend = {m: PLAN[m] for m in methods}, SEEDS, MAX_EXTEND
+    if args.at_best:
+        if os.path.abspath(args.at_best) == os.path.abspath(args.out):
+            print("spectrum_study.fair: error: --at-best needs its own --out folder (the study it reads from is "
+                  f"{args.at_best})", file=sys.stderr)
+            return 2
+        try:
+            plan = {m: (lr,) for m, lr in best_rates(args.at_best, methods).items()}
+        except ValueError as exc:
+            print(f"spectrum_study.fair: error: {exc}", file=sys.stderr)
+            return 2
+        seeds, max_extend = (0,), 0
     settings = StudySettings(max_steps=args.steps, batch_size=args.batch_size, block_size=args.block_size,
                              eval_every=args.eval_every, eval_batch_size=8, update_every=args.update_every)
     settings.tag = (f"model=smollm2-135m-instruct data=kjv other=pydoc eval_blocks={args.eval_blocks} "
                     f"top_pct={settings.top_pct}")
     if args.report_only:
-        print(write_fair_reports(args.out, settings, plan)["table"])
+        if not os.path.isfile(os.path.join(args.out, "runs", "baseline.json")):
+            print(f"spectrum_study.fair: error: {args.out} holds no runs yet; leave out --report-only to start the "
+                  "study there", file=sys.stderr)
+            return 2
+        print(write_fair_reports(args.out, settings, plan, max_extend=max_extend, seeds=seeds)["table"])
         return 0
     factory, train, evals = load_study_data(None, None, "pydoc", "text", settings, args.eval_blocks)
-    report = run_fair(factory, train, evals, settings, args.out, plan, max_configs=args.max_configs)
+    report = run_fair(factory, train, evals, settings, args.out, plan, seeds=seeds, max_configs=args.max_configs,
+                      max_extend=max_extend)
     print(report["table"])
     return 0
 

@@ -9,7 +9,7 @@ import statistics
 from dataclasses import asdict
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .fair_plan import MAX_EXTEND, PLAN, best_heldout, by_config, method_grid, next_configs, remaining
+from .fair_plan import MAX_EXTEND, PLAN, SEEDS, best_heldout, by_config, method_grid, next_configs, remaining
 from .methods import COLORS, LORA, MARKERS
 from .runner import HELD, OTHER, StudySettings, atomic_json, load_runs
 
@@ -283,7 +283,7 @@ def plot_fair(rows: Sequence[dict], records: Sequence[dict], path: str, title: s
 
 
 def write_fair_reports(out_dir: str, settings: StudySettings, plan: Dict[str, Tuple[float, ...]] = PLAN,
-                       plot: bool = True, max_extend: int = MAX_EXTEND) -> dict:
+                       plot: bool = True, max_extend: int = MAX_EXTEND, seeds: Sequence[int] = SEEDS) -> dict:
     with open(os.path.join(out_dir, "runs", "baseline.json")) as fh:
         baseline = json.load(fh)["losses"]
     records = load_runs(out_dir, signature=settings.signature())
@@ -297,13 +297,13 @@ def write_fair_reports(out_dir: str, settings: StudySettings, plan: Dict[str, Tu
     if read:
         table += ("\nReadings, computed from the rows above (a gap is beyond the spread when it exceeds the sum "
                   "of the two methods' seed deviations):\n\n" + "".join(f"- {x}\n" for x in read))
-    n_left, cpu_left = remaining(records, plan, max_extend=max_extend)
+    n_left, cpu_left = remaining(records, plan, seeds, max_extend)
     if n_left:
         table += (f"\nStill to run: at least {n_left} configurations, about {cpu_left / 3600:.1f} CPU-hours at one "
                   "thread (each method's mean CPU time so far, training and evaluation).\n")
     atomic_json(os.path.join(out_dir, "summary.json"),
                 {"settings": asdict(settings), "baseline": baseline, "methods": rows,
-                 "left": [c.key for c in next_configs(records, plan, max_extend=max_extend)],
+                 "left": [c.key for c in next_configs(records, plan, seeds, max_extend)],
                  "trade_off": points, "left_at_least": n_left, "cpu_hours_left": round(cpu_left / 3600, 2),
                  "readings": read})
     with open(os.path.join(out_dir, "table.md"), "w") as fh:

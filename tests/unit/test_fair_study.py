@@ -169,3 +169,48 @@ def test_frontier_keeps_only_runs_no_other_run_beats_on_both_counts():
     # a spectrum run that forgets less than anything joins the front, first
     points.append({"method": "spectrum", "lr": 5e-5, "seeds": 1, "heldout": 2.9, "forgetting": -0.04})
     assert [p["method"] for p in fair_report.frontier(points)][0] == "spectrum"
+
+
+def _write_summary(folder, methods):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "summary.json").write_text(json.dumps({"methods": methods}))
+
+
+def test_best_rates_read_a_finished_study_and_refuse_an_unsettled_grid(tmp_path):
+    _write_summary(tmp_path, [{"method": "full", "best_lr": 5e-5, "settled": True},
+                              {"method": "spectrum", "best_lr": 1.5e-4, "settled": False}])
+    assert fair.best_rates(str(tmp_path), ["full"]) == {"full": 5e-5}
+    with pytest.raises(ValueError, match="spectrum has no settled best rate"):
+        fair.best_rates(str(tmp_path), ["full", "spectrum"])
+    with pytest.raises(ValueError, match="lora has no settled best rate"):
+        fair.best_rates(str(tmp_path), ["lora"])
+    with pytest.raises(ValueError, match="does not exist"):
+        fair.best_rates(str(tmp_path / "nowhere"), ["full"])
+
+
+def test_at_best_cli_refuses_bad_folders_with_one_line(tmp_path, capsys):
+    assert fair.main(["--at-best", str(tmp_path / "nowhere"), "--out", str(tmp_path / "long")]) == 2
+    assert "summary.json does not exist" in capsys.readouterr().err
+    _write_summary(tmp_path / "study", [{"method": m, "best_lr": 1e-4, "settled": True} for m in fair.LONG])
+    assert fair.main(["--at-best", str(tmp_path / "study"), "--out", str(tmp_path / "study")]) == 2
+    assert "needs its own --out folder" in capsys.readouterr().err
+    assert fair.main(["--at-best", str(tmp_path / "study"), "--out", str(tmp_path / "long"), "--report-only"]) == 2
+    err = capsys.readouterr().err
+    assert "holds no runs yet" in err and "Traceback" not in err
+
+
+def test_one_seed_at_the_best_rate_leaves_nothing_to_run(tmp_path):
+    # the long-horizon run: one point per method, seed 0 only; the reports must not plan seeds 1 and 2
+    train = RandomTokens(n=16, length=16, seed=1).data
+    evals = {"heldout": RandomTokens(n=4, length=16, seed=2).data, "other": RandomTokens(n=4, length=16, seed=3).data}
+    settings = StudySettings(max_steps=2, batch_size=4, block_size=16, eval_every=1, eval_batch_size=4, warmup=0.0)
+    _write_summary(tmp_path / "study", [{"method": "full", "best_lr": 5e-3, "settled": True},
+                                        {"method": "spectrum-rotate-park", "best_lr": 1e-2, "settled": True}])
+    plan = {m: (lr,) for m, lr in fair.best_rates(str(tmp_path / "study"), ["spectrum-rotate-park", "full"]).items()}
+    rep = fair.run_fair(lambda: tiny_model("llama", seed=0), train, evals, settings, str(tmp_path / "long"), plan,
+                        seeds=(0,), max_extend=0)
+    assert rep["trained"] == ["spectrum-rotate-park_lr0.01", "full_lr0.005"]
+    summary = json.loads((tmp_path / "long" / "summary.json").read_text())
+    assert summary["left"] == [] and summary["left_at_least"] == 0
+    assert "Still to run" not in rep["table"]
+    assert [r["method"] for r in rep["rows"]] == ["spectrum-rotate-park", "full"]
