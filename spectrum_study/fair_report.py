@@ -14,7 +14,7 @@ from .methods import COLORS, LORA, MARKERS
 from .runner import HELD, OTHER, StudySettings, atomic_json, load_runs
 
 __all__ = ["PAIRS", "summarize_fair", "trade_off", "frontier", "frontier_reading", "readings", "fair_table",
-           "plot_fair", "write_fair_reports"]
+           "far_points", "plot_fair", "write_fair_reports"]
 
 
 def _mean_sd(xs: Sequence[float]) -> Tuple[float, float]:
@@ -227,6 +227,15 @@ def fair_table(rows: Sequence[dict], baseline: Dict[str, float], settings: Study
     return "\n".join(lines) + "\n"
 
 
+def far_points(points: Sequence[dict], reach: float = 0.15) -> List[dict]:
+    """The points whose held-out loss lies more than ``reach`` above the best one: a rate that
+    diverged.  The plot leaves them off its axes (and names them) so the rest stays readable."""
+    if not points:
+        return []
+    best = min(p["heldout"] for p in points)
+    return [p for p in points if p["heldout"] > best + reach]
+
+
 def plot_fair(rows: Sequence[dict], records: Sequence[dict], path: str, title: str = "",
               points: Sequence[dict] = ()) -> str:
     """``points``: :func:`trade_off`'s (method, lr) points, drawn hollow beside the best rates."""
@@ -255,6 +264,17 @@ def plot_fair(rows: Sequence[dict], records: Sequence[dict], path: str, title: s
                     fmt=MARKERS.get(m, "o"), color=COLORS.get(m, "k"), capsize=4, ms=8,
                     label=f"{m} (lr {r['best_lr']:g}, {len(r['seeds'])} seed{'' if len(r['seeds']) == 1 else 's'})")
     ax.axvline(0.0, color="k", lw=0.6, ls=":")
+    far = far_points(points)
+    if far:
+        near = [p for p in points if p not in far] + [{"heldout": r["heldout_mean"], "forgetting": r["forgetting_mean"]}
+                                                      for r in rows]
+        xs, ys = [p["forgetting"] for p in near], [p["heldout"] for p in near]
+        pad_x, pad_y = 0.05 * (max(xs) - min(xs) or 0.1), 0.05 * (max(ys) - min(ys) or 0.1)
+        ax.set_xlim(min(xs) - pad_x, max(xs) + 3 * pad_x)
+        ax.set_ylim(min(ys) - 2 * pad_y, max(ys) + 2 * pad_y)
+        ax.text(0.01, 0.99, "off the axes: " + "; ".join(
+            f"{p['method']} at {p['lr']:g} ({p['heldout']:.3f}, {p['forgetting']:+.3f})" for p in far),
+            transform=ax.transAxes, fontsize=7, va="top")
     ax.set_xlabel("forgetting: pydoc loss at the best point − before training (lower is better)")
     ax.set_ylabel("best held-out loss (lower is better)")
     ax.set_title("filled: each method at its best lr, mean ± sd over seeds; hollow: every lr tried", fontsize=10)

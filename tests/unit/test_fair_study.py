@@ -214,3 +214,14 @@ def test_one_seed_at_the_best_rate_leaves_nothing_to_run(tmp_path):
     assert summary["left"] == [] and summary["left_at_least"] == 0
     assert "Still to run" not in rep["table"]
     assert [r["method"] for r in rep["rows"]] == ["spectrum-rotate-park", "full"]
+
+
+def test_far_points_are_the_rates_that_diverged():
+    from spectrum_study import fair_report
+
+    points = [{"method": "lora", "lr": 5e-4, "heldout": 2.80, "forgetting": 0.1},
+              {"method": "lora", "lr": 4.5e-3, "heldout": 3.05, "forgetting": 0.8},
+              {"method": "full", "lr": 5e-5, "heldout": 2.94, "forgetting": 0.0}]
+    assert [p["lr"] for p in fair_report.far_points(points)] == [4.5e-3]
+    assert fair_report.far_points(points, reach=0.1) == points[1:]
+    assert fair_report.far_points([]) == []
